@@ -1,0 +1,359 @@
+"""The ``gateway`` command: check configs, manage keys, issue and inspect licenses, explain.
+
+Exit codes: 0 success, 1 the thing checked is invalid (or a command failed), 2 usage error.
+
+    gateway check --config gateway.toml
+    gateway keys generate --out keys/ --kid dev
+    gateway license issue --signing-key keys/dev.key --tenant acme --tier fleet --days 365
+    gateway license inspect "$KEY" --public-keys keys/
+    gateway explain --app operations POST /api/v1/shipments/1/optimize --tier core
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.config import Config, load_config
+from gateway.decision import Decision, decide, expiry_state, not_yet_valid
+from gateway.errors import ConfigError, LicenseError
+from gateway.license import (
+    ClassicKeys,
+    KeyRing,
+    License,
+    LicenseClaims,
+    Seats,
+    decode_unverified,
+    fingerprint,
+    generate_keypair,
+    load_signing_key,
+    sign_license,
+)
+from gateway.matrix import APP_NAMES
+from gateway.paths import PathRejected, canonical_path
+from gateway.routes import ROLES, Match
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A command line that parses but cannot be carried out as given (exit 2)."""
+
+
+def _date(text: str) -> int:
+    """``YYYY-MM-DD`` or ``YYYY-MM-DDTHH:MM[:SS]`` (UTC) or unix seconds → unix seconds."""
+    if text.isdigit():
+        return int(text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use YYYY-MM-DD)") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp())
+
+
+def _iso(ts: int | float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate gateway.toml and the files it names")
+    check.add_argument("--config", type=Path, default=Path("gateway.toml"))
+
+    keys = commands.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True, metavar="VERB"
+    )
+    generate = keys.add_parser("generate", help="new Ed25519 key pair: <kid>.key and <kid>.pub")
+    generate.add_argument("--out", type=Path, required=True, help="folder to write into")
+    generate.add_argument("--kid", help="key id (default: k<YYYYMMDD>-<random>)")
+
+    lic = commands.add_parser("license", help="license keys").add_subparsers(
+        dest="license_command", required=True, metavar="VERB"
+    )
+    issue = lic.add_parser("issue", help="sign a license key and print it")
+    issue.add_argument("--signing-key", type=Path, required=True)
+    issue.add_argument("--tenant", required=True, help="tenant id (custID)")
+    issue.add_argument("--tier", required=True)
+    issue.add_argument("--addon", action="append", default=[], metavar="NAME")
+    until = issue.add_mutually_exclusive_group()
+    until.add_argument("--days", type=int, help="valid for N days (default 365)")
+    until.add_argument("--expires", type=_date, metavar="DATE")
+    issue.add_argument("--not-before", type=_date, metavar="DATE")
+    issue.add_argument("--trial", action="store_true")
+    issue.add_argument("--ops-users", type=int)
+    issue.add_argument("--drivers", type=int)
+    issue.add_argument("--serial", type=int, help="default: current unix time (increasing)")
+    issue.add_argument("--issuer", default="gateway-cli")
+    issue.add_argument("--expiry", choices=["restrict", "revoke", "maintain"])
+    issue.add_argument("--grandfather-tier")
+    issue.add_argument("--grandfather-until", type=_date, metavar="DATE")
+    issue.add_argument(
+        "--config", type=Path, help="gateway.toml: check tier and add-ons against its matrix"
+    )
+
+    inspect = lic.add_parser("inspect", help="show a key's claims and validity")
+    inspect.add_argument("key")
+    inspect.add_argument("--public-keys", type=Path, help="folder of <kid>.pub to verify with")
+    inspect.add_argument("--grace-days", type=int, default=7)
+    inspect.add_argument("--json", action="store_true")
+
+    explain = commands.add_parser("explain", help="show the decision for one request")
+    explain.add_argument("--config", type=Path, default=Path("gateway.toml"))
+    explain.add_argument("--app", required=True, choices=APP_NAMES)
+    explain.add_argument("method")
+    explain.add_argument("path")
+    who = explain.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", help="a license key as a client would send it")
+    who.add_argument("--tier", help="a hypothetical license of this tier")
+    explain.add_argument("--addon", action="append", default=[], metavar="NAME")
+    explain.add_argument("--role", choices=ROLES)
+    explain.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {
+        "check": _check,
+        "keys": _keys_generate,
+        "license": _license_issue if getattr(args, "license_command", "") == "issue" else _inspect,
+        "explain": _explain,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"gateway: configuration invalid ({len(exc.problems)} problems):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    except UsageError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ValueError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    routes = list(config.routes.routes())
+    gated = {r.feature for r in routes if r.feature}
+    print(f"{args.config}: OK")
+    print(f"  routes.toml       {len(routes)} routes, revision {config.routes.sha}")
+    print(
+        f"  tier_matrix.toml  {len(config.matrix.features)} features, "
+        f"{len(config.matrix.tiers)} tiers, {len(config.matrix.addons)} add-ons, "
+        f"revision {config.matrix.sha}"
+    )
+    print(f"  public keys       {len(config.keyring.keys)} ({', '.join(config.keyring.keys)})")
+    unrouted = sorted(set(config.matrix.features) - gated)
+    if unrouted:
+        print(f"  note: features with no route: {', '.join(unrouted)}")
+    if not config.keyring.keys:
+        print("  warning: no public keys: every signed license will be refused")
+    return EXIT_OK
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    kid = args.kid or f"k{time.strftime('%Y%m%d')}-{uuid.uuid4().hex[:6]}"
+    private_path, public_path = generate_keypair(args.out, kid)
+    print(f"private key: {private_path} (mode 0600; keep it with the issuing tool only)")
+    print(f"public key:  {public_path} (copy into the gateway's license.public_keys folder)")
+    print(f"kid:         {kid}")
+    return EXIT_OK
+
+
+def _license_issue(args: argparse.Namespace) -> int:
+    key, kid = load_signing_key(args.signing_key)
+    now = int(time.time())
+    nbf = args.not_before if args.not_before is not None else now
+    exp = args.expires if args.expires is not None else nbf + (args.days or 365) * 86400
+    if exp <= nbf:
+        raise UsageError("the license would expire before it starts")
+    if (args.ops_users is None) != (args.drivers is None):
+        raise UsageError("--ops-users and --drivers go together (they replace the tier's seats)")
+    if (args.grandfather_tier is None) != (args.grandfather_until is None):
+        raise UsageError("--grandfather-tier and --grandfather-until go together")
+    if args.config is not None:
+        matrix = load_config(args.config).matrix
+        if args.tier not in matrix.tiers:
+            raise UsageError(f"unknown tier {args.tier!r} (known: {', '.join(matrix.tiers)})")
+        for addon in args.addon:
+            known = matrix.addons.get(addon)
+            if known is None:
+                raise UsageError(f"unknown add-on {addon!r} (known: {', '.join(matrix.addons)})")
+            if args.tier not in known.available_to:
+                raise UsageError(f"add-on {addon!r} is not available to tier {args.tier!r}")
+    claims = LicenseClaims(
+        iss=args.issuer,
+        sub=args.tenant,
+        jti=str(uuid.uuid4()),
+        iat=now,
+        nbf=nbf,
+        exp=exp,
+        tier=args.tier,
+        serial=args.serial if args.serial is not None else now,
+        addons=tuple(args.addon),
+        seats=Seats(args.ops_users, args.drivers) if args.ops_users is not None else None,
+        trial=args.trial,
+        grandfather_until=args.grandfather_until,
+        grandfather_tier=args.grandfather_tier,
+        expiry=args.expiry,
+    )
+    print(sign_license(key, kid, claims))
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    token = args.key.strip()
+    report: dict[str, Any] = {"fingerprint": fingerprint(token)}
+    try:
+        header, claims_raw = decode_unverified(token)
+    except LicenseError as exc:
+        if ClassicKeys().is_classic(token):
+            report.update(valid=None, reason="classic", detail="classic X Dispatch key")
+        else:
+            report.update(valid=False, reason=exc.reason, detail=exc.detail)
+        return _print_report(report, args.json, EXIT_INVALID if report["valid"] is False else 0)
+    report.update(header=header, claims=claims_raw)
+    if args.public_keys is None:
+        report.update(valid=None, reason="unverified", detail="no --public-keys given")
+        return _print_report(report, args.json, EXIT_OK)
+    try:
+        lic = KeyRing.load(args.public_keys).verify(token)
+    except LicenseError as exc:
+        report.update(valid=False, reason=exc.reason, detail=exc.detail)
+        return _print_report(report, args.json, EXIT_INVALID)
+    now = time.time()
+    early = not_yet_valid(lic.claims, now, 300)
+    if early is not None:
+        report.update(valid=False, reason="license_not_yet_valid", detail=early)
+        return _print_report(report, args.json, EXIT_INVALID)
+    state, warning = expiry_state(lic.claims, now, args.grace_days * 86400)
+    if state == "expired":
+        report.update(
+            valid=False, reason="license_expired", detail=f"expired {_iso(lic.claims.exp)}"
+        )
+        return _print_report(report, args.json, EXIT_INVALID)
+    report.update(valid=True, reason=state, detail=warning or f"valid until {_iso(lic.claims.exp)}")
+    return _print_report(report, args.json, EXIT_OK)
+
+
+def _print_report(report: dict[str, Any], as_json: bool, code: int) -> int:
+    if as_json:
+        print(msgspec.json.encode(report).decode())
+        return code
+    validity = {True: "VALID", False: "INVALID", None: "NOT VERIFIED"}[report["valid"]]
+    print(f"{validity}: {report['reason']} - {report['detail']}")
+    print(f"fingerprint: {report['fingerprint']}")
+    if "header" in report:
+        print(f"kid: {report['header'].get('kid')}  alg: {report['header'].get('alg')}")
+    for name, value in report.get("claims", {}).items():
+        shown = (
+            _iso(value)
+            if name in ("iat", "nbf", "exp", "grandfather_until") and isinstance(value, int)
+            else value
+        )
+        print(f"  {name:18} {shown}")
+    return code
+
+
+def _explain(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    method = args.method.upper()
+    lines: list[tuple[str, Any]] = [("request", f"{args.app} {method} {args.path}")]
+    raw_path = args.path.split("?", 1)[0]
+    try:
+        path = canonical_path(raw_path)
+    except PathRejected as exc:
+        lines.append(("decision", f"DENY 400 path_rejected ({exc.reason})"))
+        return _print_lines(lines, args.json, EXIT_OK)
+    lines.append(("canonical path", path))
+    app_routes = config.routes.apps[args.app]
+    found = app_routes.match(method, path)
+    route = found.route
+    if found.kind is Match.NONE:
+        lines.append(("route", f"none (unmatched policy: {app_routes.unmatched})"))
+    else:
+        where = f"routes.toml line {route.line}" if route and route.line else ""
+        kind = "match" if found.kind is Match.FULL else "path matches, method does not"
+        assert route is not None
+        lines.append(("route", f"{route.path} [{route.key}, {where}] ({kind})"))
+        if found.kind is Match.FULL:
+            lines.append(("feature", "public" if route.public else route.feature or "(ungated)"))
+    presented: License | LicenseError | None
+    if args.key is not None:
+        if config.classic.is_classic(args.key):
+            lines.append(("decision", "CLASSIC: forwarded untouched, no gating"))
+            return _print_lines(lines, args.json, EXIT_OK)
+        try:
+            presented = config.keyring.verify(args.key)
+        except LicenseError as exc:
+            presented = exc
+    else:
+        if args.tier not in config.matrix.tiers:
+            raise UsageError(
+                f"unknown tier {args.tier!r} (known: {', '.join(config.matrix.tiers)})"
+            )
+        now = int(time.time())
+        claims = LicenseClaims(
+            iss="explain", sub="(hypothetical)", jti="-", iat=now, nbf=now, exp=now + 86400,
+            tier=args.tier, serial=0, addons=tuple(args.addon),
+        )  # fmt: skip
+        presented = License(claims, kid="-", fingerprint="-")
+    tenant = None
+    decision = decide(
+        config.policy, found, app_routes.unmatched, presented, tenant, args.role, time.time()
+    )
+    _describe(decision, config, lines)
+    return _print_lines(lines, args.json, EXIT_OK)
+
+
+def _describe(decision: Decision, config: Config, lines: list[tuple[str, Any]]) -> None:
+    if decision.license is not None:
+        claims = decision.license.claims
+        addons = f" + {', '.join(claims.addons)}" if claims.addons else ""
+        lines.append(("license", f"tenant {claims.sub}, tier {claims.tier}{addons}"))
+    verdict = "ALLOW" if decision.allowed else "DENY"
+    lines.append(("decision", f"{verdict} {decision.status} {decision.code}"))
+    if decision.detail:
+        lines.append(("reason", decision.detail))
+    if decision.warning:
+        lines.append(("warning", decision.warning))
+    if decision.code == "feature_not_entitled":
+        unlock: list[str] = []
+        if decision.required_tier:
+            tier = config.matrix.tiers[decision.required_tier]
+            unlock.append(f"upgrade to {tier.title} (${tier.price_usd_month:,.0f}/mo)")
+        if decision.addon:
+            addon = config.matrix.addons[decision.addon]
+            price = addon.prices.get(decision.tier or "", "")
+            unlock.append(f"buy the {addon.title} add-on ({price})")
+        lines.append(("unlock", " or ".join(unlock) or "not available"))
+        if not decision.upsell:
+            lines.append(("note", "dispatch_only: the answer carries no upsell fields"))
+
+
+def _print_lines(lines: list[tuple[str, Any]], as_json: bool, code: int) -> int:
+    if as_json:
+        print(msgspec.json.encode(dict(lines)).decode())
+    else:
+        for label, value in lines:
+            print(f"{label + ':':16} {value}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The gateway's few error types, each carrying structured attributes.
+
+``ConfigProblem`` is one thing wrong in one file; ``ConfigError`` carries all of them, so
+``gateway check`` and the hot reloader can list every problem at once. ``LicenseError``
+carries one stable reason code from DESIGN §4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem in one configuration file: which file, which key, which line."""
+
+    file: str
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        key = f" [{self.key}]" if self.key else ""
+        return f"{where}{key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; ``problems`` lists every finding."""
+
+    def __init__(self, problems: Iterable[ConfigProblem]) -> None:
+        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class LicenseError(Exception):
+    """A license key that cannot be trusted; ``reason`` is a stable code (DESIGN §4)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

@@ -1,0 +1,253 @@
+"""License keys: compact JWS (RFC 7515) signed with EdDSA / Ed25519 (RFC 8037).
+
+The gateway holds public keys only, in a ``KeyRing`` by ``kid`` (``<kid>.pub`` PEM files),
+so signing keys rotate with overlap. ``KeyRing.verify`` checks structure and signature and
+returns the claims; time-dependent checks (``nbf``, ``exp``, grace) belong to the decision,
+so a verified key can be cached while its validity keeps moving with the clock.
+
+    ring = KeyRing.load(Path("keys/"))
+    lic = ring.verify(token)          # raises LicenseError(reason) on a bad key
+    lic.claims.tier, lic.claims.sub
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway.errors import ConfigError, ConfigProblem, LicenseError
+
+MAX_KEY_BYTES = 4096
+TOKEN_TYPE = "license+jwt"
+DEFAULT_CLASSIC_PATTERN = r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$"
+
+ExpiryStrategy = Literal["restrict", "revoke", "maintain"]
+
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
+_KID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Seats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ops_users: int
+    drivers: int
+
+
+class LicenseClaims(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The claims of DESIGN §4. Unknown claims are ignored, so issuers can add fields."""
+
+    iss: str
+    sub: str  # tenant id (custID)
+    jti: str  # license id
+    iat: int
+    nbf: int
+    exp: int
+    tier: str
+    serial: int
+    addons: tuple[str, ...] = ()
+    seats: Seats | None = None
+    trial: bool = False
+    grandfather_until: int | None = None
+    grandfather_tier: str | None = None
+    expiry: ExpiryStrategy | None = None  # default: "revoke" for trials, else "restrict"
+
+    @property
+    def expiry_strategy(self) -> ExpiryStrategy:
+        if self.expiry is not None:
+            return self.expiry
+        return "revoke" if self.trial else "restrict"
+
+
+class _JoseHeader(msgspec.Struct, frozen=True):
+    alg: str
+    kid: str | None = None
+    typ: str | None = None
+    crit: list[str] | None = None
+
+
+class License(msgspec.Struct, frozen=True):
+    """A verified key: its claims, the signing key id and a short fingerprint for logs."""
+
+    claims: LicenseClaims
+    kid: str
+    fingerprint: str
+
+
+_claims_decoder = msgspec.json.Decoder(LicenseClaims)
+_header_decoder = msgspec.json.Decoder(_JoseHeader)
+_json_encoder = msgspec.json.Encoder()
+
+
+def fingerprint(token: str) -> str:
+    """A short, non-reversible id of a key, safe for logs and events."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def _b64decode(part: str, what: str) -> bytes:
+    if not _B64URL.match(part) or len(part) % 4 == 1:
+        raise LicenseError("license_malformed", f"{what} is not base64url")
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise LicenseError("license_malformed", f"{what} is not base64url") from exc
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class KeyRing:
+    """Public keys by ``kid``. ``verify`` is the only way a key becomes trusted."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: dict[str, Ed25519PublicKey]) -> None:
+        self.keys = keys
+
+    @classmethod
+    def load(cls, folder: Path) -> KeyRing:
+        """Load every ``<kid>.pub`` in ``folder``; a bad file is a ``ConfigError``."""
+        problems: list[ConfigProblem] = []
+        keys: dict[str, Ed25519PublicKey] = {}
+        if not folder.is_dir():
+            raise ConfigError([ConfigProblem(str(folder), "license.public_keys", "not a folder")])
+        for path in sorted(folder.glob("*.pub")):
+            kid = path.stem
+            if not _KID.match(kid):
+                problems.append(ConfigProblem(str(path), "license.public_keys", "bad key id"))
+                continue
+            try:
+                key = serialization.load_pem_public_key(path.read_bytes())
+            except (OSError, ValueError) as exc:
+                problems.append(
+                    ConfigProblem(str(path), "license.public_keys", f"not a PEM public key: {exc}")
+                )
+                continue
+            if not isinstance(key, Ed25519PublicKey):
+                problems.append(
+                    ConfigProblem(str(path), "license.public_keys", "not an Ed25519 key")
+                )
+                continue
+            keys[kid] = key
+        if problems:
+            raise ConfigError(problems)
+        return cls(keys)
+
+    def verify(self, token: str) -> License:
+        """Check size, structure, header, key id and signature, in that order."""
+        if len(token) > MAX_KEY_BYTES:
+            raise LicenseError("license_malformed", f"key longer than {MAX_KEY_BYTES} bytes")
+        if not token.isascii():
+            raise LicenseError("license_malformed", "key is not ASCII")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise LicenseError("license_malformed", "not a compact JWS (three dot-separated parts)")
+        header_part, payload_part, signature_part = parts
+        try:
+            header = _header_decoder.decode(_b64decode(header_part, "header"))
+        except msgspec.DecodeError as exc:
+            raise LicenseError("license_malformed", f"header: {exc}") from exc
+        if header.alg != "EdDSA":
+            raise LicenseError("license_malformed", f"alg {header.alg!r} is not accepted (EdDSA)")
+        if header.typ is not None and header.typ != TOKEN_TYPE:
+            raise LicenseError("license_malformed", f"typ {header.typ!r} is not {TOKEN_TYPE!r}")
+        if header.crit:
+            raise LicenseError("license_malformed", f"unsupported critical headers {header.crit}")
+        payload = _b64decode(payload_part, "payload")
+        signature = _b64decode(signature_part, "signature")
+        if header.kid is None:
+            raise LicenseError("license_unknown_key", "no kid in the header")
+        key = self.keys.get(header.kid)
+        if key is None:
+            raise LicenseError("license_unknown_key", f"no public key with kid {header.kid!r}")
+        try:
+            key.verify(signature, f"{header_part}.{payload_part}".encode("ascii"))
+        except InvalidSignature as exc:
+            raise LicenseError("license_bad_signature", "signature does not verify") from exc
+        try:
+            claims = _claims_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise LicenseError("license_malformed", f"claims: {exc}") from exc
+        return License(claims, header.kid, fingerprint(token))
+
+
+def sign_license(private_key: Ed25519PrivateKey, kid: str, claims: LicenseClaims) -> str:
+    """Encode and sign ``claims`` as a compact JWS; any JOSE library can verify it."""
+    header = _json_encoder.encode({"alg": "EdDSA", "typ": TOKEN_TYPE, "kid": kid})
+    payload = _json_encoder.encode(msgspec.to_builtins(claims))
+    signing_input = f"{_b64encode(header)}.{_b64encode(payload)}"
+    signature = private_key.sign(signing_input.encode("ascii"))
+    return f"{signing_input}.{_b64encode(signature)}"
+
+
+def generate_keypair(folder: Path, kid: str) -> tuple[Path, Path]:
+    """Write ``<kid>.key`` (PKCS#8 PEM, mode 0600) and ``<kid>.pub`` into ``folder``."""
+    if not _KID.match(kid):
+        raise ValueError(f"bad key id {kid!r}: letters, digits, '.', '_', '-' (max 64)")
+    folder.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = folder / f"{kid}.key", folder / f"{kid}.pub"
+    for path in (private_path, public_path):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # Created with 0600 from the start: never world-readable, not even for an instant.
+    with open(private_path, "xb", opener=_open_private) as handle:
+        handle.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return private_path, public_path
+
+
+def _open_private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def load_signing_key(path: Path) -> tuple[Ed25519PrivateKey, str]:
+    """Read a private key file; its key id is the file name without ``.key``."""
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key, path.stem
+
+
+def decode_unverified(token: str) -> tuple[dict[str, object], dict[str, object]]:
+    """Header and claims without any check, for ``gateway license inspect`` without keys."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise LicenseError("license_malformed", "not a compact JWS (three dot-separated parts)")
+    try:
+        header = msgspec.json.decode(_b64decode(parts[0], "header"))
+        claims = msgspec.json.decode(_b64decode(parts[1], "payload"))
+    except msgspec.DecodeError as exc:
+        raise LicenseError("license_malformed", str(exc)) from exc
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise LicenseError("license_malformed", "header and payload must be JSON objects")
+    return header, claims
+
+
+class ClassicKeys:
+    """Recognises classic X Dispatch keys by the configured pattern (compiled once)."""
+
+    __slots__ = ("_match",)
+
+    def __init__(self, pattern: str = DEFAULT_CLASSIC_PATTERN) -> None:
+        self._match = re.compile(pattern).fullmatch
+
+    def is_classic(self, key: str) -> bool:
+        return self._match(key) is not None

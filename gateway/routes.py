@@ -1,0 +1,342 @@
+"""The route table: which product feature each ``(app, method, path)`` belongs to.
+
+``routes.toml`` (DESIGN §3) is compiled once into a per-app segment trie: a lookup walks the
+path's segments (literal child first, then ``{name}``, then ``{name:path}``), so its cost is
+the length of the path, never the number of routes. The most specific route wins segment by
+segment; two routes of equal specificity that can match one request are rejected at compile
+time, like werkzeug's ``DuplicateRuleError``.
+
+    table = load_routes(Path("routes.toml"), matrix)
+    found = table.apps["operations"].match("POST", "/api/v1/shipments/7/optimize")
+    found.kind is Match.FULL and found.route.feature == "ops.basic_shipment_optimization"
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from gateway.matrix import APP_NAMES, AppName, TierMatrix
+from gateway.tomlfile import TomlDocument
+
+Role = Literal["owner", "admin", "standard", "dispatch_only"]
+ROLES: tuple[Role, ...] = ("owner", "admin", "standard", "dispatch_only")
+QuotaName = Literal["ops_users", "drivers"]
+
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}$")
+_METHOD = re.compile(r"^[A-Z][A-Z-]*$")
+# Literal segments may hold only what a canonical path can hold (DESIGN §5, RFC 3986 pchar
+# without percent-encoding): a literal the canonicaliser could never produce never matches.
+_LITERAL = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+$")
+
+
+class Match(enum.Enum):
+    """Three-valued lookup result, like Starlette's ``Match``."""
+
+    NONE = 0  # no route has this path
+    PARTIAL = 1  # a route has this path, but not for this method
+    FULL = 2
+
+
+class AppPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    unmatched: Literal["allow", "deny"] = "allow"
+
+
+class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    app: AppName
+    path: str
+    methods: tuple[str, ...] | None = None
+    feature: str | None = None
+    public: bool = False
+    roles: tuple[Role, ...] | None = None  # None: every role
+    quota: QuotaName | None = None  # this call adds one of these seats
+
+
+class Route(msgspec.Struct, frozen=True):
+    """One compiled route. ``key`` and ``line`` point back into ``routes.toml``."""
+
+    app: AppName
+    path: str
+    methods: frozenset[str] | None
+    feature: str | None
+    public: bool
+    roles: frozenset[str] | None
+    quota: QuotaName | None
+    key: str
+    line: int | None
+
+
+class RouteMatch(msgspec.Struct, frozen=True):
+    kind: Match
+    route: Route | None
+
+
+NO_MATCH = RouteMatch(Match.NONE, None)
+
+
+class _Leaf:
+    """Routes that end at one trie position, by method; results are built once here."""
+
+    __slots__ = ("by_method", "any_method", "partial")
+
+    def __init__(self) -> None:
+        self.by_method: dict[str, RouteMatch] = {}
+        self.any_method: RouteMatch | None = None
+        self.partial: RouteMatch | None = None
+
+    def lookup(self, method: str) -> RouteMatch | None:
+        found = self.by_method.get(method)
+        return found if found is not None else self.any_method
+
+
+class _Node:
+    __slots__ = ("literal", "param", "catchall", "leaf")
+
+    def __init__(self) -> None:
+        self.literal: dict[str, _Node] = {}
+        self.param: _Node | None = None
+        self.catchall: _Leaf | None = None
+        self.leaf: _Leaf | None = None
+
+
+class AppRoutes:
+    """The compiled routes of one app and its policy for unmatched paths."""
+
+    __slots__ = ("app", "unmatched", "routes", "_root")
+
+    def __init__(self, app: AppName, unmatched: Literal["allow", "deny"]) -> None:
+        self.app = app
+        self.unmatched = unmatched
+        self.routes: list[Route] = []
+        self._root = _Node()
+
+    def match(self, method: str, path: str) -> RouteMatch:
+        """Look up a canonical path (DESIGN §5); one trailing slash is not significant."""
+        if len(path) > 1 and path[-1] == "/":
+            path = path[:-1]
+        segments = path.split("/")
+        # "/" splits into ["", ""]: zero segments after the leading slash.
+        count = len(segments) if len(path) > 1 else 1
+        full, partial = _walk(self._root, segments, 1, count, method)
+        if full is not None:
+            return full
+        return partial if partial is not None else NO_MATCH
+
+    def _add(self, route: Route, segments: list[str]) -> Route | None:
+        """Insert ``route``; return the route it conflicts with, if any."""
+        node = self._root
+        leaf: _Leaf | None = None
+        for position, segment in enumerate(segments):
+            param = _PARAM.match(segment)
+            if param and param.group(2):
+                assert position == len(segments) - 1
+                if node.catchall is None:
+                    node.catchall = _Leaf()
+                leaf = node.catchall
+                break
+            if param:
+                if node.param is None:
+                    node.param = _Node()
+                node = node.param
+            else:
+                node = node.literal.setdefault(segment, _Node())
+        if leaf is None:
+            if node.leaf is None:
+                node.leaf = _Leaf()
+            leaf = node.leaf
+        full = RouteMatch(Match.FULL, route)
+        if route.methods is None:
+            clash = leaf.any_method or next(iter(leaf.by_method.values()), None)
+            if clash is not None:
+                return clash.route
+            leaf.any_method = full
+        else:
+            for method in sorted(route.methods):
+                clash = leaf.by_method.get(method) or leaf.any_method
+                if clash is not None:
+                    return clash.route
+            for method in route.methods:
+                leaf.by_method[method] = full
+        if leaf.partial is None:
+            leaf.partial = RouteMatch(Match.PARTIAL, route)
+        self.routes.append(route)
+        return None
+
+
+def _walk(
+    node: _Node, segments: list[str], i: int, n: int, method: str
+) -> tuple[RouteMatch | None, RouteMatch | None]:
+    """Depth-first in specificity order: the first FULL found is the most specific one."""
+    if i == n:
+        leaf = node.leaf
+        if leaf is None:
+            return None, None
+        return leaf.lookup(method), leaf.partial
+    partial: RouteMatch | None = None
+    segment = segments[i]
+    child = node.literal.get(segment)
+    if child is not None:
+        full, partial = _walk(child, segments, i + 1, n, method)
+        if full is not None:
+            return full, None
+    if node.param is not None and segment:
+        full, below = _walk(node.param, segments, i + 1, n, method)
+        if full is not None:
+            return full, None
+        partial = partial or below
+    catchall = node.catchall
+    if catchall is not None and segment:
+        full = catchall.lookup(method)
+        if full is not None:
+            return full, None
+        partial = partial or catchall.partial
+    return None, partial
+
+
+class RouteTable:
+    """All apps' compiled routes; ``sha`` identifies the file revision in events and metrics."""
+
+    __slots__ = ("apps", "sha")
+
+    def __init__(self, apps: dict[AppName, AppRoutes], sha: str) -> None:
+        self.apps = apps
+        self.sha = sha
+
+    def match(self, app: AppName, method: str, path: str) -> RouteMatch:
+        return self.apps[app].match(method, path)
+
+    def routes(self) -> Iterable[Route]:
+        for app in self.apps.values():
+            yield from app.routes
+
+
+def load_routes(path: Path, matrix: TierMatrix) -> RouteTable:
+    """Read, validate and compile ``routes.toml``; ``ConfigError`` lists every problem."""
+    return build_routes(TomlDocument.read(path), matrix)
+
+
+def build_routes(doc: TomlDocument, matrix: TierMatrix) -> RouteTable:
+    data = dict(doc.data)
+    for unknown in sorted(set(data) - {"apps", "routes"}):
+        doc.problem(unknown, "unknown top-level key (expected apps, routes)")
+    raw_apps = data.get("apps", {})
+    if not isinstance(raw_apps, dict):
+        doc.problem("apps", "must be a table")
+        raw_apps = {}
+    apps: dict[AppName, AppRoutes] = {}
+    for name in APP_NAMES:
+        raw = raw_apps.get(name, {})
+        policy = doc.convert(raw, AppPolicy, key=f"apps.{name}", header=f"[apps.{name}]")
+        apps[name] = AppRoutes(name, policy.unmatched if policy else "allow")
+    for name in sorted(set(raw_apps) - set(APP_NAMES)):
+        doc.problem(
+            f"apps.{name}",
+            f"unknown app (expected one of {', '.join(APP_NAMES)})",
+            header=f"[apps.{name}]",
+        )
+
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        doc.problem("routes", "must be an array of tables ([[routes]])")
+        raw_routes = []
+    for index, raw in enumerate(raw_routes):
+        _compile_route(doc, matrix, apps, index, raw)
+    doc.raise_if_problems()
+    return RouteTable(apps, doc.sha)
+
+
+def _compile_route(
+    doc: TomlDocument,
+    matrix: TierMatrix,
+    apps: dict[AppName, AppRoutes],
+    index: int,
+    raw: Any,
+) -> None:
+    key = f"routes[{index}]"
+    where: dict[str, Any] = {"header": "[[routes]]", "index": index}
+    spec = doc.convert(raw, RouteSpec, key=key, **where)
+    if spec is None:
+        return
+    problems_before = len(doc.problems)
+    segments = _pattern_segments(doc, spec.path, f"{key}.path", where)
+    methods: frozenset[str] | None = None
+    if spec.methods is not None:
+        if not spec.methods:
+            doc.problem(f"{key}.methods", "empty list (omit the key for all methods)", **where)
+        bad = [m for m in spec.methods if not _METHOD.match(m)]
+        if bad:
+            doc.problem(f"{key}.methods", f"not upper-case HTTP methods: {bad}", **where)
+        methods = frozenset(spec.methods)
+        if "GET" in methods:  # HEAD is a GET without the body: gate it the same way
+            methods |= {"HEAD"}
+    if spec.public and spec.feature is not None:
+        doc.problem(key, "a public route cannot name a feature", **where)
+    if spec.public and (spec.roles is not None or spec.quota is not None):
+        doc.problem(key, "a public route cannot restrict roles or count quota", **where)
+    if spec.feature is not None:
+        feature = matrix.features.get(spec.feature)
+        if feature is None:
+            doc.problem(f"{key}.feature", f"unknown feature {spec.feature!r}", **where)
+        elif feature.app != spec.app:
+            doc.problem(
+                f"{key}.feature",
+                f"feature {spec.feature!r} belongs to app {feature.app!r}, not {spec.app!r}",
+                **where,
+            )
+    if len(doc.problems) != problems_before or segments is None:
+        return
+    route = Route(
+        app=spec.app,
+        path=spec.path,
+        methods=methods,
+        feature=spec.feature,
+        public=spec.public,
+        roles=frozenset(spec.roles) if spec.roles is not None else None,
+        quota=spec.quota,
+        key=key,
+        line=doc.line_of("[[routes]]", index),
+    )
+    clash = apps[spec.app]._add(route, segments)
+    if clash is not None:
+        where_clash = f"line {clash.line}" if clash.line else clash.key
+        doc.problem(
+            f"{key}.path",
+            f"ambiguous: {spec.path!r} and {clash.path!r} ({clash.key}, {where_clash}) "
+            "have equal specificity and can match the same request",
+            **where,
+        )
+
+
+def _pattern_segments(
+    doc: TomlDocument, pattern: str, key: str, where: dict[str, Any]
+) -> list[str] | None:
+    if not pattern.startswith("/"):
+        doc.problem(key, "must start with '/'", **where)
+        return None
+    trimmed = pattern[:-1] if len(pattern) > 1 and pattern.endswith("/") else pattern
+    segments = trimmed.split("/")[1:] if trimmed != "/" else []
+    names: set[str] = set()
+    for position, segment in enumerate(segments):
+        param = _PARAM.match(segment)
+        if param:
+            if param.group(1) in names:
+                doc.problem(key, f"parameter {{{param.group(1)}}} appears twice", **where)
+                return None
+            names.add(param.group(1))
+            if param.group(2) and position != len(segments) - 1:
+                doc.problem(key, f"{segment} must be the last segment", **where)
+                return None
+        elif segment in ("", ".", "..") or not _LITERAL.match(segment):
+            doc.problem(
+                key,
+                f"segment {segment!r} is not a literal a canonical path can contain "
+                "(or a {name} / {name:path} parameter)",
+                **where,
+            )
+            return None
+    return segments

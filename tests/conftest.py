@@ -1,0 +1,96 @@
+"""Shared fixtures. Keys are generated per test session, never committed."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.config import Config, load_config
+from gateway.license import KeyRing, LicenseClaims, generate_keypair, load_signing_key, sign_license
+from gateway.matrix import TierMatrix, load_matrix
+from gateway.routes import RouteTable, load_routes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def matrix() -> TierMatrix:
+    return load_matrix(REPO / "tier_matrix.toml")
+
+
+@pytest.fixture(scope="session")
+def route_table(matrix: TierMatrix) -> RouteTable:
+    return load_routes(REPO / "routes.toml", matrix)
+
+
+@pytest.fixture(scope="session")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one generated key pair, kid ``test``: ``test.key`` and ``test.pub``."""
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keypair(folder, "test")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def signing_key(key_dir: Path) -> Ed25519PrivateKey:
+    return load_signing_key(key_dir / "test.key")[0]
+
+
+@pytest.fixture(scope="session")
+def keyring(key_dir: Path) -> KeyRing:
+    public_only = key_dir.parent / "public-keys"
+    public_only.mkdir(exist_ok=True)
+    shutil.copy(key_dir / "test.pub", public_only / "test.pub")
+    return KeyRing.load(public_only)
+
+
+IssueKey = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def issue_key(signing_key: Ed25519PrivateKey) -> IssueKey:
+    """``issue_key(tier="fleet", addons=("sms_messaging",), exp=..., ...)`` → a signed key."""
+
+    def issue(**overrides: object) -> str:
+        now = int(time.time())
+        fields: dict[str, object] = {
+            "iss": "tests",
+            "sub": "tenant-1",
+            "jti": str(uuid.uuid4()),
+            "iat": now - 60,
+            "nbf": now - 60,
+            "exp": now + 86400,
+            "tier": "core",
+            "serial": 1,
+        }
+        fields.update(overrides)
+        return sign_license(signing_key, "test", LicenseClaims(**fields))  # type: ignore[arg-type]
+
+    return issue
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, key_dir: Path) -> Path:
+    """A copy of the shipped gateway.toml, routes.toml and tier_matrix.toml with test keys,
+    for tests that break one file and look at the errors."""
+    for name in ("gateway.toml", "routes.toml", "tier_matrix.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / "keys").mkdir()
+    shutil.copy(key_dir / "test.pub", tmp_path / "keys" / "test.pub")
+    return tmp_path
+
+
+@pytest.fixture
+def config(config_dir: Path) -> Config:
+    return load_config(config_dir / "gateway.toml")
