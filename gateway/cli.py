@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--grace-days", type=int, default=7)
     inspect.add_argument("--json", action="store_true")
 
+    serve = commands.add_parser("serve", help="run the gateway (listeners + admin)")
+    serve.add_argument("--config", type=Path, default=Path("gateway.toml"))
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
     explain = commands.add_parser("explain", help="show the decision for one request")
     explain.add_argument("--config", type=Path, default=Path("gateway.toml"))
     explain.add_argument("--app", required=True, choices=APP_NAMES)
@@ -130,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keys": _keys_generate,
         "license": _license_issue if getattr(args, "license_command", "") == "issue" else _inspect,
         "explain": _explain,
+        "serve": _serve,
     }
     try:
         return handlers[args.command](args)
@@ -144,6 +149,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import uvloop
+
+    from gateway.runtime import Runtime
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def run() -> None:
+        runtime = Runtime(args.config)
+        await runtime.start()
+        runtime.install_signal_handlers()
+        await runtime.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
+    return EXIT_OK
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -179,7 +207,8 @@ def _license_issue(args: argparse.Namespace) -> int:
     key, kid = load_signing_key(args.signing_key)
     now = int(time.time())
     nbf = args.not_before if args.not_before is not None else now
-    exp = args.expires if args.expires is not None else nbf + (args.days or 365) * 86400
+    days = 365 if args.days is None else args.days
+    exp = args.expires if args.expires is not None else nbf + days * 86400
     if exp <= nbf:
         raise UsageError("the license would expire before it starts")
     if (args.ops_users is None) != (args.drivers is None):
@@ -196,6 +225,8 @@ def _license_issue(args: argparse.Namespace) -> int:
                 raise UsageError(f"unknown add-on {addon!r} (known: {', '.join(matrix.addons)})")
             if args.tier not in known.available_to:
                 raise UsageError(f"add-on {addon!r} is not available to tier {args.tier!r}")
+        if args.grandfather_tier is not None and args.grandfather_tier not in matrix.tiers:
+            raise UsageError(f"unknown grandfather tier {args.grandfather_tier!r}")
     claims = LicenseClaims(
         iss=args.issuer,
         sub=args.tenant,

@@ -61,10 +61,20 @@ class LicenseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = "memory://"
+    seed: str | None = None  # a tenants file imported at start (see tenants.example.toml)
 
 
 class EventSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sink: str = "stdout:"
+    max_queue: int = 10_000
+
+
+class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    shutdown_deadline: float = 30.0  # seconds in-flight requests get after SIGTERM
+    keepalive_timeout: float = 75.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    reload_poll_interval: float = 1.0  # seconds between checks of routes/matrix files
 
 
 class EntitlementsApi(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -79,6 +89,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store: StoreSettings = StoreSettings()
     events: EventSettings = EventSettings()
     entitlements: EntitlementsApi = EntitlementsApi()
+    server: ServerSettings = ServerSettings()
 
 
 class Config:

@@ -134,6 +134,8 @@ def current_license(
             continue
         if claims.serial < tenant.min_serial or claims.sub != tenant.tenant:
             continue
+        if claims.exp <= now and best is not None:
+            continue  # an expired newer key never displaces one that still works
         best = candidate
     return best
 
@@ -149,11 +151,16 @@ def decide(
 ) -> Decision:
     """Decide one request. ``found`` is the route lookup; ``presented`` the verified key
     from the header, or why it failed verification, or None if there was none."""
-    route = found.route if found.kind is Match.FULL else None
-    if route is not None and route.public:
+    route = found.route
+    if found.kind is not Match.FULL:
+        if unmatched == "deny":
+            return _deny("route_unmatched", "no route in routes.toml matches this method and path")
+        if route is not None and route.public:
+            route = None  # only the listed methods of a public path are public
+        # A method the route does not list is still gated by the path's route: leaving a
+        # method out of routes.toml must never open a feature to every tier.
+    elif route is not None and route.public:
         return PUBLIC
-    if route is None and unmatched == "deny":
-        return _deny("route_unmatched", "no route in routes.toml matches this method and path")
     if isinstance(presented, LicenseError):
         return _deny(presented.reason, presented.detail)
 
@@ -178,18 +185,9 @@ def decide(
         if tenant.suspended:
             return _deny("tenant_suspended", f"tenant {claims.sub} is suspended", license=lic)
 
-    tier, addons, warning = _effective_plan(policy, claims, now)
+    tier, addons, seats, warning = _effective_plan(policy, claims, now)
     if tier is None:
         return _deny("license_expired", f"expired {_when(claims.exp)}", license=lic)
-    grandfather = claims.grandfather_tier
-    if (
-        grandfather is not None
-        and claims.grandfather_until is not None
-        and now < claims.grandfather_until
-        and grandfather in matrix.tiers
-        and matrix.tiers[grandfather].rank > matrix.tiers[tier].rank
-    ):
-        tier = grandfather
     entitlement = matrix.entitlement(tier, addons)
 
     feature = route.feature if route is not None else None
@@ -220,8 +218,7 @@ def decide(
             warning=warning,
         )
     if route is not None and route.quota is not None and tenant is not None and tenant.usage:
-        seats = claims.seats or matrix.tiers[tier].quotas
-        limit = getattr(seats, route.quota)
+        limit = getattr(seats or matrix.tiers[tier].quotas, route.quota)
         used = getattr(tenant.usage, route.quota)
         if used >= limit:
             return _deny(
@@ -279,11 +276,28 @@ def expiry_state(
 
 def _effective_plan(
     policy: Policy, claims: LicenseClaims, now: float
-) -> tuple[str | None, tuple[str, ...], str | None]:
-    """Tier, add-ons and warning after the expiry strategy; tier None means refused."""
+) -> tuple[str | None, tuple[str, ...], Seats | None, str | None]:
+    """Tier, add-ons, seat override and warning after the expiry strategy; tier None
+    means refused."""
     state, warning = expiry_state(claims, now, policy.grace_seconds)
     if state == "expired":
-        return None, (), None
+        return None, (), None, None
     if state == "restricted":
-        return policy.matrix.lowest_tier.name, (), warning
-    return claims.tier, claims.addons, warning
+        # Restricted means the lowest tier as sold: no add-ons, no extra seats, and no
+        # grandfather window either.
+        return policy.matrix.lowest_tier.name, (), None, warning
+    return _grandfathered(policy.matrix, claims, now), claims.addons, claims.seats, warning
+
+
+def _grandfathered(matrix: TierMatrix, claims: LicenseClaims, now: float) -> str:
+    """The license's tier, raised to ``grandfather_tier`` while its window lasts."""
+    grandfather = claims.grandfather_tier
+    if (
+        grandfather is not None
+        and claims.grandfather_until is not None
+        and now < claims.grandfather_until
+        and grandfather in matrix.tiers
+        and matrix.tiers[grandfather].rank > matrix.tiers[claims.tier].rank
+    ):
+        return grandfather
+    return claims.tier

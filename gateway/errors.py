@@ -33,6 +33,10 @@ class ConfigError(Exception):
         self.problems: tuple[ConfigProblem, ...] = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
 
+    @classmethod
+    def single(cls, file: str, key: str, message: str) -> ConfigError:
+        return cls([ConfigProblem(file, key, message)])
+
 
 class LicenseError(Exception):
     """A license key that cannot be trusted; ``reason`` is a stable code (DESIGN §4)."""

@@ -165,21 +165,29 @@ def load_matrix(path: Path) -> TierMatrix:
 def build_matrix(doc: TomlDocument) -> TierMatrix:
     data = dict(doc.data)
     for unknown in sorted(set(data) - {"features", "tiers", "addons"}):
-        doc.problem(unknown, "unknown top-level key (expected features, tiers, addons)")
+        doc.problem(
+            unknown,
+            "unknown top-level key (expected features, tiers, addons)",
+            line=doc.line_of_key(unknown),
+        )
 
     features = _convert_table(doc, data.get("features", {}), "features", FeatureSpec)
     tier_specs = _convert_table(doc, data.get("tiers", {}), "tiers", TierSpec)
     addon_specs = _convert_table(doc, data.get("addons", {}), "addons", AddonSpec)
+    # A section that fails to convert is reported once, at its own key; names that refer to
+    # it are not "unknown", and what it would grant is not orphaned.
+    declared_features = _declared(data.get("features"))
+    declared_tiers = _declared(data.get("tiers"))
     if not tier_specs and not doc.problems:
         doc.problem("tiers", "at least one tier is required")
 
     for name, feature in features.items():
         for implied in feature.implies:
-            if implied not in features:
+            if implied not in declared_features:
                 doc.problem(
                     f"features.{name}.implies",
                     f"unknown feature {implied!r}",
-                    header=f'[features."{name}"]',
+                    header=_header("features", name),
                 )
 
     def closure(names: tuple[str, ...], key: str, header: str) -> frozenset[str]:
@@ -191,13 +199,15 @@ def build_matrix(doc: TomlDocument) -> TierMatrix:
                 continue
             spec = features.get(name)
             if spec is None:
-                doc.problem(key, f"unknown feature {name!r}", header=header)
+                # An unknown name reached through ``implies`` is reported at the feature.
+                if name not in declared_features and name in names:
+                    doc.problem(key, f"unknown feature {name!r}", header=header)
                 continue
             result.add(name)
             stack.extend(spec.implies)
         return frozenset(result)
 
-    tiers = _resolve_tiers(doc, tier_specs, closure)
+    tiers = _resolve_tiers(doc, tier_specs, closure, declared_tiers)
     addons: dict[str, Addon] = {}
     for name, spec in addon_specs.items():
         key, header = f"addons.{name}", f"[addons.{name}]"
@@ -205,7 +215,7 @@ def build_matrix(doc: TomlDocument) -> TierMatrix:
         for tier_name in spec.available_to:
             tier = tiers.get(tier_name)
             if tier is None:
-                if tier_name not in tier_specs:
+                if tier_name not in declared_tiers:
                     doc.problem(f"{key}.available_to", f"unknown tier {tier_name!r}", header=header)
                 continue
             already = sorted(set(spec.features) & tier.features)
@@ -233,12 +243,14 @@ def build_matrix(doc: TomlDocument) -> TierMatrix:
         granted_anywhere |= tier.features
     for addon in addons.values():
         granted_anywhere |= addon.features
+    declared_addons = _declared(data.get("addons"))
+    everything_loaded = len(tiers) == len(declared_tiers) and len(addons) == len(declared_addons)
     for name in features:
-        if name not in granted_anywhere and tiers:
+        if name not in granted_anywhere and tiers and everything_loaded:
             doc.problem(
                 f"features.{name}",
                 "feature is in no tier and no add-on",
-                header=f'[features."{name}"]',
+                header=_header("features", name),
             )
 
     doc.raise_if_problems()
@@ -251,17 +263,27 @@ def _convert_table(doc: TomlDocument, raw: Any, section: str, type_: type[Any]) 
         return {}
     result: dict[str, Any] = {}
     for name, value in raw.items():
-        header = f'[{section}."{name}"]' if "." in name else f"[{section}.{name}]"
+        header = _header(section, name)
         spec = doc.convert(value, type_, key=f"{section}.{name}", header=header)
         if spec is not None:
             result[name] = spec
     return result
 
 
+def _header(section: str, name: str) -> str:
+    """The table header that defines ``section.name`` (quoted when the name has a dot)."""
+    return f'[{section}."{name}"]' if "." in name else f"[{section}.{name}]"
+
+
+def _declared(raw: Any) -> set[str]:
+    return set(raw) if isinstance(raw, dict) else set()
+
+
 def _resolve_tiers(
     doc: TomlDocument,
     specs: dict[str, TierSpec],
     closure: Any,
+    declared: set[str],
 ) -> dict[str, Tier]:
     """Flatten ``inherits`` chains (cycles and unknown parents are problems)."""
     ranks: dict[int, str] = {}
@@ -282,19 +304,21 @@ def _resolve_tiers(
         while current.inherits is not None:
             parent = current.inherits
             if parent in chain:
-                doc.problem(
-                    f"tiers.{name}.inherits",
-                    "inherits cycle: " + " -> ".join([*chain, parent]),
-                    header=f"[tiers.{name}]",
-                )
+                if parent == name:  # a tier that only leads into a cycle is not part of it
+                    doc.problem(
+                        f"tiers.{name}.inherits",
+                        "inherits cycle: " + " -> ".join([*chain, parent]),
+                        header=f"[tiers.{name}]",
+                    )
                 broken = True
                 break
             if parent not in specs:
-                doc.problem(
-                    f"tiers.{chain[-1]}.inherits",
-                    f"unknown tier {parent!r}",
-                    header=f"[tiers.{chain[-1]}]",
-                )
+                if parent not in declared:
+                    doc.problem(
+                        f"tiers.{chain[-1]}.inherits",
+                        f"unknown tier {parent!r}",
+                        header=f"[tiers.{chain[-1]}]",
+                    )
                 broken = True
                 break
             chain.append(parent)

@@ -223,7 +223,11 @@ def load_routes(path: Path, matrix: TierMatrix) -> RouteTable:
 def build_routes(doc: TomlDocument, matrix: TierMatrix) -> RouteTable:
     data = dict(doc.data)
     for unknown in sorted(set(data) - {"apps", "routes"}):
-        doc.problem(unknown, "unknown top-level key (expected apps, routes)")
+        doc.problem(
+            unknown,
+            "unknown top-level key (expected apps, routes)",
+            line=doc.line_of_key(unknown),
+        )
     raw_apps = data.get("apps", {})
     if not isinstance(raw_apps, dict):
         doc.problem("apps", "must be a table")

@@ -22,7 +22,8 @@ from gateway.errors import ConfigError, ConfigProblem
 T = TypeVar("T")
 
 _TOML_LINE = re.compile(r"at line (\d+)")
-_MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
+# "... - at `$.a.b`", or "... - at `key` in `$.a`" when a table's key (not value) is wrong.
+_MSGSPEC_PATH = re.compile(r" - at `(?:key` in `)?\$(.*)`$")
 
 
 class TomlDocument:
@@ -61,9 +62,18 @@ class TomlDocument:
             raise ConfigError([problem]) from exc
         return cls(path, text, data)
 
-    def problem(self, key: str, message: str, *, header: str | None = None, index: int = 0) -> None:
+    def problem(
+        self,
+        key: str,
+        message: str,
+        *,
+        header: str | None = None,
+        index: int = 0,
+        line: int | None = None,
+    ) -> None:
         """Record a problem at ``key``; ``header`` locates its line (the ``index``-th one)."""
-        line = self.line_of(header, index) if header else None
+        if header:
+            line = self.line_of(header, index)
         found = ConfigProblem(self.name, key, message, line)
         if found not in self.problems:  # inherited sections would report the same twice
             self.problems.append(found)
@@ -92,6 +102,23 @@ class TomlDocument:
                 if seen == index:
                     return number
                 seen += 1
+        return None
+
+    def line_of_key(self, key: str) -> int | None:
+        """Line (1-based) where top-level ``key`` is first defined: an assignment before the
+        first table header, or a ``[key]``, ``[key.sub]`` or ``[[key]]`` header."""
+        name = rf"""(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')"""
+        header = re.compile(rf"^\[\[?\s*{name}\s*[.\]]")
+        assignment = re.compile(rf"^{name}\s*[.=]")
+        in_root = True
+        for number, line in enumerate(self.text.splitlines(), start=1):
+            stripped = line.strip()
+            if stripped.startswith("["):
+                in_root = False
+                if header.match(stripped):
+                    return number
+            elif in_root and assignment.match(stripped):
+                return number
         return None
 
     def raise_if_problems(self) -> None:

@@ -1,0 +1,390 @@
+"""One request's enforcement, without sockets: classic check, canonical path, route,
+license (through caches), decision, and the answer or the headers for the upstream.
+
+The proxy protocol fills a ``RequestHead`` while parsing and calls ``Enforcer.check``;
+everything here is synchronous and allocation-light. The only wait (a tenant record the
+cache does not hold) is signalled with ``NEED_TENANT`` so the caller can fetch it and ask
+again. Rules (routes, matrix, policy) are read from ``Rules`` once per request, so a
+reload never changes a request half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import time
+from typing import Any, Final
+
+import cachetools
+import msgspec
+
+from gateway.config import Config
+from gateway.decision import Decision, Policy, TenantRecord, decide
+from gateway.errors import LicenseError
+from gateway.events import EventLog
+from gateway.license import ClassicKeys, KeyRing, License
+from gateway.matrix import AppName, TierMatrix
+from gateway.metrics import AppMetrics, Metrics
+from gateway.paths import PathRejected, canonical_path
+from gateway.routes import AppRoutes, RouteTable
+from gateway.store import StoreError, TenantStore
+
+log = logging.getLogger(__name__)
+
+# Verdict kinds
+FORWARD: Final = 1  # licensed or public: forward with rewritten headers
+CLASSIC: Final = 2  # classic X Dispatch: forward untouched
+RESPOND: Final = 3  # answer here (denial, bad request)
+NEED_TENANT: Final = 4  # fetch the tenant record, then check again
+
+PROBLEM_TYPE = "https://errors.gateway.local/"
+_json = msgspec.json.Encoder()
+_NO_TENANT = object()
+
+
+class Rules:
+    """The hot-reloadable part of the config, swapped as one reference."""
+
+    __slots__ = ("matrix", "routes", "policy", "revision")
+
+    def __init__(self, matrix: TierMatrix, routes: RouteTable, policy: Policy) -> None:
+        self.matrix = matrix
+        self.routes = routes
+        self.policy = policy
+        self.revision = f"{routes.sha}/{matrix.sha}"
+
+
+class RequestHead:
+    """What the parser saw of one request, kept as bytes until a decision needs text."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "headers",
+        "license_key",
+        "license_count",
+        "tenant",
+        "role",
+        "user",
+        "bad_header",
+    )
+
+    def __init__(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes, bytes]]
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.license_key: bytes | None = None
+        self.license_count = 0
+        self.tenant: bytes | None = None
+        self.role: bytes | None = None
+        self.user: bytes | None = None
+        self.bad_header: str | None = None
+
+
+class Verdict:
+    """What to do with one request."""
+
+    __slots__ = ("kind", "status", "body", "target", "upstream_headers", "response_headers")
+
+    def __init__(
+        self,
+        kind: int,
+        status: int = 0,
+        body: bytes = b"",
+        target: bytes = b"",
+        upstream_headers: bytes = b"",
+        response_headers: bytes = b"",
+    ) -> None:
+        self.kind = kind
+        self.status = status
+        self.body = body
+        self.target = target  # what the upstream receives as request target
+        self.upstream_headers = upstream_headers  # added X-Entitlement-* lines
+        self.response_headers = response_headers  # e.g. X-License-Warning
+
+
+_CLASSIC_VERDICT = Verdict(CLASSIC)
+_NEED_TENANT_VERDICT = Verdict(NEED_TENANT)
+
+
+class LicenseCache:
+    """Verified keys by digest (LRU), failed keys briefly (TTL), so a flood of bad keys
+    cannot force a signature check per request, nor push good keys out."""
+
+    def __init__(self, keyring: KeyRing, metrics: Metrics, size: int = 100_000) -> None:
+        self.keyring = keyring
+        self._valid: cachetools.LRUCache[bytes, License] = cachetools.LRUCache(size)
+        self._invalid: cachetools.TTLCache[bytes, LicenseError] = cachetools.TTLCache(10_000, 60)
+        self._metrics = metrics
+
+    def resolve(self, token: bytes) -> License | LicenseError:
+        digest = hashlib.blake2b(token, digest_size=16).digest()
+        found: License | LicenseError | None = self._valid.get(digest)
+        if found is None:
+            found = self._invalid.get(digest)
+        if found is not None:
+            self._metrics.cache_hit.inc()
+            return found
+        self._metrics.cache_miss.inc()
+        try:
+            lic = self.keyring.verify(token.decode("ascii"))
+        except UnicodeDecodeError:
+            error = LicenseError("license_malformed", "key is not ASCII")
+        except LicenseError as exc:
+            error = exc
+        else:
+            self._metrics.license_result["valid"].inc()
+            self._valid[digest] = lic
+            return lic
+        self._metrics.license_result[error.reason].inc()
+        self._invalid[digest] = error
+        return error
+
+    def clear(self) -> None:
+        self._valid.clear()
+        self._invalid.clear()
+
+    def __len__(self) -> int:
+        return len(self._valid)
+
+
+class TenantCache:
+    """Tenant records from the store, with a TTL; misses go to the store asynchronously."""
+
+    def __init__(self, store: TenantStore, metrics: Metrics, ttl: float = 5.0) -> None:
+        self.store = store
+        self._records: cachetools.TTLCache[str, Any] = cachetools.TTLCache(100_000, ttl)
+        self._errors = metrics.store_errors.labels(op="get")
+
+    def cached(self, tenant: str) -> TenantRecord | None | object:
+        """The cached record, None (known absent), or ``_NO_TENANT`` (not cached)."""
+        found: TenantRecord | None | object = self._records.get(tenant, _NO_TENANT)
+        return found
+
+    async def fetch(self, tenant: str) -> None:
+        try:
+            record = await self.store.get(tenant)
+        except StoreError as exc:
+            self._errors.inc()
+            log.warning("tenant store: get %s failed: %s", tenant, exc)
+            record = None
+            self._records[tenant] = record
+            return
+        self._records[tenant] = record
+
+    def invalidate(self, tenant: str | None = None) -> None:
+        if tenant is None:
+            self._records.clear()
+        else:
+            self._records.pop(tenant, None)
+
+
+_request_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
+
+
+def request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_request_ids):x}"
+
+
+def problem(
+    status: int, code: str, title: str, detail: str = "", **fields: Any
+) -> tuple[bytes, str]:
+    """An RFC 9457 problem body (and its request id)."""
+    rid = request_id()
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE + code,
+        "title": title,
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    body.update(fields)
+    body["request_id"] = rid
+    return _json.encode(body), rid
+
+
+class Enforcer:
+    """Enforcement for one app listener; shares caches and rules with the other apps."""
+
+    def __init__(
+        self,
+        app: AppName,
+        config: Config,
+        shared: Shared,
+    ) -> None:
+        self.app = app
+        self.shared = shared
+        settings = config.settings.apps[app]
+        self.classic_prefixes = tuple(settings.classic_path_prefixes)
+        self.classic: ClassicKeys = config.classic
+        self.metrics: AppMetrics = shared.metrics.for_app(app)
+
+    def check(self, head: RequestHead) -> Verdict:
+        rules = self.shared.rules
+        m = self.metrics
+        if head.bad_header is not None:
+            return self._reject(400, "bad_header", "Bad request header", head.bad_header)
+        token = head.license_key
+        if token is not None and self.classic.is_classic(token.decode("latin-1")):
+            m.outcome["classic"].inc()
+            m.classic.inc()
+            return _CLASSIC_VERDICT
+        target = head.target
+        query = b""
+        mark = target.find(b"?")
+        if mark >= 0:
+            target, query = target[:mark], target[mark:]
+        try:
+            path = canonical_path(target.decode("ascii"))
+        except (PathRejected, UnicodeDecodeError) as exc:
+            reason = exc.reason if isinstance(exc, PathRejected) else "non-ASCII request target"
+            return self._reject(400, "path_rejected", "Request path rejected", reason)
+        if self.classic_prefixes and path.startswith(self.classic_prefixes):
+            if path.encode() != target:
+                return self._reject(
+                    400, "path_rejected", "Request path rejected", "classic path is not canonical"
+                )
+            m.outcome["classic"].inc()
+            m.classic.inc()
+            return _CLASSIC_VERDICT
+        app_routes: AppRoutes = rules.routes.apps[self.app]
+        found = app_routes.match(head.method, path)
+        forward_target = path.encode() + query
+
+        presented: License | LicenseError | None = None
+        tenant_id: str | None = None
+        if token is not None:
+            presented = self.shared.licenses.resolve(token)
+            if isinstance(presented, License):
+                tenant_id = presented.claims.sub
+        elif head.tenant is not None:
+            try:
+                tenant_id = head.tenant.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._reject(400, "bad_header", "Bad request header", "tenant id not UTF-8")
+        record: TenantRecord | None = None
+        if tenant_id is not None:
+            cached = self.shared.tenants.cached(tenant_id)
+            if cached is _NO_TENANT:
+                if not (found.route is not None and found.route.public):
+                    return _NEED_TENANT_VERDICT
+                cached = None
+            record = cached  # type: ignore[assignment]
+        role = head.role.decode("latin-1") if head.role is not None else None
+        decision = decide(
+            rules.policy, found, app_routes.unmatched, presented, record, role, time.time()
+        )
+        if decision.allowed:
+            if decision.code == "public":
+                m.outcome["public"].inc()
+                return Verdict(FORWARD, target=forward_target)
+            return self._allow(decision, forward_target)
+        route_path = found.route.path if found.route is not None else None
+        return self._deny(decision, rules, role, tenant_id, route_path)
+
+    def _allow(self, decision: Decision, target: bytes) -> Verdict:
+        ent = decision.entitlement
+        lic = decision.license
+        assert ent is not None and lic is not None
+        self.metrics.outcome["allowed"].inc()
+        headers = (
+            b"X-Entitlement-Tenant: %s\r\nX-Entitlement-Tier: %s\r\n"
+            b"X-Entitlement-Features: %s\r\nX-Entitlement-Addons: %s\r\n"
+            % (
+                lic.claims.sub.encode(),
+                ent.tier.encode(),
+                ent.features_header.encode(),
+                ent.addons_header.encode(),
+            )
+        )
+        warning = b""
+        if decision.warning is not None:
+            warning = b"X-License-Warning: %s\r\n" % decision.warning.encode()
+        return Verdict(FORWARD, target=target, upstream_headers=headers, response_headers=warning)
+
+    def _deny(
+        self,
+        decision: Decision,
+        rules: Rules,
+        role: str | None,
+        tenant: str | None,
+        route: str | None,
+    ) -> Verdict:
+        m = self.metrics
+        fields: dict[str, Any] = {}
+        if decision.status == 401:
+            m.outcome["unlicensed"].inc()
+        else:
+            m.outcome["blocked"].inc()
+        if decision.code == "feature_not_entitled":
+            assert decision.feature is not None and decision.tier is not None
+            m.feature_block(self.app, decision.feature, decision.tier).inc()
+            fields = {"feature": decision.feature, "app": self.app, "tier": decision.tier}
+            if decision.upsell:
+                fields["required_tier"] = decision.required_tier
+                fields["addon"] = decision.addon
+                fields["upgrade"] = rules.policy.upgrade_url
+        elif decision.feature is not None:
+            fields = {"feature": decision.feature, "app": self.app, "tier": decision.tier}
+        body, rid = problem(
+            decision.status, decision.code, decision.title, decision.detail, **fields
+        )
+        lic = decision.license
+        if decision.code == "feature_not_entitled":
+            self.shared.events.emit(
+                "feature_block",
+                tenant=tenant,
+                tier=decision.tier,
+                app=self.app,
+                feature=decision.feature,
+                route=route,
+                request_id=rid,
+                revision=rules.revision,
+                role=role,
+            )
+        elif decision.status == 401:
+            self.shared.events.emit(
+                "license_invalid",
+                tenant=tenant,
+                tier=lic.claims.tier if lic else None,
+                app=self.app,
+                reason=decision.code,
+                route=route,
+                key_fingerprint=lic.fingerprint if lic else None,
+                request_id=rid,
+                revision=rules.revision,
+            )
+        warning = b""
+        if decision.warning is not None:
+            warning = b"X-License-Warning: %s\r\n" % decision.warning.encode()
+        return Verdict(RESPOND, status=decision.status, body=body, response_headers=warning)
+
+    def _reject(self, status: int, code: str, title: str, detail: str) -> Verdict:
+        self.metrics.outcome["rejected"].inc()
+        body, _ = problem(status, code, title, detail)
+        return Verdict(RESPOND, status=status, body=body)
+
+
+class Shared:
+    """State all app listeners of one process share: rules, caches, metrics, events."""
+
+    def __init__(
+        self, config: Config, metrics: Metrics, events: EventLog, store: TenantStore
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.events = events
+        self.rules = Rules(config.matrix, config.routes, config.policy)
+        self.licenses = LicenseCache(config.keyring, metrics)
+        self.tenants = TenantCache(store, metrics)
+        metrics.config_loaded(config.routes.sha, config.matrix)
+
+    def swap_rules(self, matrix: TierMatrix, routes: RouteTable) -> None:
+        policy = msgspec.structs.replace(self.rules.policy, matrix=matrix)
+        self.rules = Rules(matrix, routes, policy)
+        self.metrics.config_loaded(routes.sha, matrix)

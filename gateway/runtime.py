@@ -1,0 +1,263 @@
+"""The running gateway: listeners, upstream pools, admin listener, reloads and shutdown.
+
+``Runtime.start`` loads the config and opens one listener per app plus the admin listener;
+background work (event flushing, the config file watcher) runs in tasks the runtime holds
+and cancels in ``stop``. ``reload`` re-reads ``routes.toml`` and ``tier_matrix.toml`` (and
+the key ring), validates them fully and swaps one reference; on any error the last good
+config stays. SIGHUP reloads; SIGTERM and SIGINT drain in-flight requests, then stop.
+
+    runtime = Runtime(Path("gateway.toml"))
+    await runtime.start()
+    await runtime.wait_closed()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gateway.admin import admin_app
+from gateway.config import Config, load_config, load_rules
+from gateway.enforcer import Enforcer, Shared
+from gateway.errors import ConfigError
+from gateway.events import EventLog
+from gateway.license import KeyRing
+from gateway.matrix import AppName
+from gateway.metrics import Metrics
+from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
+from gateway.store import TenantStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+class TenantSeed(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    keys: list[str] = []
+    suspended: bool = False
+    revoked: list[str] = []
+
+
+class SeedFile(msgspec.Struct, forbid_unknown_fields=True):
+    tenants: list[TenantSeed] = []
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def events_sink(config: Config) -> str:
+    """``file://relative/path`` is relative to the config file's folder."""
+    sink = config.settings.events.sink
+    if sink.startswith("file://") and not sink.startswith("file:///"):
+        return "file://" + str(config.resolve(sink[len("file://") :]))
+    return sink
+
+
+class Runtime:
+    def __init__(self, config_path: Path, *, reuse_port: bool = False) -> None:
+        self.config_path = config_path
+        self.reuse_port = reuse_port
+        self.metrics = Metrics()
+        self.tracker = Tracker()
+        self.pools: dict[AppName, UpstreamPool] = {}
+        self.servers: list[asyncio.Server] = []
+        self.started = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._admin: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
+        self._mtimes: dict[Path, float] = {}
+        self._reload_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> None:
+        config = load_config(self.config_path)
+        self.config = config
+        settings = config.settings
+        self.events = EventLog(events_sink(config), self.metrics, settings.events.max_queue)
+        self.store: TenantStore = open_store(settings.store.url, config.keyring)
+        if settings.store.seed is not None:
+            await self._seed(config.resolve(settings.store.seed))
+        self.shared = Shared(config, self.metrics, self.events, self.store)
+        self._remember_mtimes()
+        lic = settings.license
+        loop = asyncio.get_running_loop()
+        for app, app_settings in settings.apps.items():
+            up_host, up_port = _upstream_address(app_settings.upstream)
+            proxy_settings = ProxySettings(
+                license_header=lic.header,
+                tenant_header=lic.tenant_header,
+                role_header=lic.role_header,
+                user_header=lic.user_header,
+                host_header=(
+                    None if app_settings.host == "preserve" else f"{up_host}:{up_port}".encode()
+                ),
+                connect_timeout=app_settings.connect_timeout,
+                read_timeout=app_settings.read_timeout,
+                keepalive_timeout=settings.server.keepalive_timeout,
+                max_header_bytes=settings.server.max_header_bytes,
+                max_headers=settings.server.max_headers,
+            )
+            pool = UpstreamPool(up_host, up_port, proxy_settings, self.metrics.for_app(app))
+            self.pools[app] = pool
+            enforcer = Enforcer(app, config, self.shared)
+            host, port = split_host_port(app_settings.listen)
+            server = await loop.create_server(
+                downstream_factory(enforcer, pool, proxy_settings, self.tracker),
+                host,
+                port,
+                reuse_port=self.reuse_port or None,
+                backlog=1024,
+            )
+            self.servers.append(server)
+            log.info(
+                "%s: listening on %s, upstream %s", app, app_settings.listen, app_settings.upstream
+            )
+        await self._start_admin(settings.admin.listen)
+        self._tasks.append(loop.create_task(self.events.run(), name="events"))
+        self._tasks.append(
+            loop.create_task(self._watch(settings.server.reload_poll_interval), name="watcher")
+        )
+        for pool in self.pools.values():
+            await pool.probe()
+        self.started = True
+
+    async def _start_admin(self, listen: str) -> None:
+        self._admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
+        await self._admin.setup()
+        host, port = split_host_port(listen)
+        site = web.TCPSite(self._admin, host, port, reuse_port=self.reuse_port or None)
+        await site.start()
+        log.info("admin: listening on %s", listen)
+
+    async def _seed(self, path: Path) -> None:
+        try:
+            seed = msgspec.toml.decode(path.read_bytes(), type=SeedFile)
+        except (OSError, msgspec.DecodeError) as exc:
+            raise ConfigError.single(
+                str(path), "store.seed", f"cannot load tenants: {exc}"
+            ) from exc
+        for tenant in seed.tenants:
+            for token in tenant.keys:
+                await self.store.put_license(token)
+            if tenant.suspended:
+                await self.store.set_suspended(tenant.id, True)
+            for license_id in tenant.revoked:
+                await self.store.revoke(tenant.id, license_id)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal)
+
+    def _on_sighup(self) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reload("SIGHUP")))
+        self._tasks = [task for task in self._tasks if not task.done()]
+
+    def _on_stop_signal(self) -> None:
+        if not self.tracker.closing:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.stop()))
+
+    # ------------------------------------------------------------------ reload
+    def _watched(self) -> list[Path]:
+        files = self.config.settings.files
+        return [self.config.resolve(files.routes), self.config.resolve(files.tier_matrix)]
+
+    def _remember_mtimes(self) -> None:
+        for path in self._watched():
+            with contextlib.suppress(OSError):
+                self._mtimes[path] = path.stat().st_mtime
+
+    async def _watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            changed = False
+            for path in self._watched():
+                try:
+                    mtime = path.stat().st_mtime
+                except OSError:
+                    continue  # a file being replaced: look again next time
+                if self._mtimes.get(path) != mtime:
+                    changed = True
+            if changed:
+                await self.reload("file change")
+
+    async def reload(self, why: str) -> bool:
+        """Validate routes + matrix (+ key ring) and swap them in; keep the old on error."""
+        async with self._reload_lock:
+            self._remember_mtimes()
+            try:
+                matrix, routes = load_rules(self.config)
+                keyring = KeyRing.load(
+                    self.config.resolve(self.config.settings.license.public_keys)
+                )
+            except ConfigError as exc:
+                self.metrics.reload_failed.inc()
+                log.error(
+                    "reload (%s) failed, keeping the last good config:\n  %s",
+                    why,
+                    "\n  ".join(str(p) for p in exc.problems),
+                )
+                return False
+            self.shared.swap_rules(matrix, routes)
+            if set(keyring.keys) != set(self.shared.licenses.keyring.keys):
+                self.shared.licenses.keyring = keyring
+                self.shared.licenses.clear()
+            self.metrics.reload_ok.inc()
+            log.info("reload (%s): routes %s, matrix %s", why, routes.sha, matrix.sha)
+            return True
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the deadline), close."""
+        if self.tracker.closing:
+            await self._stopped.wait()
+            return
+        self.tracker.closing = True
+        if deadline is None:
+            deadline = self.config.settings.server.shutdown_deadline
+        for server in self.servers:
+            server.close()
+        for conn in list(self.tracker.connections):
+            conn.close_if_idle()
+        if self.tracker.connections:
+            self.tracker.idle_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.tracker.idle_event.wait(), deadline)
+        for conn in list(self.tracker.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for pool in self.pools.values():
+            pool.close()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in self._tasks:
+            if task is not current:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.events.close()
+        await self.store.close()
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+
+def _upstream_address(url: str) -> tuple[str, int]:
+    rest = url[len("http://") :].rstrip("/")
+    if ":" in rest.rsplit("]", 1)[-1]:
+        host, port = split_host_port(rest)
+        return host, port
+    return rest.strip("[]"), 80

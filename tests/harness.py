@@ -1,0 +1,233 @@
+"""Real peers for integration tests: upstream HTTP servers on loopback and a gateway
+runtime configured to sit in front of them. Nothing here mocks a gateway component."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import textwrap
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.matrix import APP_NAMES
+from gateway.runtime import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EchoUpstream:
+    """An aiohttp app that answers with what it received, like the demo upstreams.
+
+    Special paths: ``/slow/{seconds}`` waits before answering, ``/download/{n}`` streams n
+    bytes, ``/upload`` counts the request body as it streams in, ``/ws`` is a WebSocket echo.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests: list[dict[str, Any]] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1 << 40)
+        app.router.add_get("/ws", self._ws)
+        app.router.add_route("*", "/slow/{seconds}", self._slow)
+        app.router.add_get("/download/{size}", self._download)
+        app.router.add_route("*", "/upload", self._upload)
+        app.router.add_route("*", "/{tail:.*}", self._echo)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _record(self, request: web.Request, body_length: int) -> dict[str, Any]:
+        seen = {
+            "app": self.name,
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": dict(request.headers),
+            "body_length": body_length,
+        }
+        self.requests.append(seen)
+        return seen
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(self._record(request, len(body)))
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.match_info["seconds"]))
+        return web.json_response(self._record(request, 0))
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["size"])
+        self._record(request, 0)
+        response = web.StreamResponse()
+        response.content_length = size
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < size:
+            piece = chunk[: min(len(chunk), size - sent)]
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+        return response
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        total = 0
+        async for piece in request.content.iter_any():
+            total += len(piece)
+        return web.json_response(self._record(request, total))
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        self._record(request, 0)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"echo:{message.data}")
+        return ws
+
+
+class RawUpstream:
+    """A TCP server that records the raw bytes of each connection and answers every
+    request head with a fixed raw response (for byte-identity tests)."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+        self.received = bytearray()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self.got_request = asyncio.Event()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                self.received += data
+                if b"\r\n\r\n" in self.received:
+                    self.got_request.set()
+                    writer.write(self.response)
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def write_config(
+    folder: Path,
+    key_dir: Path,
+    upstream_ports: Mapping[str, int],
+    *,
+    extra: str = "",
+    app_extra: str = "",
+    routes: Path | None = None,
+) -> tuple[Path, dict[str, int], int]:
+    """A gateway.toml in ``folder`` with free listener ports; returns (path, ports, admin)."""
+    shutil.copy(routes or REPO / "routes.toml", folder / "routes.toml")
+    shutil.copy(REPO / "tier_matrix.toml", folder / "tier_matrix.toml")
+    keys = folder / "keys"
+    keys.mkdir(exist_ok=True)
+    for pub in key_dir.glob("*.pub"):
+        shutil.copy(pub, keys / pub.name)
+    listen: dict[str, int] = {app: free_port() for app in APP_NAMES}
+    admin = free_port()
+    sections = []
+    for app in APP_NAMES:
+        sections.append(
+            textwrap.dedent(
+                f"""
+                [apps.{app}]
+                listen = "127.0.0.1:{listen[app]}"
+                upstream = "http://127.0.0.1:{upstream_ports[app]}"
+                classic_path_prefixes = ["/xdispatch/"]
+                """
+            )
+            + app_extra
+        )
+    text = "\n".join(sections) + textwrap.dedent(
+        f"""
+        [admin]
+        listen = "127.0.0.1:{admin}"
+
+        [events]
+        sink = "file://events.jsonl"
+        """
+    )
+    text += extra
+    path = folder / "gateway.toml"
+    path.write_text(text)
+    return path, listen, admin
+
+
+class Gateway:
+    """A started runtime and where to reach it."""
+
+    def __init__(self, runtime: Runtime, listen: dict[str, int], admin: int, folder: Path):
+        self.runtime = runtime
+        self.listen = listen
+        self.admin = admin
+        self.folder = folder
+
+    def url(self, app: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.listen[app]}{path}"
+
+    def admin_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin}{path}"
+
+    def events(self) -> list[dict[str, Any]]:
+        import json
+
+        self.runtime.events._flush()
+        path = self.folder / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@asynccontextmanager
+async def running_gateway(
+    folder: Path,
+    key_dir: Path,
+    upstream_ports: Mapping[str, int],
+    **config: Any,
+) -> AsyncIterator[Gateway]:
+    path, listen, admin = write_config(folder, key_dir, upstream_ports, **config)
+    runtime = Runtime(path)
+    await runtime.start()
+    try:
+        yield Gateway(runtime, listen, admin, folder)
+    finally:
+        await runtime.stop(deadline=2.0)
+
+
+Factory = Callable[..., Any]
