@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -123,16 +123,62 @@ class Config:
         return (self.path.parent / relative).resolve()
 
 
+_SECTIONS: dict[str, type[Any]] = {
+    "files": Files,
+    "admin": AdminSettings,
+    "license": LicenseSettings,
+    "store": StoreSettings,
+    "events": EventSettings,
+    "entitlements": EntitlementsApi,
+    "server": ServerSettings,
+}
+
+
 def load_settings(path: Path) -> Settings:
     """Parse and check ``gateway.toml`` alone."""
-    doc = TomlDocument.read(path)
-    settings = doc.convert(doc.data, Settings, key="")
-    if settings is None:
-        doc.raise_if_problems()
-        raise AssertionError("unreachable")
-    _check_settings(doc, settings)
+    doc, settings = _read_settings(path)
     doc.raise_if_problems()
+    assert settings is not None
     return settings
+
+
+def _read_settings(path: Path) -> tuple[TomlDocument, Settings | None]:
+    """Convert ``gateway.toml`` section by section, so each problem names its own key and
+    line; the problems stay in the returned document."""
+    doc = TomlDocument.read(path)
+    data = doc.data
+    for unknown in sorted(set(data) - {"apps", *_SECTIONS}):
+        doc.problem(
+            unknown,
+            f"unknown section (expected apps, {', '.join(_SECTIONS)})",
+            line=doc.line_of_key(unknown),
+        )
+    sections: dict[str, Any] = {}
+    for name, type_ in _SECTIONS.items():
+        converted = doc.convert(data.get(name, {}), type_, key=name, header=f"[{name}]")
+        sections[name] = converted if converted is not None else type_()
+    apps: dict[AppName, AppSettings] = {}
+    raw_apps = data.get("apps", {})
+    if not isinstance(raw_apps, dict):
+        doc.problem("apps", "must be a table of apps", line=doc.line_of_key("apps"))
+        raw_apps = {}
+    for name, raw in raw_apps.items():
+        header = f"[apps.{name}]"
+        if name not in APP_NAMES:
+            doc.problem(
+                f"apps.{name}",
+                f"unknown app (expected one of {', '.join(APP_NAMES)})",
+                header=header,
+            )
+            continue
+        app = doc.convert(raw, AppSettings, key=f"apps.{name}", header=header)
+        if app is not None:
+            apps[name] = app
+    if doc.problems:
+        return doc, None
+    settings = Settings(apps=apps, **sections)
+    _check_settings(doc, settings)
+    return doc, (None if doc.problems else settings)
 
 
 def _check_settings(doc: TomlDocument, settings: Settings) -> None:
@@ -181,38 +227,55 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
             "license.classic_key_pattern", f"bad regular expression: {exc}", header="[license]"
         )
     if lic.grace_days < 0 or lic.clock_skew_seconds < 0:
-        doc.problem("license", "grace_days and clock_skew_seconds must not be negative")
+        doc.problem(
+            "license", "grace_days and clock_skew_seconds must not be negative", header="[license]"
+        )
     if not settings.entitlements.prefix.startswith("/") or settings.entitlements.prefix == "/":
-        doc.problem("entitlements.prefix", "must start with '/' and not be '/'")
+        doc.problem(
+            "entitlements.prefix", "must start with '/' and not be '/'", header="[entitlements]"
+        )
     if not settings.store.url.startswith(("memory://", "sqlite://", "redis://", "file://")):
-        doc.problem("store.url", "expected memory://, sqlite:///path, redis://host:port/db")
+        doc.problem(
+            "store.url",
+            "expected memory://, sqlite:///path, redis://host:port/db",
+            header="[store]",
+        )
     if not settings.events.sink.startswith(("stdout:", "file://", "http://", "https://")):
-        doc.problem("events.sink", "expected stdout:, file:///path or http(s)://collector/...")
+        doc.problem(
+            "events.sink",
+            "expected stdout:, file:///path or http(s)://collector/...",
+            header="[events]",
+        )
 
 
 def load_config(path: Path) -> Config:
-    """Load ``gateway.toml`` and the files it names; ``ConfigError`` lists every problem."""
-    settings = load_settings(path)
+    """Load ``gateway.toml`` and the files it names; ``ConfigError`` lists every problem
+    in every file (a broken file never hides the problems of another)."""
+    doc, settings = _read_settings(path)
+    problems: list[ConfigProblem] = list(doc.problems)
+    if settings is None:  # still check the other files, where gateway.toml says they are
+        files = doc.convert(doc.data.get("files", {}), Files, key="files") or Files()
+        lic = doc.convert(doc.data.get("license", {}), LicenseSettings, key="license")
+        public_keys = (lic or LicenseSettings()).public_keys
+    else:
+        files, public_keys = settings.files, settings.license.public_keys
     base = path.parent
-    problems: list[ConfigProblem] = []
     matrix: TierMatrix | None = None
     routes: RouteTable | None = None
     keyring: KeyRing | None = None
     try:
-        matrix = build_matrix(TomlDocument.read(base / settings.files.tier_matrix))
+        matrix = build_matrix(TomlDocument.read(base / files.tier_matrix))
     except ConfigError as exc:
         problems.extend(exc.problems)
     try:
-        routes_doc = TomlDocument.read(base / settings.files.routes)
-        if matrix is not None:
-            routes = build_routes(routes_doc, matrix)
+        routes = build_routes(TomlDocument.read(base / files.routes), matrix)
     except ConfigError as exc:
         problems.extend(exc.problems)
     try:
-        keyring = KeyRing.load(base / settings.license.public_keys)
+        keyring = KeyRing.load(base / public_keys)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    if problems or matrix is None or routes is None or keyring is None:
+    if problems or settings is None or matrix is None or routes is None or keyring is None:
         raise ConfigError(problems)
     return Config(path.resolve(), settings, matrix, routes, keyring)
 

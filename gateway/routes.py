@@ -220,7 +220,9 @@ def load_routes(path: Path, matrix: TierMatrix) -> RouteTable:
     return build_routes(TomlDocument.read(path), matrix)
 
 
-def build_routes(doc: TomlDocument, matrix: TierMatrix) -> RouteTable:
+def build_routes(doc: TomlDocument, matrix: TierMatrix | None) -> RouteTable:
+    """Compile ``routes.toml``. Without a matrix (it failed to load) features are not
+    checked, but everything else is, so ``gateway check`` lists all problems at once."""
     data = dict(doc.data)
     for unknown in sorted(set(data) - {"apps", "routes"}):
         doc.problem(
@@ -256,7 +258,7 @@ def build_routes(doc: TomlDocument, matrix: TierMatrix) -> RouteTable:
 
 def _compile_route(
     doc: TomlDocument,
-    matrix: TierMatrix,
+    matrix: TierMatrix | None,
     apps: dict[AppName, AppRoutes],
     index: int,
     raw: Any,
@@ -282,7 +284,7 @@ def _compile_route(
         doc.problem(key, "a public route cannot name a feature", **where)
     if spec.public and (spec.roles is not None or spec.quota is not None):
         doc.problem(key, "a public route cannot restrict roles or count quota", **where)
-    if spec.feature is not None:
+    if spec.feature is not None and matrix is not None:
         feature = matrix.features.get(spec.feature)
         if feature is None:
             doc.problem(f"{key}.feature", f"unknown feature {spec.feature!r}", **where)

@@ -1,0 +1,760 @@
+"""The compiled route table (DESIGN §3 routes.toml): precedence, matching, config errors.
+
+The property test at the end checks the trie against a brute-force reference matcher written
+straight from the design's wording (most specific route wins, segment by segment).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import ConfigError, ConfigProblem
+from gateway.matrix import AppName, TierMatrix
+from gateway.routes import Match, RouteMatch, RouteTable, build_routes
+from gateway.tomlfile import TomlDocument
+
+
+def compile_routes(folder: Path, text: str, matrix: TierMatrix) -> RouteTable:
+    path = folder / "routes.toml"
+    path.write_text(textwrap.dedent(text))
+    return build_routes(TomlDocument.read(path), matrix)
+
+
+def config_problems(folder: Path, text: str, matrix: TierMatrix) -> tuple[ConfigProblem, ...]:
+    with pytest.raises(ConfigError) as caught:
+        compile_routes(folder, text, matrix)
+    return caught.value.problems
+
+
+def route_index(found: RouteMatch) -> int | None:
+    """Which ``[[routes]]`` entry (0-based) a lookup found."""
+    if found.route is None:
+        return None
+    assert found.route.key.startswith("routes[")
+    return int(found.route.key[len("routes[") : -1])
+
+
+# ---------------------------------------------------------------------------- matching
+
+# One file, every precedence rule; the comments give each route's index.
+PRECEDENCE_ROUTES = """\
+[[routes]]  # 0
+app = "operations"
+path = "/users/me"
+
+[[routes]]  # 1
+app = "operations"
+path = "/users/{id}"
+
+[[routes]]  # 2
+app = "operations"
+path = "/users/{rest:path}"
+
+[[routes]]  # 3
+app = "operations"
+path = "/a/{x}/c"
+
+[[routes]]  # 4
+app = "operations"
+path = "/{y}/b/c"
+
+[[routes]]  # 5
+app = "operations"
+path = "/p/{rest:path}"
+
+[[routes]]  # 6
+app = "operations"
+path = "/{y}/q/r"
+
+[[routes]]  # 7
+app = "operations"
+path = "/l/m/n"
+
+[[routes]]  # 8
+app = "operations"
+path = "/{x}/m/o"
+
+[[routes]]  # 9
+app = "operations"
+path = "/"
+
+[[routes]]  # 10
+app = "operations"
+path = "/slash/"
+
+[[routes]]  # 11
+app = "operations"
+path = "/Case"
+
+[[routes]]  # 12
+app = "operations"
+path = "/only/{rest:path}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        pytest.param("/users/me", 0, id="literal-beats-param"),
+        pytest.param("/users/7", 1, id="param-beats-catchall"),
+        pytest.param("/users/7/roles", 2, id="catchall-takes-deeper-paths"),
+        pytest.param("/users/7/roles/admin/x", 2, id="catchall-takes-many-segments"),
+        pytest.param("/users/me/roles", 2, id="catchall-below-literal-sibling"),
+        pytest.param("/a/b/c", 3, id="first-segment-decides-literal-over-param"),
+        pytest.param("/z/b/c", 4, id="param-first-segment-when-literal-absent"),
+        pytest.param("/p/q/r", 5, id="literal-then-catchall-beats-param-then-literals"),
+        pytest.param("/l/m/o", 8, id="backtracks-from-dead-literal-branch"),
+        pytest.param("/l/m/n", 7, id="full-literal"),
+        pytest.param("/", 9, id="root"),
+        pytest.param("/slash", 10, id="pattern-trailing-slash-not-significant"),
+        pytest.param("/slash/", 10, id="both-trailing-slash"),
+        pytest.param("/users/me/", 0, id="path-trailing-slash-not-significant"),
+        pytest.param("/users/7/", 1, id="param-with-trailing-slash"),
+        pytest.param("/only/x", 12, id="catchall-one-segment"),
+        pytest.param("/only", None, id="catchall-needs-one-segment"),
+        pytest.param("/only/", None, id="catchall-needs-one-segment-trailing-slash"),
+        pytest.param("/users", None, id="prefix-of-routes-is-no-match"),
+        pytest.param("/case", None, id="case-sensitive"),
+        pytest.param("/Case", 11, id="case-exact"),
+        pytest.param("/nowhere/at/all", None, id="unknown"),
+        pytest.param("/a/b/c/d", None, id="too-deep-for-fixed-routes"),
+    ],
+)
+def test_precedence(tmp_path: Path, matrix: TierMatrix, path: str, expected: int | None) -> None:
+    table = compile_routes(tmp_path, PRECEDENCE_ROUTES, matrix)
+    found = table.match("operations", "GET", path)
+    assert route_index(found) == expected
+    assert found.kind is (Match.NONE if expected is None else Match.FULL)
+
+
+def test_apps_have_separate_tables(tmp_path: Path, matrix: TierMatrix) -> None:
+    table = compile_routes(tmp_path, PRECEDENCE_ROUTES, matrix)
+    assert table.match("client_portal", "GET", "/users/me") == RouteMatch(Match.NONE, None)
+    assert table.match("driver_app", "GET", "/") == RouteMatch(Match.NONE, None)
+
+
+METHOD_ROUTES = """\
+[[routes]]  # 0
+app = "operations"
+methods = ["GET"]
+path = "/items/{id}"
+
+[[routes]]  # 1
+app = "operations"
+methods = ["POST"]
+path = "/items/special"
+
+[[routes]]  # 2
+app = "operations"
+path = "/files/{rest:path}"
+
+[[routes]]  # 3
+app = "operations"
+methods = ["PUT"]
+path = "/files/{name}"
+
+[[routes]]  # 4
+app = "operations"
+methods = ["HEAD"]
+path = "/probe"
+
+[[routes]]  # 5
+app = "operations"
+methods = ["GET", "POST"]
+path = "/split"
+
+[[routes]]  # 6
+app = "operations"
+methods = ["DELETE"]
+path = "/split/"
+
+[[routes]]  # 7
+app = "operations"
+methods = ["PATCH"]
+path = "/deep/{a}/x"
+
+[[routes]]  # 8
+app = "operations"
+methods = ["PUT"]
+path = "/deep/{b:path}"
+
+[[routes]]  # 9
+app = "operations"
+methods = ["POST"]
+path = "/{c}/{d}/x"
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind", "expected"),
+    [
+        pytest.param("GET", "/items/7", Match.FULL, 0, id="get"),
+        pytest.param("HEAD", "/items/7", Match.FULL, 0, id="head-implied-by-get"),
+        pytest.param("POST", "/items/7", Match.PARTIAL, 0, id="wrong-method-partial"),
+        pytest.param("POST", "/items/special", Match.FULL, 1, id="literal-allows-method"),
+        pytest.param("GET", "/items/special", Match.FULL, 0, id="fallback-to-param"),
+        pytest.param("HEAD", "/items/special", Match.FULL, 0, id="fallback-head-via-get"),
+        pytest.param("DELETE", "/items/special", Match.PARTIAL, 1, id="partial-most-specific"),
+        pytest.param("PUT", "/files/a", Match.FULL, 3, id="param-allows-method"),
+        pytest.param("GET", "/files/a", Match.FULL, 2, id="fallback-to-catchall"),
+        pytest.param("PUT", "/files/a/b", Match.FULL, 2, id="catchall-any-method"),
+        pytest.param("HEAD", "/probe", Match.FULL, 4, id="head-only"),
+        pytest.param("GET", "/probe", Match.PARTIAL, 4, id="head-does-not-imply-get"),
+        pytest.param("GET", "/split", Match.FULL, 5, id="same-shape-disjoint-methods-a"),
+        pytest.param("DELETE", "/split", Match.FULL, 6, id="same-shape-disjoint-methods-b"),
+        pytest.param("PUT", "/split", Match.PARTIAL, 5, id="same-shape-partial-first-in-file"),
+        pytest.param("PATCH", "/deep/1/x", Match.FULL, 7, id="deep-param"),
+        pytest.param("PUT", "/deep/1/x", Match.FULL, 8, id="deep-fallback-catchall"),
+        pytest.param("POST", "/deep/1/x", Match.FULL, 9, id="deep-fallback-to-root-param"),
+        pytest.param("GET", "/deep/1/x", Match.PARTIAL, 7, id="deep-partial-most-specific"),
+        pytest.param("GET", "/other/1/x", Match.PARTIAL, 9, id="partial-param-first"),
+        pytest.param("GET", "/nothing", Match.NONE, None, id="none"),
+    ],
+)
+def test_method_aware_match(
+    tmp_path: Path,
+    matrix: TierMatrix,
+    method: str,
+    path: str,
+    kind: Match,
+    expected: int | None,
+) -> None:
+    table = compile_routes(tmp_path, METHOD_ROUTES, matrix)
+    found = table.match("operations", method, path)
+    assert (found.kind, route_index(found)) == (kind, expected)
+
+
+def test_compiled_route_records_the_spec(tmp_path: Path, matrix: TierMatrix) -> None:
+    table = compile_routes(
+        tmp_path,
+        """\
+        # leading comment
+
+        [apps.operations]
+        unmatched = "deny"
+
+        [[routes]]
+        app = "operations"
+        methods = ["GET", "POST"]
+        path = "/api/v1/users"
+        feature = "ops.on_demand"
+        roles = ["owner", "admin"]
+        quota = "ops_users"
+        """,
+        matrix,
+    )
+    found = table.match("operations", "POST", "/api/v1/users")
+    route = found.route
+    assert found.kind is Match.FULL and route is not None
+    assert route.methods == frozenset({"GET", "HEAD", "POST"})
+    assert route.feature == "ops.on_demand"
+    assert route.roles == frozenset({"owner", "admin"})
+    assert route.quota == "ops_users"
+    assert not route.public
+    assert (route.key, route.line) == ("routes[0]", 6)
+    assert table.apps["operations"].unmatched == "deny"
+    assert table.apps["client_portal"].unmatched == "allow"
+    assert [r.key for r in table.routes()] == ["routes[0]"]
+
+
+def test_route_without_methods_allows_every_method(tmp_path: Path, matrix: TierMatrix) -> None:
+    table = compile_routes(
+        tmp_path, '[[routes]]\napp = "driver_app"\npath = "/x"\npublic = true\n', matrix
+    )
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"):
+        found = table.match("driver_app", method, "/x")
+        assert found.kind is Match.FULL
+        assert found.route is not None and found.route.public and found.route.methods is None
+
+
+@pytest.mark.parametrize(
+    ("app", "method", "path", "kind", "path_pattern", "feature"),
+    [
+        pytest.param(
+            "operations", "POST", "/api/v1/shipments/7/optimize", Match.FULL,
+            "/api/v1/shipments/{id}/optimize", "ops.basic_shipment_optimization",
+            id="ops-optimize",
+        ),
+        pytest.param(
+            "operations", "GET", "/api/v1/shipments/7/optimize", Match.PARTIAL,
+            "/api/v1/shipments/{id}/optimize", "ops.basic_shipment_optimization",
+            id="ops-optimize-wrong-method",
+        ),
+        pytest.param(
+            "operations", "HEAD", "/api/v1/shipments", Match.FULL,
+            "/api/v1/shipments", "ops.on_demand", id="ops-head-shipments",
+        ),
+        pytest.param(
+            "operations", "GET", "/api/v1/shipments/7/phi", Match.FULL,
+            "/api/v1/shipments/{id}/phi", "ops.health_data_protection", id="ops-phi-literal",
+        ),
+        pytest.param(
+            "operations", "DELETE", "/api/v1/distribution/a/b/c", Match.FULL,
+            "/api/v1/distribution/{rest:path}", "ops.route_distribution", id="ops-catchall",
+        ),
+        pytest.param(
+            "operations", "GET", "/api/v1/health/", Match.FULL,
+            "/api/v1/health", None, id="ops-health-trailing-slash",
+        ),
+        pytest.param(
+            "client_portal", "GET", "/api/v1/routes/9/drivers/live", Match.FULL,
+            "/api/v1/routes/{id}/drivers/live", "portal.rd_driver_tracking",
+            id="portal-live-tracking",
+        ),
+        pytest.param(
+            "client_portal", "GET", "/api/v1/branding/logo.png", Match.FULL,
+            "/api/v1/branding/{rest:path}", "portal.white_labeling", id="portal-branding",
+        ),
+        pytest.param(
+            "driver_app", "POST", "/api/v1/jobs/3/pod", Match.FULL,
+            "/api/v1/jobs/{id}/pod", "driver.on_demand", id="driver-literal-over-action",
+        ),
+        pytest.param(
+            "driver_app", "POST", "/api/v1/jobs/3/accept", Match.FULL,
+            "/api/v1/jobs/{id}/{action}", "driver.on_demand", id="driver-action",
+        ),
+        pytest.param(
+            "driver_app", "GET", "/api/v1/routes/today", Match.FULL,
+            "/api/v1/routes/today", "driver.route_distribution", id="driver-routes-today",
+        ),
+        pytest.param(
+            "driver_app", "GET", "/api/v1/nope", Match.NONE, None, None, id="driver-unmapped",
+        ),
+    ],
+)  # fmt: skip
+def test_shipped_routes(
+    route_table: RouteTable,
+    app: AppName,
+    method: str,
+    path: str,
+    kind: Match,
+    path_pattern: str | None,
+    feature: str | None,
+) -> None:
+    found = route_table.match(app, method, path)
+    assert found.kind is kind
+    assert (found.route.path if found.route else None) == path_pattern
+    assert (found.route.feature if found.route else None) == feature
+
+
+def test_shipped_unmatched_policies(route_table: RouteTable) -> None:
+    policies = {name: app.unmatched for name, app in route_table.apps.items()}
+    assert policies == {"operations": "allow", "client_portal": "allow", "driver_app": "deny"}
+
+
+def test_shipped_routes_name_their_line(route_table: RouteTable, repo_root: Path) -> None:
+    lines = (repo_root / "routes.toml").read_text().splitlines()
+    routes = list(route_table.routes())
+    assert len(routes) > 50
+    for route in routes:
+        assert route.line is not None
+        assert lines[route.line - 1].strip() == "[[routes]]"
+        assert f'path = "{route.path}"' in lines[route.line : route.line + 6]
+
+
+# ---------------------------------------------------------------------------- config errors
+
+RO = '[[routes]]\napp = "operations"\n'  # the first two lines of most routes below
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "fragment"),
+    [
+        pytest.param(
+            RO + 'path = "/a"\n\n' + RO + 'path = "/a"\n',
+            "routes[1].path", 5, "ambiguous", id="ambiguous-same-literal",
+        ),
+        pytest.param(
+            RO + 'path = "/a/{x}"\n\n' + RO + 'path = "/a/{y}"\n',
+            "routes[1].path", 5, "ambiguous", id="ambiguous-different-param-names",
+        ),
+        pytest.param(
+            RO + 'path = "/f/{a:path}"\n\n' + RO + 'path = "/f/{b:path}"\n',
+            "routes[1].path", 5, "ambiguous", id="ambiguous-catchalls",
+        ),
+        pytest.param(
+            RO + 'methods = ["GET"]\npath = "/a/{x}"\n\n' + RO + 'path = "/a/{y}"\n',
+            "routes[1].path", 6, "ambiguous", id="ambiguous-second-has-no-methods",
+        ),
+        pytest.param(
+            RO + 'path = "/a/{x}"\n\n' + RO + 'methods = ["GET"]\npath = "/a/{y}"\n',
+            "routes[1].path", 5, "ambiguous", id="ambiguous-first-has-no-methods",
+        ),
+        pytest.param(
+            RO + 'methods = ["GET", "POST"]\npath = "/a"\n\n'
+            + RO + 'methods = ["PUT", "POST"]\npath = "/a"\n',
+            "routes[1].path", 6, "ambiguous", id="ambiguous-overlapping-methods",
+        ),
+        pytest.param(
+            RO + 'methods = ["GET"]\npath = "/a"\n\n' + RO + 'methods = ["HEAD"]\npath = "/a"\n',
+            "routes[1].path", 6, "ambiguous", id="ambiguous-implied-head",
+        ),
+        pytest.param(
+            RO + 'path = "/a"\n\n' + RO + 'path = "/a/"\n',
+            "routes[1].path", 5, "ambiguous", id="ambiguous-trailing-slash",
+        ),
+        pytest.param(
+            RO + 'path = "/"\n\n' + RO + 'path = "/"\n',
+            "routes[1].path", 5, "ambiguous", id="ambiguous-root",
+        ),
+        pytest.param(
+            RO + 'path = "/b/{x:path}/c"\n',
+            "routes[0].path", 1, "must be the last segment", id="catchall-not-last",
+        ),
+        pytest.param(
+            RO + 'path = "/b/{x}/{x}"\n',
+            "routes[0].path", 1, "appears twice", id="duplicate-param",
+        ),
+        pytest.param(
+            RO + 'path = "/b/{x}/{x:path}"\n',
+            "routes[0].path", 1, "appears twice", id="duplicate-param-catchall",
+        ),
+        pytest.param(
+            "\n\n" + RO + 'path = "/b"\nfeature = "ops.nope"\n',
+            "routes[0].feature", 3, "unknown feature 'ops.nope'", id="unknown-feature",
+        ),
+        pytest.param(
+            RO + 'path = "/b"\nfeature = "portal.on_demand"\n',
+            "routes[0].feature", 1, "belongs to app 'client_portal'", id="feature-of-other-app",
+        ),
+        pytest.param(
+            RO + 'path = "/b"\nfeature = "ops.on_demand"\npublic = true\n',
+            "routes[0]", 1, "public route cannot name a feature", id="public-and-feature",
+        ),
+        pytest.param(
+            RO + 'path = "/b"\npublic = true\nroles = ["owner"]\n',
+            "routes[0]", 1, "public route cannot restrict roles", id="public-and-roles",
+        ),
+        pytest.param(
+            RO + 'path = "/b"\npublic = true\nquota = "drivers"\n',
+            "routes[0]", 1, "public route cannot restrict roles", id="public-and-quota",
+        ),
+        pytest.param(
+            RO + 'path = "/a b"\n', "routes[0].path", 1, "'a b'", id="literal-with-space",
+        ),
+        pytest.param(
+            RO + 'path = "/a//b"\n', "routes[0].path", 1, "''", id="literal-empty-segment",
+        ),
+        pytest.param(
+            RO + 'path = "/a/./b"\n', "routes[0].path", 1, "'.'", id="literal-dot",
+        ),
+        pytest.param(
+            RO + 'path = "/a/../b"\n', "routes[0].path", 1, "'..'", id="literal-dot-dot",
+        ),
+        pytest.param(
+            RO + 'path = "/caf%C3%A9"\n', "routes[0].path", 1, "caf%C3%A9", id="literal-percent",
+        ),
+        pytest.param(
+            RO + 'path = "/a;v=1"\n', "routes[0].path", 1, "a;v=1", id="literal-semicolon",
+        ),
+        pytest.param(
+            RO + 'path = "/a?b"\n', "routes[0].path", 1, "a?b", id="literal-question-mark",
+        ),
+        pytest.param(
+            RO + 'path = "/café"\n', "routes[0].path", 1, "café", id="literal-non-ascii",
+        ),
+        pytest.param(
+            RO + 'path = "/{x:int}"\n', "routes[0].path", 1, "{x:int}", id="unknown-converter",
+        ),
+        pytest.param(
+            RO + 'path = "/{1x}"\n', "routes[0].path", 1, "{1x}", id="bad-param-name",
+        ),
+        pytest.param(
+            RO + 'path = "/x{id}"\n', "routes[0].path", 1, "x{id}", id="param-inside-literal",
+        ),
+        pytest.param(
+            RO + 'path = "api/v1"\n', "routes[0].path", 1, "must start with '/'", id="relative",
+        ),
+        pytest.param(
+            RO + 'methods = ["get"]\npath = "/b"\n',
+            "routes[0].methods", 1, "not upper-case HTTP methods", id="lower-case-method",
+        ),
+        pytest.param(
+            RO + 'methods = ["GET POST"]\npath = "/b"\n',
+            "routes[0].methods", 1, "not upper-case HTTP methods", id="two-methods-in-one",
+        ),
+        pytest.param(
+            RO + 'methods = []\npath = "/b"\n',
+            "routes[0].methods", 1, "empty list", id="no-methods",
+        ),
+        pytest.param(
+            RO + 'methods = "GET"\npath = "/b"\n',
+            "routes[0].methods", 1, "got `str`", id="methods-not-a-list",
+        ),
+        pytest.param(
+            RO + 'path = "/b"\nfeatures = "ops.on_demand"\n',
+            "routes[0]", 1, "unknown field `features`", id="unknown-field",
+        ),
+        pytest.param(
+            '[[routes]]\napp = "billing"\npath = "/b"\n',
+            "routes[0].app", 1, "'billing'", id="unknown-app",
+        ),
+        pytest.param(
+            RO + 'path = "/b"\nroles = ["root"]\n',
+            "routes[0].roles[0]", 1, "'root'", id="unknown-role",
+        ),
+        pytest.param(
+            RO + 'path = "/b"\nquota = "tenants"\n',
+            "routes[0].quota", 1, "'tenants'", id="unknown-quota",
+        ),
+        pytest.param(
+            '[[routes]]\napp = "operations"\n', "routes[0]", 1, "`path`", id="missing-path",
+        ),
+        pytest.param(
+            '\n[apps.operations]\nunmatched = "block"\n',
+            "apps.operations.unmatched", 2, "'block'", id="bad-unmatched-policy",
+        ),
+        pytest.param(
+            '[apps.billing]\nunmatched = "deny"\n',
+            "apps.billing", 1, "unknown app", id="policy-for-unknown-app",
+        ),
+        pytest.param(
+            '\n\nroute = []\n', "route", 3, "unknown top-level key", id="unknown-top-level-key",
+        ),
+        pytest.param(
+            '\n[route]\nx = 1\n', "route", 2, "unknown top-level key", id="unknown-top-level-table",
+        ),
+    ],
+)  # fmt: skip
+def test_config_errors(
+    tmp_path: Path, matrix: TierMatrix, text: str, key: str, line: int, fragment: str
+) -> None:
+    problems = config_problems(tmp_path, text, matrix)
+    assert len(problems) == 1, problems
+    problem = problems[0]
+    assert problem.file == str(tmp_path / "routes.toml")
+    assert (problem.key, problem.line) == (key, line)
+    assert fragment in problem.message
+
+
+def test_ambiguity_names_both_routes(tmp_path: Path, matrix: TierMatrix) -> None:
+    text = '# routes\n\n[[routes]]\napp = "operations"\npath = "/a/{x}"\n\n'
+    text += '[[routes]]\napp = "operations"\npath = "/a/{y}"\n'
+    (problem,) = config_problems(tmp_path, text, matrix)
+    assert (problem.key, problem.line) == ("routes[1].path", 7)
+    assert "'/a/{y}'" in problem.message and "'/a/{x}'" in problem.message
+    assert "routes[0]" in problem.message and "line 3" in problem.message
+
+
+def test_every_problem_is_listed(tmp_path: Path, matrix: TierMatrix) -> None:
+    text = RO + 'path = "/a/{x:path}/b"\n\n'  # line 1
+    text += RO + 'path = "/b"\nfeature = "ops.nope"\n\n'  # line 5
+    text += RO + 'path = "/c"\n\n'  # line 10: fine
+    text += RO + 'path = "/c"\n\n'  # line 14: ambiguous with routes[2]
+    text += RO + 'methods = ["get"]\npath = "/d"\n'  # line 18
+    problems = config_problems(tmp_path, text, matrix)
+    assert [(p.key, p.line) for p in problems] == [
+        ("routes[0].path", 1),
+        ("routes[1].feature", 5),
+        ("routes[3].path", 14),
+        ("routes[4].methods", 18),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(
+            RO + 'methods = ["GET"]\npath = "/a/{x}"\n\n'
+            + RO + 'methods = ["POST"]\npath = "/a/{y}"\n',
+            id="same-shape-disjoint-methods",
+        ),
+        pytest.param(RO + 'path = "/a/{x}"\n\n' + RO + 'path = "/a/b"\n', id="literal-and-param"),
+        pytest.param(
+            RO + 'path = "/a/{x}"\n\n' + RO + 'path = "/a/{x:path}"\n', id="param-and-catchall"
+        ),
+        pytest.param(
+            RO + 'path = "/a/{x}/c"\n\n' + RO + 'path = "/{x}/b/c"\n', id="crossed-params"
+        ),
+        pytest.param(
+            '[[routes]]\napp = "operations"\npath = "/a"\n\n'
+            '[[routes]]\napp = "client_portal"\npath = "/a"\n',
+            id="same-path-different-apps",
+        ),
+        pytest.param(
+            RO + 'path = "/a/{id}"\n\n' + RO + 'path = "/b/{id}"\n', id="param-name-reused"
+        ),
+        pytest.param("", id="empty-file"),
+    ],
+)  # fmt: skip
+def test_not_ambiguous(tmp_path: Path, matrix: TierMatrix, text: str) -> None:
+    compile_routes(tmp_path, text, matrix)
+
+
+def test_toml_syntax_error_names_the_line(tmp_path: Path, matrix: TierMatrix) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(RO + 'path = "/a"\n\n[[routes]\n')
+    with pytest.raises(ConfigError) as caught:
+        TomlDocument.read(path)
+    (problem,) = caught.value.problems
+    assert (problem.file, problem.line) == (str(path), 5)
+    assert "TOML syntax error" in problem.message
+
+
+# ---------------------------------------------------------------------------- property test
+
+
+@dataclass(frozen=True)
+class RefRoute:
+    """A route as the reference matcher sees it: pattern segments and allowed methods."""
+
+    segments: tuple[str, ...]  # "a", "{p0}", "{r1:path}"
+    methods: frozenset[str] | None  # None: every method
+
+    @property
+    def pattern(self) -> str:
+        return "/" + "/".join(self.segments)
+
+    @property
+    def allowed(self) -> frozenset[str] | None:
+        if self.methods is None:
+            return None
+        return self.methods | {"HEAD"} if "GET" in self.methods else self.methods
+
+    @property
+    def specificity(self) -> tuple[int, ...]:
+        return tuple(_weight(s) for s in self.segments)
+
+    def matches(self, path: Sequence[str]) -> bool:
+        kinds = self.specificity
+        if kinds and kinds[-1] == 2:
+            fixed = len(kinds) - 1
+            if len(path) <= fixed:  # a catch-all takes one or more segments
+                return False
+        elif len(path) != len(kinds):
+            return False
+        for segment, pattern, kind in zip(path, self.segments, kinds, strict=False):
+            if kind == 0 and segment != pattern:
+                return False
+        return True
+
+    def allows(self, method: str) -> bool:
+        allowed = self.allowed
+        return allowed is None or method in allowed
+
+
+def _weight(segment: str) -> int:
+    if not segment.startswith("{"):
+        return 0
+    return 2 if segment.endswith(":path}") else 1
+
+
+def reference_match(routes: Sequence[RefRoute], method: str, path: str) -> tuple[Match, int | None]:
+    """Brute force: every route is tried; ties (same shape, disjoint methods) go to file order."""
+    trimmed = path[:-1] if len(path) > 1 and path.endswith("/") else path
+    segments = trimmed.split("/")[1:] if trimmed != "/" else []
+    candidates = [i for i, route in enumerate(routes) if route.matches(segments)]
+    allowed = [i for i in candidates if routes[i].allows(method)]
+
+    def most_specific(indices: list[int]) -> int:
+        return min(indices, key=lambda i: (routes[i].specificity, i))
+
+    if allowed:
+        return Match.FULL, most_specific(allowed)
+    if candidates:
+        return Match.PARTIAL, most_specific(candidates)
+    return Match.NONE, None
+
+
+def reference_ambiguous(routes: Sequence[RefRoute]) -> bool:
+    """Equal specificity and able to match one request: same shape, same literals, and
+    methods that overlap (no methods overlaps everything)."""
+
+    def shape(route: RefRoute) -> tuple[str, ...]:
+        return tuple(s if _weight(s) == 0 else str(_weight(s)) for s in route.segments)
+
+    for i, first in enumerate(routes):
+        for second in routes[i + 1 :]:
+            if shape(first) != shape(second):
+                continue
+            a, b = first.allowed, second.allowed
+            if a is None or b is None or a & b:
+                return True
+    return False
+
+
+LITERALS = ("a", "b", "c")
+METHODS = ("GET", "HEAD", "POST", "DELETE")
+
+
+@st.composite
+def ref_routes(draw: st.DrawFn) -> RefRoute:
+    length = draw(st.integers(min_value=0, max_value=3))
+    segments: list[str] = []
+    for position in range(length):
+        kinds = ["literal", "param"] + (["catchall"] if position == length - 1 else [])
+        kind = draw(st.sampled_from(kinds))
+        name = draw(st.sampled_from(("x", "id")))  # different names, same shape
+        if kind == "literal":
+            segments.append(draw(st.sampled_from(LITERALS)))
+        elif kind == "param":
+            segments.append(f"{{{name}{position}}}")
+        else:
+            segments.append(f"{{{name}{position}:path}}")
+    methods = draw(
+        st.none() | st.frozensets(st.sampled_from(METHODS), min_size=1, max_size=len(METHODS))
+    )
+    return RefRoute(tuple(segments), methods)
+
+
+def routes_toml(routes: Sequence[RefRoute], trailing: Sequence[bool]) -> str:
+    blocks = []
+    for route, slash in zip(routes, trailing, strict=True):
+        pattern = route.pattern + ("/" if slash and route.segments else "")
+        block = f'[[routes]]\napp = "operations"\npath = "{pattern}"\n'
+        if route.methods is not None:
+            block += f"methods = {sorted(route.methods)!r}\n".replace("'", '"')
+        blocks.append(block)
+    return "\n".join(blocks)
+
+
+request_paths = st.builds(
+    lambda segments, slash: "/" + "/".join(segments) + ("/" if slash and segments else ""),
+    st.lists(st.sampled_from((*LITERALS, "d")), max_size=4),
+    st.booleans(),
+)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("routes-property")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    routes=st.lists(ref_routes(), min_size=1, max_size=6),
+    requests=st.lists(
+        st.tuples(st.sampled_from((*METHODS, "PUT")), request_paths), min_size=1, max_size=12
+    ),
+)
+def test_matches_brute_force_reference(
+    scratch: Path,
+    matrix: TierMatrix,
+    data: st.DataObject,
+    routes: list[RefRoute],
+    requests: list[tuple[str, str]],
+) -> None:
+    trailing = data.draw(st.lists(st.booleans(), min_size=len(routes), max_size=len(routes)))
+    text = routes_toml(routes, trailing)
+    if reference_ambiguous(routes):
+        problems = config_problems(scratch, text, matrix)
+        assert problems and all("ambiguous" in p.message for p in problems)
+        return
+    table = compile_routes(scratch, text, matrix)
+    # Every literal the table knows, plus the requests drawn, so matches are not rare.
+    probes = list(requests) + [(m, r.pattern) for r in routes for m in ("GET", "PUT")]
+    for method, path in probes:
+        found = table.match("operations", method, path)
+        assert (found.kind, route_index(found)) == reference_match(routes, method, path), (
+            method,
+            path,
+            text,
+        )
