@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import time
+from time import monotonic
 from typing import Any, Final
 
 import cachetools
@@ -112,12 +113,18 @@ _NEED_TENANT_VERDICT = Verdict(NEED_TENANT)
 
 
 class LicenseCache:
-    """Verified keys by digest (LRU), failed keys briefly (TTL), so a flood of bad keys
-    cannot force a signature check per request, nor push good keys out."""
+    """Verified keys by digest, failed keys briefly (TTL 60 s), so a flood of bad keys
+    cannot force a signature check per request, nor push good keys out.
+
+    The verified map is a plain dict bounded first-in-first-out: a hit costs one C-level
+    ``dict.get`` instead of cachetools' Python-level LRU bookkeeping (measured: the LRU
+    get was the largest single cost of a cached check). A verified key stays verified, so
+    recency buys little; the key ring changing clears everything."""
 
     def __init__(self, keyring: KeyRing, metrics: Metrics, size: int = 100_000) -> None:
         self.keyring = keyring
-        self._valid: cachetools.LRUCache[bytes, License] = cachetools.LRUCache(size)
+        self._size = size
+        self._valid: dict[bytes, License] = {}
         self._invalid: cachetools.TTLCache[bytes, LicenseError] = cachetools.TTLCache(10_000, 60)
         self._metrics = metrics
 
@@ -138,7 +145,10 @@ class LicenseCache:
             error = exc
         else:
             self._metrics.license_result["valid"].inc()
-            self._valid[digest] = lic
+            valid = self._valid
+            if len(valid) >= self._size:
+                del valid[next(iter(valid))]
+            valid[digest] = lic
             return lic
         self._metrics.license_result[error.reason].inc()
         self._invalid[digest] = error
@@ -153,17 +163,28 @@ class LicenseCache:
 
 
 class TenantCache:
-    """Tenant records from the store, with a TTL; misses go to the store asynchronously."""
+    """Tenant records from the store for ``ttl`` seconds; misses go to the store
+    asynchronously. Fail-static: when the store cannot answer, the last record known is
+    kept (an outage never revokes), and a tenant never seen is treated as absent briefly.
 
-    def __init__(self, store: TenantStore, metrics: Metrics, ttl: float = 5.0) -> None:
+    Entries are ``(record, expires_at)`` in a plain dict bounded first-in-first-out, read
+    with one ``dict.get`` and one clock read on the hot path."""
+
+    def __init__(
+        self, store: TenantStore, metrics: Metrics, ttl: float = 5.0, size: int = 100_000
+    ) -> None:
         self.store = store
-        self._records: cachetools.TTLCache[str, Any] = cachetools.TTLCache(100_000, ttl)
+        self.ttl = ttl
+        self._size = size
+        self._records: dict[str, tuple[TenantRecord | None, float]] = {}
         self._errors = metrics.store_errors.labels(op="get")
 
     def cached(self, tenant: str) -> TenantRecord | None | object:
         """The cached record, None (known absent), or ``_NO_TENANT`` (not cached)."""
-        found: TenantRecord | None | object = self._records.get(tenant, _NO_TENANT)
-        return found
+        entry = self._records.get(tenant)
+        if entry is None or entry[1] < monotonic():
+            return _NO_TENANT
+        return entry[0]
 
     async def fetch(self, tenant: str) -> None:
         try:
@@ -171,10 +192,19 @@ class TenantCache:
         except StoreError as exc:
             self._errors.inc()
             log.warning("tenant store: get %s failed: %s", tenant, exc)
-            record = None
-            self._records[tenant] = record
+            stale = self._records.get(tenant)
+            self._put(tenant, stale[0] if stale is not None else None)
             return
-        self._records[tenant] = record
+        self._put(tenant, record)
+
+    def put(self, tenant: str, record: TenantRecord | None) -> None:
+        self._put(tenant, record)
+
+    def _put(self, tenant: str, record: TenantRecord | None) -> None:
+        records = self._records
+        if tenant not in records and len(records) >= self._size:
+            del records[next(iter(records))]
+        records[tenant] = (record, monotonic() + self.ttl)
 
     def invalidate(self, tenant: str | None = None) -> None:
         if tenant is None:

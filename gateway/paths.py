@@ -37,6 +37,8 @@ def canonical_path(path: str) -> str:
         raise PathRejected(_explain_raw(path))
     if "%" in path:
         path = _decode(path)
+    elif "/." not in path and "//" not in path:
+        return path  # the common case: already canonical
     return _remove_dot_segments(path)
 
 

@@ -88,6 +88,7 @@ class ProxySettings:
         "max_header_bytes",
         "max_headers",
         "max_buffer",
+        "tick",
     )
 
     def __init__(
@@ -124,6 +125,8 @@ class ProxySettings:
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.max_buffer = 256 * 1024
+        # Watchdog period: timeouts fire at most a quarter late.
+        self.tick = min(read_timeout, keepalive_timeout) / 4
 
 
 class Tracker:
@@ -239,15 +242,20 @@ class Upstream(asyncio.Protocol):
             self.close()
             return
         ex.last_activity = ex.loop.time()
+        downstream = ex.downstream
+        # Everything one upstream read produces (head, body, end) goes out in one write.
+        downstream.out = []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
-            ex.downstream.upstream_upgraded(self, data[offset:])
+            downstream.upstream_upgraded(self, data[offset:])
         except httptools.HttpParserError as exc:
             log.debug("upstream sent a bad response: %s", exc)
-            ex.downstream.upstream_failed(ex, "bad_response")
+            downstream.upstream_failed(ex, "bad_response")
             self.close()
+        finally:
+            downstream.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -337,7 +345,7 @@ class Exchange:
         "verdict",
         "started",
         "last_activity",
-        "timer",
+        "waiting",
         "response_started",
         "response_done",
         "chunked_out",
@@ -366,7 +374,7 @@ class Exchange:
         self.verdict: Verdict | None = None
         self.started = perf_counter()
         self.last_activity = self.loop.time()
-        self.timer: asyncio.TimerHandle | None = None
+        self.waiting = False  # relayed, waiting for the upstream (read timeout applies)
         self.response_started = False
         self.response_done = False
         self.chunked_out = False
@@ -405,9 +413,13 @@ class Downstream(asyncio.Protocol):
         self.pipeline: deque[Exchange] = deque()
         self.tunnel: Upstream | None = None
         self.upgrade_buffer: list[bytes] | None = None
+        self.out: list[bytes] | None = None  # corked output, see write()
         self.paused_for_upstream = False
         self.paused_for_buffer = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        # One watchdog per connection, ticking lazily: cheaper than a timer per request.
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.last_active = self.loop.time()
+        self.in_message = False
         # per-request parse state
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
@@ -424,21 +436,20 @@ class Downstream(asyncio.Protocol):
         if peer:
             self.peer = str(peer[0]).encode()
         self.tracker.connections.add(self)
-        self._arm_idle_timer()
+        self.watchdog = self.loop.call_later(self.settings.tick, self._tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.tracker.connections.discard(self)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
         for ex in (self.active, *self.pipeline):
             if ex is None:
                 continue
-            if ex.timer is not None:
-                ex.timer.cancel()
             if ex.task is not None:
                 ex.task.cancel()
             if ex.upstream is not None and not ex.response_done:
@@ -456,9 +467,6 @@ class Downstream(asyncio.Protocol):
         if self.upgrade_buffer is not None:
             self.upgrade_buffer.append(data)
             return
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -496,6 +504,7 @@ class Downstream(asyncio.Protocol):
 
     # httptools callbacks: request parsing
     def on_message_begin(self) -> None:
+        self.in_message = True
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -585,6 +594,7 @@ class Downstream(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         ex = self.parsing
         if ex is None:
             return
@@ -715,17 +725,25 @@ class Downstream(asyncio.Protocol):
         if ex.body_done and ex.chunked_in:
             conn.send(b"0\r\n\r\n")
         ex.last_activity = self.loop.time()
-        ex.timer = self.loop.call_later(self.settings.read_timeout, self._check_timeout, ex)
+        ex.waiting = True
 
-    def _check_timeout(self, ex: Exchange) -> None:
-        ex.timer = None
-        if ex.response_done or self.active is not ex:
-            return
-        idle = self.loop.time() - ex.last_activity
-        remaining = self.settings.read_timeout - idle
-        if remaining > 0:
-            ex.timer = self.loop.call_later(remaining, self._check_timeout, ex)
-            return
+    def _tick(self) -> None:
+        """Watchdog: upstream read timeouts and idle keep-alive connections."""
+        now = self.loop.time()
+        settings = self.settings
+        self.watchdog = self.loop.call_later(settings.tick, self._tick)
+        ex = self.active
+        if ex is not None:
+            if (
+                ex.waiting
+                and not ex.response_done
+                and now - ex.last_activity > settings.read_timeout
+            ):
+                self._read_timeout(ex)
+        elif not self.in_message and now - self.last_active > settings.keepalive_timeout:
+            self.close_transport()
+
+    def _read_timeout(self, ex: Exchange) -> None:
         conn = ex.upstream
         if conn is not None:
             conn.exchange = None
@@ -744,7 +762,7 @@ class Downstream(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             ex.interim = True
             if ex.version == "1.1" and self.transport is not None:
-                self.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
+                self.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
             return
         ex.interim = status == 101  # the tunnel takes over; llhttp still ends the message
         ex.response_started = True
@@ -786,8 +804,7 @@ class Downstream(asyncio.Protocol):
         elif ex.version == "1.0":
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        if self.transport is not None:
-            self.transport.write(b"".join(lines))
+        self.write(b"".join(lines))
         if is_head and ex.upstream is not None:
             # httptools cannot be told a HEAD response has no body: finish here and do
             # not reuse the connection, whose parser would wait for that body.
@@ -797,21 +814,20 @@ class Downstream(asyncio.Protocol):
             self._complete(ex, None)
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
-        transport = self.transport
-        if transport is None or ex.interim:
+        if ex.interim:
             return
         if ex.chunked_out:
-            transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.write(b"%x\r\n%s\r\n" % (len(body), body))
         else:
-            transport.write(body)
+            self.write(body)
 
     def response_complete(self, ex: Exchange, conn: Upstream) -> None:
         if ex.interim:
             if conn.parser.get_status_code() != 101:
                 ex.interim = False
             return
-        if ex.chunked_out and self.transport is not None:
-            self.transport.write(b"0\r\n\r\n")
+        if ex.chunked_out:
+            self.write(b"0\r\n\r\n")
         reusable = conn.parser.should_keep_alive() and ex.body_done
         conn.exchange = None
         if reusable:
@@ -826,16 +842,14 @@ class Downstream(asyncio.Protocol):
         if ex is None or self.transport is None:
             conn.close()
             return
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        ex.waiting = False
         conn.exchange = None
         conn.tunnel = self
         self.tunnel = conn
         ex.response_done = True
         self.metrics.duration.observe(perf_counter() - ex.started)
         if rest:
-            self.transport.write(rest)
+            self.write(rest)
         for chunk in self.upgrade_buffer or ():
             conn.send(chunk)
         self.upgrade_buffer = None
@@ -844,6 +858,26 @@ class Downstream(asyncio.Protocol):
     def write_raw(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        """Write to the client, or collect while an upstream read is being relayed."""
+        out = self.out
+        if out is not None:
+            out.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self.out
+        self.out = None
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close_transport(self) -> None:
+        """Close after what is queued has been written."""
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def upstream_failed(self, ex: Exchange, kind: str) -> None:
         conn = ex.upstream
@@ -861,9 +895,7 @@ class Downstream(asyncio.Protocol):
             ex.retried = True
             ex.upstream = None
             conn.exchange = None
-            if ex.timer is not None:
-                ex.timer.cancel()
-                ex.timer = None
+            ex.waiting = False
             verdict = ex.verdict
             assert verdict is not None
             ex.upstream_head = self._upstream_head(ex, verdict)
@@ -909,12 +941,11 @@ class Downstream(asyncio.Protocol):
         if self.tracker.closing:
             ex.close_after = True
         connection = b"Connection: close\r\n" if ex.close_after else b""
-        if self.transport is not None:
-            self.transport.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
-                b"Content-Length: %d\r\n%s%s\r\n%s"
-                % (status, REASONS.get(status, b"Error"), len(body), extra, connection, body)
-            )
+        self.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
+            b"Content-Length: %d\r\n%s%s\r\n%s"
+            % (status, REASONS.get(status, b"Error"), len(body), extra, connection, body)
+        )
         if outcome is not None:
             self.metrics.outcome[outcome].inc()
         self._complete(ex, None)
@@ -930,27 +961,23 @@ class Downstream(asyncio.Protocol):
             status, code, title = 400, "bad_request", "Malformed HTTP request"
         self.metrics.outcome["rejected"].inc()
         body, _ = problem(status, code, title, str(exc) if status == 400 else "")
-        if self.transport is not None:
-            if self.active is None or not self.active.response_started:
-                self.transport.write(
-                    b"HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                    % (status, REASONS.get(status, b"Error"), len(body), body)
-                )
-            self.transport.close()
+        if self.active is None or not self.active.response_started:
+            self.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (status, REASONS.get(status, b"Error"), len(body), body)
+            )
+        self.close_transport()
 
     def _complete(self, ex: Exchange, _: Any) -> None:
         """The response to ``ex`` is fully written."""
         ex.response_done = True
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        ex.waiting = False
         self.metrics.duration.observe(perf_counter() - ex.started)
         if self.paused_for_upstream:
             self.resume_reading_for_upstream()
         if ex.close_after or (not ex.body_done and not ex.discard):
-            if self.transport is not None:
-                self.transport.close()
+            self.close_transport()
             return
         if not ex.body_done:
             # The rest of the request body is read and dropped; then the next request.
@@ -971,22 +998,13 @@ class Downstream(asyncio.Protocol):
             self.active = nxt
             self._begin(nxt)
             return
-        if self.tracker.closing and self.transport is not None:
-            self.transport.close()
+        if self.tracker.closing:
+            self.close_transport()
             return
-        self._arm_idle_timer()
-
-    def _arm_idle_timer(self) -> None:
-        self.idle_timer = self.loop.call_later(self.settings.keepalive_timeout, self._idle_timeout)
-
-    def _idle_timeout(self) -> None:
-        self.idle_timer = None
-        if self.active is None and self.transport is not None:
-            self.transport.close()
+        self.last_active = self.loop.time()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.close_transport()
 
     def close_if_idle(self) -> None:
         if self.active is None and self.parsing is None:
