@@ -315,7 +315,8 @@ class Enforcer:
                 return Verdict(FORWARD, target=forward_target)
             return self._allow(decision, forward_target)
         route_path = found.route.path if found.route is not None else None
-        return self._deny(decision, rules, role, tenant_id, route_path)
+        user = head.user.decode("latin-1") if head.user is not None else None
+        return self._deny(decision, rules, role, user, tenant_id, route_path)
 
     def _allow(self, decision: Decision, target: bytes) -> Verdict:
         ent = decision.entitlement
@@ -342,6 +343,7 @@ class Enforcer:
         decision: Decision,
         rules: Rules,
         role: str | None,
+        user: str | None,
         tenant: str | None,
         route: str | None,
     ) -> Verdict:
@@ -376,6 +378,7 @@ class Enforcer:
                 request_id=rid,
                 revision=rules.revision,
                 role=role,
+                user=user,
             )
         elif decision.status == 401:
             self.shared.events.emit(
