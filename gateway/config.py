@@ -40,6 +40,8 @@ class AppSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: Literal["preserve", "rewrite"] = "preserve"
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    max_connections: int = 1000  # to the upstream; more requests queue
+    queue_timeout: float = 5.0  # longest wait in that queue, then 503 + Retry-After
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -74,6 +76,9 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keepalive_timeout: float = 75.0
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
+    max_body_bytes: int = 4 << 30  # larger request bodies get 413
+    header_timeout: float = 10.0  # to receive a request head, once it has started
+    body_timeout: float = 60.0  # longest pause inside a request body
     reload_poll_interval: float = 1.0  # seconds between checks of routes/matrix files
 
 
@@ -202,7 +207,7 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
                     f"{prefix!r} must start with '/'",
                     header=header,
                 )
-        for key in ("connect_timeout", "read_timeout"):
+        for key in ("connect_timeout", "read_timeout", "queue_timeout", "max_connections"):
             if getattr(app, key) <= 0:
                 doc.problem(f"apps.{name}.{key}", "must be positive", header=header)
         if app.listen in listens:

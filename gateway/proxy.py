@@ -88,6 +88,11 @@ class ProxySettings:
         "max_header_bytes",
         "max_headers",
         "max_buffer",
+        "max_body_bytes",
+        "header_timeout",
+        "body_timeout",
+        "max_connections",
+        "queue_timeout",
         "tick",
     )
 
@@ -104,6 +109,11 @@ class ProxySettings:
         keepalive_timeout: float = 75.0,
         max_header_bytes: int = 32 * 1024,
         max_headers: int = 100,
+        max_body_bytes: int = 4 << 30,
+        header_timeout: float = 10.0,
+        body_timeout: float = 60.0,
+        max_connections: int = 1000,
+        queue_timeout: float = 5.0,
     ) -> None:
         self.watch = {
             license_header.lower().encode(): H_LICENSE,
@@ -125,8 +135,13 @@ class ProxySettings:
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.max_buffer = 256 * 1024
+        self.max_body_bytes = max_body_bytes
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        self.queue_timeout = queue_timeout
         # Watchdog period: timeouts fire at most a quarter late.
-        self.tick = min(read_timeout, keepalive_timeout) / 4
+        self.tick = min(read_timeout, keepalive_timeout, header_timeout, body_timeout) / 4
 
 
 class Tracker:
@@ -162,6 +177,25 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.idle: list[Upstream] = []
         self.reachable = False
+        self.open = 0  # connections open or being opened, idle ones included
+        self.waiters: deque[asyncio.Future[Upstream | None]] = deque()
+
+    def can_open(self) -> bool:
+        return self.open < self.settings.max_connections
+
+    def wait(self) -> asyncio.Future[Upstream | None]:
+        """Queue for a connection: resolves to a pooled one, or None (open your own)."""
+        waiter: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        return waiter
+
+    def _wake_one(self, conn: Upstream | None) -> bool:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
 
     def take(self) -> Upstream | None:
         idle = self.idle
@@ -174,22 +208,39 @@ class UpstreamPool:
 
     async def connect(self) -> Upstream:
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: Upstream(self), self.host, self.port),
-            self.settings.connect_timeout,
-        )
+        self.open += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: Upstream(self), self.host, self.port),
+                self.settings.connect_timeout,
+            )
+        except BaseException:
+            self.open -= 1
+            self._wake_one(None)
+            raise
         self.reachable = True
         return conn
 
     def release(self, conn: Upstream) -> None:
         transport = conn.transport
-        if len(self.idle) < self.max_idle and transport is not None:
-            conn.exchange = None
-            if not transport.is_reading():  # paused for a slow client: reset for the next
-                transport.resume_reading()
+        if transport is None:
+            return
+        conn.exchange = None
+        if not transport.is_reading():  # paused for a slow client: reset for the next
+            transport.resume_reading()
+        if self._wake_one(conn):
+            conn.reused = True
+            return
+        if len(self.idle) < self.max_idle:
             self.idle.append(conn)
         else:
             conn.close()
+
+    def lost(self, conn: Upstream) -> None:
+        """A connection closed: forget it, and let a queued request open a new one."""
+        self.forget(conn)
+        self.open -= 1
+        self._wake_one(None)
 
     def forget(self, conn: Upstream) -> None:
         try:
@@ -259,6 +310,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.pool.lost(self)
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -267,8 +319,6 @@ class Upstream(asyncio.Protocol):
         self.exchange = None
         if ex is not None and not ex.response_done:
             ex.downstream.upstream_failed(ex, "reset")
-        else:
-            self.pool.forget(self)
 
     def pause_writing(self) -> None:
         ex = self.exchange
@@ -420,6 +470,10 @@ class Downstream(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.last_active = self.loop.time()
         self.in_message = False
+        self.headers_done = False
+        self.message_started = 0.0
+        self.last_body = 0.0
+        self.body_received = 0
         # per-request parse state
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
@@ -505,6 +559,9 @@ class Downstream(asyncio.Protocol):
     # httptools callbacks: request parsing
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.headers_done = False
+        self.message_started = self.loop.time()
+        self.body_received = 0
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -528,6 +585,8 @@ class Downstream(asyncio.Protocol):
         headers.append((name, value, lname))
 
     def on_headers_complete(self) -> None:
+        self.headers_done = True
+        self.last_body = self.loop.time()
         method = self.parser.get_method().decode("ascii")
         head = RequestHead(method, self._url, self._headers)
         watch = self.settings.watch
@@ -575,10 +634,16 @@ class Downstream(asyncio.Protocol):
             self._te = value
         elif kind == H_CL:
             self._has_cl = True
+            if int(value) > self.settings.max_body_bytes:  # llhttp checked it is a number
+                raise _Reject(413, "body_too_large", "Request body too large")
         if kind == H_LICENSE and not value.isascii():
             head.bad_header = "license key header is not ASCII"
 
     def on_body(self, body: bytes) -> None:
+        self.body_received += len(body)
+        self.last_body = self.loop.time()
+        if self.body_received > self.settings.max_body_bytes:  # chunked bodies end here
+            raise _Reject(413, "body_too_large", "Request body too large")
         ex = self.parsing
         if ex is None or ex.discard:
             return
@@ -642,11 +707,49 @@ class Downstream(asyncio.Protocol):
             self._answer(ex, verdict.status or 503, verdict.body, verdict.response_headers)
             return
         ex.upstream_head = self._upstream_head(ex, verdict)
-        conn = self.pool.take()
+        self._get_connection(ex)
+
+    def _get_connection(self, ex: Exchange) -> None:
+        pool = self.pool
+        conn = pool.take()
         if conn is not None:
             self._attach(ex, conn)
-        else:
+        elif pool.can_open():
             ex.task = self.loop.create_task(self._connect(ex))
+        else:
+            ex.task = self.loop.create_task(self._queue_for_connection(ex))
+
+    async def _queue_for_connection(self, ex: Exchange) -> None:
+        """All upstream connections busy: wait (bounded) for one, else 503."""
+        waiter = self.pool.wait()
+        try:
+            conn = await asyncio.wait_for(asyncio.shield(waiter), self.settings.queue_timeout)
+        except TimeoutError:
+            waiter.cancel()
+            ex.task = None
+            self.metrics.upstream_errors["overloaded"].inc()
+            body, _ = problem(
+                503,
+                "upstream_overloaded",
+                "Upstream connection limit reached",
+                f"app {self.enforcer.app}: all {self.settings.max_connections} connections busy",
+            )
+            self._answer(ex, 503, body, b"Retry-After: 1\r\n", outcome="upstream_error")
+            return
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self.pool.release(waiter.result())  # type: ignore[arg-type]
+            waiter.cancel()
+            raise
+        ex.task = None
+        if self.transport is None or self.active is not ex:
+            if conn is not None:
+                self.pool.release(conn)
+            return
+        if conn is None:
+            ex.task = self.loop.create_task(self._connect(ex))
+        else:
+            self._attach(ex, conn)
 
     def _upstream_head(self, ex: Exchange, verdict: Verdict) -> bytes:
         head = ex.head
@@ -732,6 +835,15 @@ class Downstream(asyncio.Protocol):
         now = self.loop.time()
         settings = self.settings
         self.watchdog = self.loop.call_later(settings.tick, self._tick)
+        if self.in_message:
+            # Slow clients cannot hold a connection: the head and the body each have a
+            # deadline (a slow-loris head, a stalled upload).
+            if not self.headers_done and now - self.message_started > settings.header_timeout:
+                self._client_timeout("request head not received in time")
+                return
+            if self.headers_done and now - self.last_body > settings.body_timeout:
+                self._client_timeout("request body stalled")
+                return
         ex = self.active
         if ex is not None:
             if (
@@ -742,6 +854,9 @@ class Downstream(asyncio.Protocol):
                 self._read_timeout(ex)
         elif not self.in_message and now - self.last_active > settings.keepalive_timeout:
             self.close_transport()
+
+    def _client_timeout(self, why: str) -> None:
+        self._bad_request(_Reject(408, "client_timeout", why))
 
     def _read_timeout(self, ex: Exchange) -> None:
         conn = ex.upstream
@@ -961,6 +1076,10 @@ class Downstream(asyncio.Protocol):
             status, code, title = 400, "bad_request", "Malformed HTTP request"
         self.metrics.outcome["rejected"].inc()
         body, _ = problem(status, code, title, str(exc) if status == 400 else "")
+        if self.active is not None and self.active.upstream is not None:
+            conn = self.active.upstream  # mid-relay: that upstream exchange is abandoned
+            conn.exchange = None
+            conn.close()
         if self.active is None or not self.active.response_started:
             self.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"

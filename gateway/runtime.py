@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,9 @@ class Runtime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
-        self._mtimes: dict[Path, float] = {}
+        # (mtime_ns, size, inode): mtimes come from a coarse clock, so an edit in the same
+        # tick as the last one keeps its mtime; the size or inode then still tells.
+        self._mtimes: dict[Path, tuple[int, int, int]] = {}
         self._reload_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ start
@@ -104,6 +107,11 @@ class Runtime:
                 keepalive_timeout=settings.server.keepalive_timeout,
                 max_header_bytes=settings.server.max_header_bytes,
                 max_headers=settings.server.max_headers,
+                max_body_bytes=settings.server.max_body_bytes,
+                header_timeout=settings.server.header_timeout,
+                body_timeout=settings.server.body_timeout,
+                max_connections=app_settings.max_connections,
+                queue_timeout=app_settings.queue_timeout,
             )
             pool = UpstreamPool(up_host, up_port, proxy_settings, self.metrics.for_app(app))
             self.pools[app] = pool
@@ -174,7 +182,7 @@ class Runtime:
     def _remember_mtimes(self) -> None:
         for path in self._watched():
             with contextlib.suppress(OSError):
-                self._mtimes[path] = path.stat().st_mtime
+                self._mtimes[path] = _signature(path.stat())
 
     async def _watch(self, interval: float) -> None:
         while True:
@@ -182,10 +190,10 @@ class Runtime:
             changed = False
             for path in self._watched():
                 try:
-                    mtime = path.stat().st_mtime
+                    seen = _signature(path.stat())
                 except OSError:
                     continue  # a file being replaced: look again next time
-                if self._mtimes.get(path) != mtime:
+                if self._mtimes.get(path) != seen:
                     changed = True
             if changed:
                 await self.reload("file change")
@@ -253,6 +261,10 @@ class Runtime:
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 def _upstream_address(url: str) -> tuple[str, int]:

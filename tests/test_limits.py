@@ -1,0 +1,140 @@
+"""Limits and client timeouts over real sockets: 413, 408, 431, 503 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.matrix import APP_NAMES
+from tests.conftest import IssueKey
+from tests.harness import EchoUpstream, Gateway, running_gateway
+
+LIMITS = """
+[server]
+max_body_bytes = 1000
+header_timeout = 0.3
+body_timeout = 0.3
+max_headers = 20
+"""
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
+    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
+    for server in servers.values():
+        await server.start()
+    yield servers
+    for server in servers.values():
+        await server.stop()
+
+
+@pytest.fixture
+async def gateway(
+    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream]
+) -> AsyncIterator[Gateway]:
+    ports = {app: server.port for app, server in upstreams.items()}
+    async with running_gateway(
+        tmp_path,
+        key_dir,
+        ports,
+        extra=LIMITS,
+        app_extra="max_connections = 1\nqueue_timeout = 0.3\n",
+    ) as running:
+        yield running
+
+
+async def _exchange(gateway: Gateway, raw: bytes, *, wait: float = 5) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
+    writer.write(raw)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(65536), wait)
+    finally:
+        writer.close()
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+async def test_declared_body_over_the_limit_is_413(gateway: Gateway, issue_key: IssueKey) -> None:
+    key = issue_key(tier="core").encode()
+    response = await _exchange(
+        gateway,
+        b"POST /api/v1/shipments HTTP/1.1\r\nHost: x\r\nX-License-Key: "
+        + key
+        + b"\r\nContent-Length: 5000\r\n\r\n",
+    )
+    assert _status(response) == 413
+    assert b'"code":"body_too_large"' in response
+
+
+async def test_chunked_body_over_the_limit_is_413(gateway: Gateway, issue_key: IssueKey) -> None:
+    key = issue_key(tier="core").encode()
+    chunk = b"%x\r\n%s\r\n" % (600, b"z" * 600)
+    response = await _exchange(
+        gateway,
+        b"POST /api/v1/shipments HTTP/1.1\r\nHost: x\r\nX-License-Key: "
+        + key
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunk
+        + chunk,
+    )
+    assert _status(response) == 413
+
+
+async def test_slow_request_head_is_408(gateway: Gateway) -> None:
+    response = await _exchange(gateway, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+    assert _status(response) == 408
+    assert b'"code":"client_timeout"' in response
+
+
+async def test_stalled_body_is_cut_off(gateway: Gateway, issue_key: IssueKey) -> None:
+    key = issue_key(tier="core").encode()
+    response = await _exchange(
+        gateway,
+        b"POST /api/v1/shipments HTTP/1.1\r\nHost: x\r\nX-License-Key: "
+        + key
+        + b"\r\nContent-Length: 100\r\n\r\nonly-part",
+    )
+    # The request went upstream; the client stopped sending: the connection ends
+    # (408 if nothing was answered yet), it is not held open.
+    assert response == b"" or _status(response) == 408
+
+
+async def test_too_many_headers_is_431(gateway: Gateway) -> None:
+    headers = b"".join(b"X-Filler-%d: v\r\n" % i for i in range(30))
+    response = await _exchange(
+        gateway, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
+    )
+    assert _status(response) == 431
+
+
+async def test_connection_limit_queues_then_503_with_retry_after(
+    gateway: Gateway, issue_key: IssueKey
+) -> None:
+    headers = {"X-License-Key": issue_key(tier="core")}
+    async with aiohttp.ClientSession() as session:
+
+        async def slow() -> int:
+            async with session.get(gateway.url("operations", "/slow/1"), headers=headers) as r:
+                return r.status
+
+        first = asyncio.ensure_future(slow())  # noqa: TID251 - awaited below
+        await asyncio.sleep(0.1)  # the first request holds the only upstream connection
+        async with session.get(
+            gateway.url("operations", "/api/v1/shipments"), headers=headers
+        ) as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "1"
+            assert (await r.json())["code"] == "upstream_overloaded"
+        assert await first == 200
+        # With the connection free again, requests flow.
+        async with session.get(
+            gateway.url("operations", "/api/v1/shipments"), headers=headers
+        ) as r:
+            assert r.status == 200
