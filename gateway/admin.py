@@ -6,6 +6,8 @@ address unless an operator configures it to.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -31,9 +33,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready once config is loaded and every upstream accepts connections."""
     runtime = request.app[RUNTIME]
-    upstreams = {}
-    for app, pool in runtime.pools.items():
-        upstreams[app] = pool.reachable or await pool.probe()
+    pools = runtime.pools
+    accepting = await asyncio.gather(
+        *(_accepts(pool.host, pool.port, pool.settings.connect_timeout) for pool in pools.values())
+    )
+    upstreams = dict(zip(pools, accepting, strict=True))
     ready = runtime.started and not runtime.tracker.closing and all(upstreams.values())
     body = {
         "ready": ready,
@@ -45,6 +49,20 @@ async def readyz(request: web.Request) -> web.Response:
         "draining": runtime.tracker.closing,
     }
     return web.json_response(body, status=200 if ready else 503)
+
+
+async def _accepts(host: str, port: int, timeout: float) -> bool:
+    """Does the upstream accept a connection now? A fresh one, closed at once: the pool's
+    flag only remembers that it once did, and a probe through the pool would count
+    against its connection cap."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def admin_app(runtime: Runtime) -> web.Application:

@@ -89,7 +89,15 @@ class RequestHead:
 class Verdict:
     """What to do with one request."""
 
-    __slots__ = ("kind", "status", "body", "target", "upstream_headers", "response_headers")
+    __slots__ = (
+        "kind",
+        "status",
+        "body",
+        "target",
+        "upstream_headers",
+        "response_headers",
+        "outcome",
+    )
 
     def __init__(
         self,
@@ -99,8 +107,12 @@ class Verdict:
         target: bytes = b"",
         upstream_headers: bytes = b"",
         response_headers: bytes = b"",
+        outcome: str = "allowed",
     ) -> None:
         self.kind = kind
+        # For forwarded requests the outcome is counted when the upstream has answered,
+        # so a request that then fails upstream counts once, as upstream_error.
+        self.outcome = outcome
         self.status = status
         self.body = body
         self.target = target  # what the upstream receives as request target
@@ -108,7 +120,7 @@ class Verdict:
         self.response_headers = response_headers  # e.g. X-License-Warning
 
 
-_CLASSIC_VERDICT = Verdict(CLASSIC)
+_CLASSIC_VERDICT = Verdict(CLASSIC, outcome="classic")
 _NEED_TENANT_VERDICT = Verdict(NEED_TENANT)
 
 
@@ -261,7 +273,6 @@ class Enforcer:
             return self._reject(400, "bad_header", "Bad request header", head.bad_header)
         token = head.license_key
         if token is not None and self.classic.is_classic(token.decode("latin-1")):
-            m.outcome["classic"].inc()
             m.classic.inc()
             return _CLASSIC_VERDICT
         target = head.target
@@ -279,7 +290,6 @@ class Enforcer:
                 return self._reject(
                     400, "path_rejected", "Request path rejected", "classic path is not canonical"
                 )
-            m.outcome["classic"].inc()
             m.classic.inc()
             return _CLASSIC_VERDICT
         app_routes: AppRoutes = rules.routes.apps[self.app]
@@ -311,8 +321,7 @@ class Enforcer:
         )
         if decision.allowed:
             if decision.code == "public":
-                m.outcome["public"].inc()
-                return Verdict(FORWARD, target=forward_target)
+                return Verdict(FORWARD, target=forward_target, outcome="public")
             return self._allow(decision, forward_target)
         route_path = found.route.path if found.route is not None else None
         user = head.user.decode("latin-1") if head.user is not None else None
@@ -322,7 +331,6 @@ class Enforcer:
         ent = decision.entitlement
         lic = decision.license
         assert ent is not None and lic is not None
-        self.metrics.outcome["allowed"].inc()
         headers = (
             b"X-Entitlement-Tenant: %s\r\nX-Entitlement-Tier: %s\r\n"
             b"X-Entitlement-Features: %s\r\nX-Entitlement-Addons: %s\r\n"

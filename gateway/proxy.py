@@ -926,6 +926,7 @@ class Downstream(asyncio.Protocol):
             conn = ex.upstream
             conn.exchange = None
             conn.close()
+            self._count_forwarded(ex)
             self._complete(ex, None)
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
@@ -949,6 +950,7 @@ class Downstream(asyncio.Protocol):
             self.pool.release(conn)
         else:
             conn.close()
+        self._count_forwarded(ex)
         self._complete(ex, None)
 
     def upstream_upgraded(self, conn: Upstream, rest: bytes) -> None:
@@ -962,6 +964,7 @@ class Downstream(asyncio.Protocol):
         conn.tunnel = self
         self.tunnel = conn
         ex.response_done = True
+        self._count_forwarded(ex)
         self.metrics.duration.observe(perf_counter() - ex.started)
         if rest:
             self.write(rest)
@@ -969,6 +972,11 @@ class Downstream(asyncio.Protocol):
             conn.send(chunk)
         self.upgrade_buffer = None
         self.active = None
+
+    def _count_forwarded(self, ex: Exchange) -> None:
+        verdict = ex.verdict
+        if verdict is not None:
+            self.metrics.outcome[verdict.outcome].inc()
 
     def write_raw(self, data: bytes) -> None:
         if self.transport is not None:
@@ -1031,6 +1039,7 @@ class Downstream(asyncio.Protocol):
         if ex.response_started:
             # Part of the response is already out: the only honest signal is an abort.
             ex.response_done = True
+            self.metrics.outcome["upstream_error"].inc()
             if self.transport is not None:
                 self.transport.abort()
             return

@@ -1,0 +1,496 @@
+"""Hot reload of ``routes.toml`` and ``tier_matrix.toml`` (DESIGN §3) and the process
+lifecycle of ``gateway serve``: SIGHUP reloads, SIGTERM drains in-flight requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.matrix import APP_NAMES
+from tests.conftest import IssueKey
+from tests.harness import REPO, EchoUpstream, running_gateway, write_config
+
+OPTIMIZE = "/api/v1/shipments/1/optimize"
+OPTIMIZE_ROUTE = (
+    'path = "/api/v1/shipments/{id}/optimize"\nfeature = "ops.basic_shipment_optimization"\n'
+)
+NO_WATCH = "\n[server]\nreload_poll_interval = 3600\n"  # only explicit reloads in these tests
+FAST_WATCH = "\n[server]\nreload_poll_interval = 0.1\n"
+DEADLINE = 15.0
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class HeldUpstream(EchoUpstream):
+    """An echo upstream whose ``/slow/...`` answers only when the test releases it, so a
+    request is in flight for exactly as long as the test needs (no sleeps)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.slow_started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        self.slow_started.set()
+        await asyncio.wait_for(self.release.wait(), DEADLINE * 2)
+        return web.json_response(self._record(request, 0))
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, HeldUpstream]]:
+    servers: dict[str, HeldUpstream] = {app: HeldUpstream(app) for app in APP_NAMES}
+    for server in servers.values():
+        await server.start()
+    yield servers
+    for server in servers.values():
+        server.release.set()
+        await server.stop()
+
+
+@pytest.fixture
+def upstream_ports(upstreams: dict[str, HeldUpstream]) -> dict[str, int]:
+    return {app: server.port for app, server in upstreams.items()}
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def reloads(text: str, result: str) -> float:
+    found = [
+        v
+        for labels, v in samples(text, "gateway_config_reloads_total")
+        if labels == {"result": result}
+    ]
+    return found[0] if found else 0.0
+
+
+def config_info(text: str) -> list[dict[str, str]]:
+    return [labels for labels, value in samples(text, "gateway_config_info") if value == 1]
+
+
+def edit_routes(folder: Path, old: str, new: str) -> str:
+    """Replace ``old`` (which must occur once) in the gateway's routes.toml, atomically."""
+    path = folder / "routes.toml"
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    replace_file(path, text.replace(old, new))
+    return text.replace(old, new)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write the whole file, then rename it into place: a watcher never sees half of it."""
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(text)
+    os.replace(scratch, path)
+
+
+async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send exact bytes on a fresh connection, read one response (status, lower-cased
+    headers, body). Unlike a client library it never retries on a dropped connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for line in lines:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def status_of(
+    client: aiohttp.ClientSession, url: str, headers: dict[str, str], method: str = "POST"
+) -> int:
+    async with client.request(method, url, headers=headers) as response:
+        await response.read()
+        return response.status
+
+
+async def metrics_text(client: aiohttp.ClientSession, admin_url: str) -> str:
+    async with client.get(admin_url) as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``check`` until it holds; fail (not hang) after a generous deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+@pytest.mark.parametrize(
+    ("new_route", "headers_for_200"),
+    [
+        pytest.param(
+            'path = "/api/v1/shipments/{id}/optimize"\nfeature = "ops.on_demand"\n',
+            "core",
+            id="feature-changed",
+        ),
+        pytest.param(
+            'path = "/api/v1/shipments/{id}/optimize"\npublic = true\n', "none", id="made-public"
+        ),
+    ],
+)
+async def test_reload_swaps_in_the_new_routes(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+    new_route: str,
+    headers_for_200: str,
+) -> None:
+    headers = {"X-License-Key": issue_key(tier="core")} if headers_for_200 == "core" else {}
+    async with running_gateway(tmp_path, key_dir, upstream_ports, extra=NO_WATCH) as gw:
+        url = gw.url("operations", OPTIMIZE)
+        assert await status_of(client, url, headers) in (401, 403)
+        before = await metrics_text(client, gw.admin_url("/metrics"))
+        old_matrix = config_info(before)[0]["matrix_sha"]
+
+        new_text = edit_routes(gw.folder, OPTIMIZE_ROUTE, new_route)
+        assert await gw.runtime.reload("test") is True
+
+        assert await status_of(client, url, headers) == 200
+        after = await metrics_text(client, gw.admin_url("/metrics"))
+    assert reloads(before, "success") == 0
+    assert reloads(after, "success") == 1
+    assert reloads(after, "failure") == 0
+    assert config_info(after) == [{"routes_sha": sha(new_text), "matrix_sha": old_matrix}]
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new"),
+    [
+        pytest.param("routes.toml", OPTIMIZE_ROUTE, "path = [[\n", id="routes-syntax-error"),
+        pytest.param(
+            "routes.toml",
+            OPTIMIZE_ROUTE,
+            OPTIMIZE_ROUTE.replace("ops.basic_shipment_optimization", "ops.teleportation"),
+            id="routes-unknown-feature",
+        ),
+        pytest.param(
+            "routes.toml",
+            OPTIMIZE_ROUTE,
+            OPTIMIZE_ROUTE + "bogus_key = 1\n",
+            id="routes-unknown-key",
+        ),
+        pytest.param("tier_matrix.toml", "[tiers.core]\n", "[tiers.core\n", id="matrix-syntax"),
+        pytest.param(
+            "tier_matrix.toml",
+            'inherits = "fleet"\n',
+            'inherits = "enterprise"\n',
+            id="matrix-inherits-cycle",
+        ),
+    ],
+)
+async def test_broken_file_keeps_the_last_good_rules(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+    file: str,
+    old: str,
+    new: str,
+) -> None:
+    core = {"X-License-Key": issue_key(tier="core")}
+    fleet = {"X-License-Key": issue_key(tier="fleet")}
+    async with running_gateway(tmp_path, key_dir, upstream_ports, extra=NO_WATCH) as gw:
+        url = gw.url("operations", OPTIMIZE)
+        before = await metrics_text(client, gw.admin_url("/metrics"))
+        path = gw.folder / file
+        good = path.read_text()
+        assert good.count(old) == 1, old
+        replace_file(path, good.replace(old, new))
+
+        assert await gw.runtime.reload("test") is False
+
+        assert await status_of(client, url, core) == 403
+        assert await status_of(client, url, fleet) == 200
+        after = await metrics_text(client, gw.admin_url("/metrics"))
+        assert reloads(after, "failure") == 1
+        assert reloads(after, "success") == 0
+        assert config_info(after) == config_info(before)
+
+        replace_file(path, good)  # fixed: the next reload succeeds again
+        assert await gw.runtime.reload("test") is True
+        assert await status_of(client, url, core) == 403
+        fixed = await metrics_text(client, gw.admin_url("/metrics"))
+    assert reloads(fixed, "success") == 1
+    assert reloads(fixed, "failure") == 1
+
+
+async def test_file_change_is_picked_up_by_the_watcher(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+) -> None:
+    core = {"X-License-Key": issue_key(tier="core")}
+    async with running_gateway(tmp_path, key_dir, upstream_ports, extra=FAST_WATCH) as gw:
+        url = gw.url("operations", OPTIMIZE)
+        metrics_url = gw.admin_url("/metrics")
+        assert await status_of(client, url, core) == 403
+
+        routes = gw.folder / "routes.toml"
+        good = routes.read_text()
+        replace_file(routes, good + "[[routes]\n")  # broken: counted, old rules stay
+
+        async def failure_counted() -> bool:
+            return reloads(await metrics_text(client, metrics_url), "failure") >= 1
+
+        await eventually(failure_counted, "the broken file to be noticed")
+        assert await status_of(client, url, core) == 403
+
+        edit_routes_text = good.replace(
+            OPTIMIZE_ROUTE,
+            OPTIMIZE_ROUTE.replace("ops.basic_shipment_optimization", "ops.on_demand"),
+        )
+        replace_file(routes, edit_routes_text)
+
+        async def new_rule_applies() -> bool:
+            return await status_of(client, url, core) == 200
+
+        await eventually(new_rule_applies, "the edited routes.toml to apply")
+        text = await metrics_text(client, metrics_url)
+    assert reloads(text, "success") >= 1
+    assert config_info(text)[0]["routes_sha"] == sha(edit_routes_text)
+
+
+async def test_watcher_notices_an_edit_within_one_timestamp_tick(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+) -> None:
+    """Filesystems stamp mtimes with a coarse clock (a jiffy, or a whole second), so an
+    edit right after the previous one can keep the same mtime; its size still differs."""
+    core = {"X-License-Key": issue_key(tier="core")}
+    async with running_gateway(tmp_path, key_dir, upstream_ports, extra=FAST_WATCH) as gw:
+        url = gw.url("operations", OPTIMIZE)
+        routes = gw.folder / "routes.toml"
+        stamp = routes.stat()
+        edited = routes.read_text().replace(
+            OPTIMIZE_ROUTE, 'path = "/api/v1/shipments/{id}/optimize"\nfeature = "ops.on_demand"\n'
+        )
+        routes.write_text(edited)  # in place, same inode
+        os.utime(routes, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+        async def new_rule_applies() -> bool:
+            return await status_of(client, url, core) == 200
+
+        await eventually(new_rule_applies, "the same-mtime edit to apply")
+
+
+# --------------------------------------------------------------------------- a real process
+
+
+class ServeProcess:
+    """``gateway serve`` in a subprocess, reachable at the harness's ports."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, listen: dict[str, int], admin: int):
+        self.proc = proc
+        self.listen = listen
+        self.admin = admin
+
+    def url(self, app: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.listen[app]}{path}"
+
+    def admin_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin}{path}"
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    folder: Path, key_dir: Path, upstream_ports: dict[str, int], client: aiohttp.ClientSession
+) -> AsyncIterator[ServeProcess]:
+    path, listen, admin = write_config(folder, key_dir, upstream_ports, extra=NO_WATCH)
+    log_path = folder / "serve.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--config",
+            str(path),
+            cwd=REPO,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+    running = ServeProcess(proc, listen, admin)
+    try:
+
+        async def ready() -> bool:
+            if proc.returncode is not None:
+                pytest.fail(f"gateway serve exited {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                async with client.get(running.admin_url("/readyz")) as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready, "gateway serve to be ready")
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_sighup_reloads_a_running_process(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+) -> None:
+    core = {"X-License-Key": issue_key(tier="core")}
+    async with serve(tmp_path, key_dir, upstream_ports, client) as gw:
+        url = gw.url("operations", OPTIMIZE)
+        metrics_url = gw.admin_url("/metrics")
+        assert await status_of(client, url, core) == 403
+
+        new_text = edit_routes(
+            tmp_path,
+            OPTIMIZE_ROUTE,
+            OPTIMIZE_ROUTE.replace("ops.basic_shipment_optimization", "ops.on_demand"),
+        )
+        gw.proc.send_signal(signal.SIGHUP)
+
+        async def new_rule_applies() -> bool:
+            return await status_of(client, url, core) == 200
+
+        await eventually(new_rule_applies, "SIGHUP to reload routes.toml")
+        text = await metrics_text(client, metrics_url)
+        assert reloads(text, "success") == 1
+        assert config_info(text)[0]["routes_sha"] == sha(new_text)
+
+        replace_file(tmp_path / "routes.toml", new_text + "[[routes]\n")
+        gw.proc.send_signal(signal.SIGHUP)
+
+        async def failure_counted() -> bool:
+            return reloads(await metrics_text(client, metrics_url), "failure") == 1
+
+        await eventually(failure_counted, "SIGHUP with a broken file to be counted")
+        assert await status_of(client, url, core) == 200  # the last good rules stay
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gw.proc.wait(), DEADLINE) == 0
+
+
+async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, HeldUpstream],
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+) -> None:
+    core = {"X-License-Key": issue_key(tier="core")}
+    held = upstreams["operations"]
+    async with serve(tmp_path, key_dir, upstream_ports, client) as gw:
+
+        async def slow_request() -> tuple[int, dict[str, str], bytes]:
+            return await raw_exchange(
+                gw.listen["operations"],
+                b"GET /slow/1 HTTP/1.1\r\nHost: ops.example\r\nX-License-Key: "
+                + core["X-License-Key"].encode()
+                + b"\r\n\r\n",
+            )
+
+        # a keep-alive connection that is idle when SIGTERM comes must not hold up the exit
+        idle_reader, idle_writer = await asyncio.open_connection(
+            "127.0.0.1", gw.listen["client_portal"]
+        )
+        idle_writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: portal.example\r\n\r\n")
+        head = await idle_reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        await idle_reader.readexactly(length)
+
+        in_flight = asyncio.get_running_loop().create_task(slow_request())
+        await asyncio.wait_for(held.slow_started.wait(), DEADLINE)
+
+        gw.proc.send_signal(signal.SIGTERM)
+
+        async def refused() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", gw.listen["operations"])
+            except ConnectionRefusedError:
+                return True
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            return False
+
+        await eventually(refused, "the listener to close after SIGTERM")
+        assert await asyncio.wait_for(idle_reader.read(), DEADLINE) == b""  # closed by the gateway
+        idle_writer.close()
+        for app in APP_NAMES:
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", gw.listen[app])
+        async with client.get(gw.admin_url("/readyz")) as response:
+            assert response.status == 503  # draining: take this instance out of rotation
+            assert (await response.json())["draining"] is True
+        assert not in_flight.done()  # the upstream has not answered yet
+
+        held.release.set()
+        status, headers, body = await asyncio.wait_for(in_flight, DEADLINE)
+        assert status == 200
+        assert json.loads(body)["path"] == "/slow/1"
+        assert headers["connection"].lower() == "close"
+        assert await asyncio.wait_for(gw.proc.wait(), DEADLINE) == 0
