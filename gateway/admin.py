@@ -11,7 +11,10 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.metrics import multiprocess_dir
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -20,8 +23,14 @@ RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """This process's metrics, or with ``--workers N`` (prometheus-client multiprocess
+    mode) the sum over every worker, whichever worker answers the scrape."""
     runtime = request.app[RUNTIME]
-    body = generate_latest(runtime.metrics.registry)
+    registry = runtime.metrics.registry
+    if multiprocess_dir() is not None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway (listeners + admin)")
     serve.add_argument("--config", type=Path, default=Path("gateway.toml"))
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the listeners"
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     explain = commands.add_parser("explain", help="show the decision for one request")
     explain.add_argument("--config", type=Path, default=Path("gateway.toml"))
@@ -163,8 +167,15 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.workers > 1:
+        from gateway.runtime import supervise
+
+        return supervise(args.config, args.workers, args.log_level)
+
     async def run() -> None:
-        runtime = Runtime(args.config)
+        runtime = Runtime(args.config, reuse_port=args.reuse_port)
         await runtime.start()
         runtime.install_signal_handlers()
         await runtime.wait_closed()

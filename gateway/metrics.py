@@ -11,9 +11,17 @@ ever becomes a label (it goes into events instead).
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from gateway.matrix import APP_NAMES, AppName, TierMatrix
+
+
+def multiprocess_dir() -> str | None:
+    """Set (by ``gateway serve --workers N``) when metrics are shared between workers."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
 
 OUTCOMES = ("allowed", "blocked", "classic", "public", "unlicensed", "rejected", "upstream_error")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "bad_response", "overloaded")
@@ -117,7 +125,9 @@ class Metrics:
             "Revisions of the loaded routes and tier matrix",
             ["routes_sha", "matrix_sha"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+        self._info_labels: tuple[str, str] | None = None
         self.events_dropped = Counter(
             "gateway_events_dropped", "Analytics events dropped", ["sink"], registry=r
         )
@@ -138,7 +148,13 @@ class Metrics:
 
     def config_loaded(self, routes_sha: str, matrix: TierMatrix) -> None:
         """Expose the new revisions and bind feature-block children for the new matrix."""
-        self.config_info.clear()
-        self.config_info.labels(routes_sha=routes_sha, matrix_sha=matrix.sha).set(1)
+        labels = (routes_sha, matrix.sha)
+        if self._info_labels is not None and self._info_labels != labels:
+            if multiprocess_dir() is None:
+                self.config_info.clear()
+            else:  # the files of multiprocess mode cannot forget a series: zero it
+                self.config_info.labels(*self._info_labels).set(0)
+        self._info_labels = labels
+        self.config_info.labels(*labels).set(1)
         for app, children in self._apps.items():
             children.bind_features(app, matrix)

@@ -273,3 +273,71 @@ def _upstream_address(url: str) -> tuple[str, int]:
         host, port = split_host_port(rest)
         return host, port
     return rest.strip("[]"), 80
+
+
+def supervise(config_path: Path, workers: int, log_level: str) -> int:
+    """``gateway serve --workers N``: N worker processes share the listeners through
+    ``SO_REUSEPORT`` (the kernel spreads connections), and their metrics through
+    prometheus-client multiprocess mode, so any worker answers ``/metrics`` for all.
+
+    The supervisor forwards SIGHUP (reload) and SIGTERM/SIGINT (drain, then exit) to the
+    workers and restarts a worker that dies unexpectedly."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from prometheus_client import multiprocess
+
+    load_config(config_path)  # fail here, once, with the full list of problems
+    metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    command = [
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
+        "--log-level", log_level, "--reuse-port",
+    ]  # fmt: skip
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(command, env={**env, "GATEWAY_WORKER": str(index)})
+        log.info("worker %d started (pid %d)", index, child.pid)
+        return child
+
+    try:
+        children = [spawn(index) for index in range(workers)]
+        while True:
+            while received:
+                signum = received.pop(0)
+                if signum == signal.SIGHUP:
+                    for child in children:
+                        child.send_signal(signal.SIGHUP)
+                else:
+                    stopping = True
+                    for child in children:
+                        child.send_signal(signal.SIGTERM)
+            if stopping:
+                if all(child.poll() is not None for child in children):
+                    return 0
+            else:
+                for index, child in enumerate(children):
+                    if child.poll() is not None:
+                        log.error("worker %d exited with %s; restarting", index, child.returncode)
+                        multiprocess.mark_process_dead(child.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+                        time.sleep(0.5)  # a worker that cannot start must not spin
+                        children[index] = spawn(index)
+            time.sleep(0.1)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""``gateway serve --workers N``: SO_REUSEPORT listeners and metrics summed over workers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.matrix import APP_NAMES
+from tests.conftest import IssueKey
+from tests.harness import EchoUpstream, write_config
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
+    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
+    for server in servers.values():
+        await server.start()
+    yield servers
+    for server in servers.values():
+        await server.stop()
+
+
+async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(200):
+        try:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never became ready")
+
+
+def _allowed(metrics: str) -> float:
+    found = re.search(
+        r'^gateway_requests_total\{app="operations",outcome="allowed"\} (\S+)$', metrics, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_two_workers_share_listeners_and_metrics(
+    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+) -> None:
+    ports = {app: server.port for app, server in upstreams.items()}
+    config, listen, admin = write_config(tmp_path, key_dir, ports)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+        "--workers", "2", "--log-level", "WARNING",
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _wait_ready(session, f"http://127.0.0.1:{admin}/readyz")
+            key = issue_key(tier="core")
+            sent = 40
+            for _ in range(sent):
+                # A new connection each time, so the kernel spreads them over the workers.
+                async with session.get(
+                    f"http://127.0.0.1:{listen['operations']}/api/v1/shipments",
+                    headers={"X-License-Key": key, "Connection": "close"},
+                ) as response:
+                    assert response.status == 200
+            # Whichever worker answers the scrape reports the total of both.
+            for _ in range(6):
+                async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+                    assert _allowed(await response.text()) == sent
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
