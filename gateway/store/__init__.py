@@ -1,21 +1,31 @@
 """The tenant store: current licenses, suspensions and revocations per tenant (DESIGN §7).
 
-One interface, engines chosen by URL (``open_store``), like uvicorn's ``LOOP_FACTORIES``.
-Stores keep raw license keys; records handed to the decision carry verified ``License``
-objects, so a key the key ring no longer trusts never counts.
+One interface, engines chosen by URL (``open_store``), like uvicorn's ``LOOP_FACTORIES``:
+``memory://`` (tests, demos), ``sqlite:///path`` (the embedded default) and
+``redis://host:port/db`` (fleets of sidecars sharing state). Stores keep raw license keys;
+records handed to the decision carry verified ``License`` objects, so a key the key ring no
+longer trusts never counts.
 
     store = open_store("memory://", keyring)
     await store.put_license(token)
     record = await store.get("acme")
+
+Every write names the tenant it changed on ``changes()``, so caches in front of the store
+(in this process, or in every process sharing a Redis) drop that tenant at once.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from gateway.decision import TenantRecord
-from gateway.license import KeyRing
+from gateway.errors import LicenseError
+from gateway.license import KeyRing, License
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -23,7 +33,9 @@ class StoreError(Exception):
 
 
 class TenantStore(abc.ABC):
-    """What every engine offers. Engines answer for themselves; caching is the caller's."""
+    """What every engine offers. Engines answer for themselves; caching is the caller's.
+
+    Engines raise ``StoreError`` (and only that) when the backend cannot answer."""
 
     url: str
 
@@ -32,17 +44,95 @@ class TenantStore(abc.ABC):
         """The tenant's record, or None if the store has never heard of it."""
 
     @abc.abstractmethod
-    async def put_license(self, token: str) -> bool:
-        """Store a (verified) key; False if the tenant already has this or a newer serial."""
+    async def put_license(self, token: str) -> License | None:
+        """Verify and store a key. Returns the verified license, or None when the tenant
+        already holds this or a newer serial (an out-of-order older key never replaces a
+        newer one). Raises ``LicenseError`` for a key that does not verify."""
 
     @abc.abstractmethod
-    async def set_suspended(self, tenant: str, suspended: bool) -> None: ...
+    async def set_suspended(self, tenant: str, suspended: bool) -> bool:
+        """Suspend or reinstate; True if that changed anything."""
 
     @abc.abstractmethod
-    async def revoke(self, tenant: str, license_id: str) -> None: ...
+    async def revoke(self, tenant: str, license_id: str) -> bool:
+        """Revoke one license id; True if it was not revoked before."""
+
+    @abc.abstractmethod
+    async def set_usage(self, tenant: str, ops_users: int, drivers: int) -> None:
+        """Seats in use (reported by the upstream or billing)."""
+
+    @abc.abstractmethod
+    async def claim_event(self, event_id: str) -> bool:
+        """Record a provisioning event id; False if it was already recorded (atomic)."""
+
+    @abc.abstractmethod
+    async def import_classic_key(self, tenant: str, key: str) -> None:
+        """Remember a classic X Dispatch key (for ``license.classic_keys = "store"``)."""
+
+    @abc.abstractmethod
+    async def is_classic_key(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def tenants(self) -> list[str]:
+        """Every tenant id the store knows (for the CLI)."""
+
+    @abc.abstractmethod
+    def changes(self) -> AsyncIterator[str]:
+        """Tenant ids as they change, from this process and (Redis) every other one."""
+
+    async def ping(self) -> bool:
+        """True when the backend answers."""
+        return True
 
     async def close(self) -> None:
         return None
+
+
+class StoredKeys:
+    """Stored tokens back to verified licenses, newest serial first. A stored key that no
+    longer verifies (its signing key was rotated out) is skipped and logged once."""
+
+    def __init__(self, keyring: KeyRing, engine: str) -> None:
+        self.keyring = keyring
+        self._engine = engine
+        self._warned: set[str] = set()
+
+    def licenses(self, tenant: str, tokens: Iterable[str]) -> tuple[License, ...]:
+        licenses: list[License] = []
+        for token in tokens:
+            try:
+                licenses.append(self.keyring.verify(token))
+            except LicenseError as exc:
+                if token not in self._warned:
+                    self._warned.add(token)
+                    log.warning(
+                        "%s store: a stored key of tenant %r no longer verifies (%s); ignored",
+                        self._engine,
+                        tenant,
+                        exc,
+                    )
+        licenses.sort(key=lambda lic: -lic.claims.serial)
+        return tuple(licenses)
+
+
+class LocalChanges:
+    """Fan-out of changed tenant ids to the ``changes()`` iterators of one process."""
+
+    def __init__(self) -> None:
+        self._queues: list[asyncio.Queue[str]] = []
+
+    def publish(self, tenant: str) -> None:
+        for queue in self._queues:
+            queue.put_nowait(tenant)
+
+    async def subscribe(self) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queues.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._queues.remove(queue)
 
 
 StoreFactory = Callable[[str, KeyRing], TenantStore]
@@ -54,11 +144,31 @@ def _memory(url: str, keyring: KeyRing) -> TenantStore:
     return MemoryStore(url, keyring)
 
 
-STORE_FACTORIES: dict[str, StoreFactory] = {"memory": _memory}
+def _sqlite(url: str, keyring: KeyRing) -> TenantStore:
+    from gateway.store.sqlite import SqliteStore
+
+    return SqliteStore(url, keyring)
+
+
+def _redis(url: str, keyring: KeyRing) -> TenantStore:
+    try:
+        from gateway.store.redis_store import RedisStore
+    except ImportError as exc:  # the optional dependency
+        raise ValueError(
+            f"store.url {url!r} needs the redis package: pip install 'redis>=5'"
+        ) from exc
+    return RedisStore(url, keyring)
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {
+    "memory": _memory,
+    "sqlite": _sqlite,
+    "redis": _redis,
+}
 
 
 def open_store(url: str, keyring: KeyRing) -> TenantStore:
-    """The engine for ``url`` (``memory://``; ``sqlite://`` and ``redis://`` come later)."""
+    """The engine for ``url``: ``memory://``, ``sqlite:///path``, ``redis://host:port/db``."""
     scheme = url.split("://", 1)[0]
     factory = STORE_FACTORIES.get(scheme)
     if factory is None:

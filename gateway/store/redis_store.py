@@ -1,0 +1,309 @@
+"""Redis tenant store: fleets of sidecars sharing one Redis (DESIGN §7).
+
+``redis://host:port/db`` (``rediss://`` for TLS, credentials in the URL as usual), with the
+``redis`` package's asyncio client. Key layout, under a prefix (default ``gw:``):
+
+============================  ==========  ====================================================
+``gw:tenants``                set         every tenant id the store knows
+``gw:lic:<tenant>``           sorted set  raw license keys scored by ``serial``
+``gw:state:<tenant>``         hash        ``suspended`` (``0``/``1``), ``ops_users``, ``drivers``
+``gw:revoked:<tenant>``       set         revoked license ids (``jti``)
+``gw:event:<event id>``       string      a claimed provisioning event (``SET NX``, 30 days)
+``gw:classic``                hash        classic key → tenant
+``gw:changes``                channel     the tenant id of every write, from every instance
+============================  ==========  ====================================================
+
+Writes are Lua scripts, so each is atomic against every other instance (an older serial never
+replaces a newer one however two writers interleave) and publishes the tenant id on the
+channel in the same step. ``changes()`` subscribes to that channel: a change made through any
+instance reaches every instance's cache at once. When Redis goes away the iterator reconnects
+with backoff and, once back, names every known tenant, since changes published while it was
+away are lost.
+
+Short socket timeouts (connect 1 s, command 2 s, one retry on a fresh connection) make an
+outage a ``StoreError`` within seconds, never a hang; the caller keeps serving from its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from gateway.decision import TenantRecord
+from gateway.license import KeyRing, License, Seats
+from gateway.store import StoredKeys, StoreError, TenantStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "gw:"
+EVENT_TTL_SECONDS = 30 * 86400
+CONNECT_TIMEOUT = 1.0
+COMMAND_TIMEOUT = 2.0
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+HEARTBEAT_SECONDS = 5.0  # a silent subscription is PINGed; no answer within this → reconnect
+POLL_SECONDS = 1.0  # how often a waiting changes() iterator looks at the clock and close()
+
+# KEYS: licenses, tenants. ARGV: serial, token, tenant, channel.
+PUT_LICENSE = """
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if top[2] ~= nil and tonumber(top[2]) >= tonumber(ARGV[1]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return 1
+"""
+
+# KEYS: state, tenants. ARGV: tenant, "1" or "0", channel.
+SET_SUSPENDED = """
+local known = redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
+local current = redis.call('HGET', KEYS[1], 'suspended')
+if known and (current == '1') == (ARGV[2] == '1') then
+    return 0
+end
+redis.call('HSET', KEYS[1], 'suspended', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: revoked, tenants. ARGV: license id, tenant, channel.
+REVOKE = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then
+    return 0
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS: state, tenants. ARGV: tenant, ops_users, drivers, channel.
+SET_USAGE = """
+redis.call('HSET', KEYS[1], 'ops_users', ARGV[2], 'drivers', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
+"""
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+class RedisStore(TenantStore):
+    def __init__(
+        self,
+        url: str,
+        keyring: KeyRing,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        command_timeout: float = COMMAND_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self._where = redacted(url)
+        self._keyring = keyring
+        self._prefix = prefix
+        self._channel = f"{prefix}changes"
+        self._tenants_key = f"{prefix}tenants"
+        self._classic_key = f"{prefix}classic"
+        self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=command_timeout,
+            # One retry on a fresh connection when the connection broke: a pooled connection
+            # that died with a Redis restart must not fail the first command after it. No
+            # retry after a timeout, so a hung Redis costs one command timeout, not two.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._put_license = self._redis.register_script(PUT_LICENSE)
+        self._set_suspended = self._redis.register_script(SET_SUSPENDED)
+        self._revoke = self._redis.register_script(REVOKE)
+        self._set_usage = self._redis.register_script(SET_USAGE)
+        self._closed = asyncio.Event()
+        self._keys = StoredKeys(keyring, "redis")
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}{kind}:{name}"
+
+    @contextlib.contextmanager
+    def _errors(self, op: str) -> Iterator[None]:
+        """Anything Redis raises (unreachable, timed out, an error reply) → ``StoreError``."""
+        if self._closed.is_set():
+            raise StoreError(f"redis store {self._where}: {op}: the store is closed")
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise StoreError(
+                f"redis store {self._where}: {op}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        with self._errors("get"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.sismember(self._tenants_key, tenant)
+                pipe.zrevrange(self._key("lic", tenant), 0, -1)
+                pipe.hgetall(self._key("state", tenant))
+                pipe.smembers(self._key("revoked", tenant))
+                known, tokens, state, revoked = await pipe.execute()
+        if not known:
+            return None
+        return TenantRecord(
+            tenant,
+            suspended=state.get("suspended") == "1",
+            revoked=frozenset(revoked),
+            licenses=self._keys.licenses(tenant, tokens),
+            usage=_usage(state),
+        )
+
+    async def is_classic_key(self, key: str) -> bool:
+        with self._errors("is_classic_key"):
+            return bool(await self._redis.hexists(self._classic_key, key))
+
+    async def tenants(self) -> list[str]:
+        with self._errors("tenants"):
+            members = await self._redis.smembers(self._tenants_key)
+        return sorted(str(member) for member in members)
+
+    async def ping(self) -> bool:
+        try:
+            with self._errors("ping"):
+                return bool(await self._redis.ping())
+        except StoreError:
+            return False
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def put_license(self, token: str) -> License | None:
+        lic = self._keyring.verify(token)  # LicenseError before anything is stored
+        tenant = lic.claims.sub
+        with self._errors("put_license"):
+            stored: int = await self._put_license(
+                keys=[self._key("lic", tenant), self._tenants_key],
+                args=[lic.claims.serial, token, tenant, self._channel],
+            )
+        return lic if stored == 1 else None
+
+    async def set_suspended(self, tenant: str, suspended: bool) -> bool:
+        with self._errors("set_suspended"):
+            changed: int = await self._set_suspended(
+                keys=[self._key("state", tenant), self._tenants_key],
+                args=[tenant, "1" if suspended else "0", self._channel],
+            )
+        return changed == 1
+
+    async def revoke(self, tenant: str, license_id: str) -> bool:
+        with self._errors("revoke"):
+            changed: int = await self._revoke(
+                keys=[self._key("revoked", tenant), self._tenants_key],
+                args=[license_id, tenant, self._channel],
+            )
+        return changed == 1
+
+    async def set_usage(self, tenant: str, ops_users: int, drivers: int) -> None:
+        with self._errors("set_usage"):
+            await self._set_usage(
+                keys=[self._key("state", tenant), self._tenants_key],
+                args=[tenant, ops_users, drivers, self._channel],
+            )
+
+    async def claim_event(self, event_id: str) -> bool:
+        with self._errors("claim_event"):
+            claimed = await self._redis.set(
+                self._key("event", event_id), "1", nx=True, ex=EVENT_TTL_SECONDS
+            )
+        return bool(claimed)
+
+    async def import_classic_key(self, tenant: str, key: str) -> None:
+        with self._errors("import_classic_key"):
+            await self._redis.hset(self._classic_key, key, tenant)
+
+    # -- invalidation -----------------------------------------------------------------------
+
+    def changes(self) -> AsyncIterator[str]:
+        return self._listen()
+
+    async def _listen(self) -> AsyncIterator[str]:
+        """Tenant ids published by every instance; survives outages, ends on ``close()``."""
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_START
+        failed = False
+        while not self._closed.is_set():
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                if failed:
+                    # Whatever was published while we were away is lost: name every tenant.
+                    log.info("redis store %s: subscribed again to %s", self._where, self._channel)
+                    for tenant in sorted(await self._redis.smembers(self._tenants_key)):
+                        yield str(tenant)
+                failed, delay = False, BACKOFF_START
+                last_heard, pinged = loop.time(), False
+                while not self._closed.is_set():
+                    message: dict[str, Any] | None = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=POLL_SECONDS
+                    )
+                    now = loop.time()
+                    if message is not None:
+                        last_heard, pinged = now, False
+                        if message["type"] == "message":
+                            yield str(message["data"])
+                    elif now - last_heard > HEARTBEAT_SECONDS:
+                        if pinged:
+                            raise RedisConnectionError("no answer to PING on the subscription")
+                        await pubsub.ping()
+                        last_heard, pinged = now, True
+            except (RedisError, OSError) as exc:
+                if not failed:
+                    log.warning(
+                        "redis store %s: subscription to %s lost (%s: %s); reconnecting",
+                        self._where,
+                        self._channel,
+                        type(exc).__name__,
+                        exc,
+                    )
+                failed = True
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    # PubSub.aclose is not annotated in redis-py.
+                    await cast("Callable[[], Awaitable[None]]", pubsub.aclose)()
+            if self._closed.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+
+def _usage(state: dict[str, str]) -> Seats | None:
+    ops_users, drivers = state.get("ops_users"), state.get("drivers")
+    if ops_users is None or drivers is None:
+        return None
+    return Seats(int(ops_users), int(drivers))

@@ -1,0 +1,363 @@
+"""SQLite tenant store: the embedded default, one file that survives restarts (DESIGN §7).
+
+``sqlite:///var/lib/gateway/tenants.db`` (an absolute path), ``sqlite://tenants.db``
+(relative to the working directory) or ``sqlite:///:memory:`` (one connection, gone on
+``close()``). The standard-library ``sqlite3`` runs on one worker thread owned by the store,
+so the event loop never waits on the disk; the connection lives on that thread only.
+
+The file is opened (and the schema created) on first use, so a path that cannot be opened is
+a ``StoreError`` naming the path from the first call, and the next call tries again. WAL mode
+with ``synchronous=NORMAL``: readers never block the writer, and a committed change survives
+a crash of the process (a power loss may drop the last transactions, never corrupt the file).
+Every write is one ``BEGIN IMMEDIATE`` transaction, so a crash never leaves half a change and
+two stores on the same file (two processes) serialise their writes.
+
+Keys are stored raw; ``get`` verifies them with the key ring each time, so a key whose signing
+key was removed from the ring stops counting at once (logged once per key).
+
+``changes()`` names the tenants changed through this store object only: processes sharing a
+file do not see each other's changes (their caches expire them; Redis is the engine for fleets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from gateway.decision import TenantRecord
+from gateway.license import KeyRing, License, Seats
+from gateway.store import LocalChanges, StoredKeys, StoreError, TenantStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_SECONDS = 5.0  # wait this long for another writer on the same file
+EVENT_RETENTION_SECONDS = 30 * 86400  # like the Redis engine's expiry of event ids
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant    TEXT PRIMARY KEY,
+    suspended INTEGER NOT NULL DEFAULT 0,
+    ops_users INTEGER,
+    drivers   INTEGER
+);
+CREATE TABLE IF NOT EXISTS licenses (
+    tenant     TEXT NOT NULL,
+    serial     INTEGER NOT NULL,
+    token      TEXT NOT NULL,
+    license_id TEXT NOT NULL,
+    stored_at  REAL NOT NULL,
+    PRIMARY KEY (tenant, serial)
+);
+CREATE TABLE IF NOT EXISTS revoked (
+    tenant     TEXT NOT NULL,
+    license_id TEXT NOT NULL,
+    revoked_at REAL NOT NULL,
+    PRIMARY KEY (tenant, license_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id   TEXT PRIMARY KEY,
+    claimed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS classic_keys (
+    key    TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL
+);
+"""
+
+
+def sqlite_path(url: str) -> str:
+    """The database path of a ``sqlite://`` URL (``:memory:`` for an in-memory database)."""
+    if not url.startswith("sqlite://"):
+        raise ValueError(f"store.url {url!r}: expected sqlite:///path/to/file.db")
+    rest = url.removeprefix("sqlite://")
+    if rest in ("/:memory:", ":memory:"):
+        return ":memory:"
+    if not rest or rest == "/":
+        raise ValueError(f"store.url {url!r}: no database path (sqlite:///path/to/file.db)")
+    return rest
+
+
+class SqliteStore(TenantStore):
+    def __init__(self, url: str, keyring: KeyRing) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        self._keyring = keyring
+        self._changes = LocalChanges()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._closed = False
+        # Touched on the worker thread only.
+        self._conn: sqlite3.Connection | None = None
+        self._keys = StoredKeys(keyring, "sqlite")
+
+    # -- the worker thread ------------------------------------------------------------------
+
+    async def _run(self, op: str, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``job`` with the open connection on the worker thread; errors → StoreError."""
+        if self._closed:
+            raise StoreError(f"sqlite store {self.path}: {op}: the store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._call, op, job)
+        except RuntimeError as exc:  # executor shut down by a concurrent close()
+            raise StoreError(f"sqlite store {self.path}: {op}: the store is closed") from exc
+
+    def _call(self, op: str, job: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        try:
+            return job(conn)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:  # the job's own rollback failed too
+                with contextlib.suppress(sqlite3.Error):
+                    conn.rollback()
+            raise StoreError(f"sqlite store {self.path}: {op}: {_describe(exc)}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,  # transactions are explicit: BEGIN … COMMIT
+            )  # created on the worker thread, used there only (sqlite3 checks that)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"sqlite store {self.path}: cannot open the database: {_describe(exc)}"
+            ) from exc
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Pragmas, schema and housekeeping, once per connection."""
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"sqlite store {self.path}: schema version {version} is newer than "
+                        f"this gateway's ({SCHEMA_VERSION}); upgrade the gateway"
+                    )
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute(
+                    "DELETE FROM events WHERE claimed_at < ?",
+                    (time.time() - EVENT_RETENTION_SECONDS,),
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"sqlite store {self.path}: cannot open the database: {_describe(exc)}"
+            ) from exc
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def get(self, tenant: str) -> TenantRecord | None:
+        return await self._run("get", lambda conn: self._get(conn, tenant))
+
+    def _get(self, conn: sqlite3.Connection, tenant: str) -> TenantRecord | None:
+        with _transaction(conn, "BEGIN"):
+            row = conn.execute(
+                "SELECT suspended, ops_users, drivers FROM tenants WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            if row is None:
+                return None
+            suspended, ops_users, drivers = row
+            tokens = [
+                token
+                for (token,) in conn.execute(
+                    "SELECT token FROM licenses WHERE tenant = ? ORDER BY serial DESC", (tenant,)
+                )
+            ]
+            revoked = frozenset(
+                license_id
+                for (license_id,) in conn.execute(
+                    "SELECT license_id FROM revoked WHERE tenant = ?", (tenant,)
+                )
+            )
+        usage = None if ops_users is None or drivers is None else Seats(ops_users, drivers)
+        return TenantRecord(
+            tenant,
+            suspended=bool(suspended),
+            revoked=revoked,
+            licenses=self._keys.licenses(tenant, tokens),
+            usage=usage,
+        )
+
+    async def is_classic_key(self, key: str) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM classic_keys WHERE key = ?", (key,)).fetchone()
+            return row is not None
+
+        return await self._run("is_classic_key", job)
+
+    async def tenants(self) -> list[str]:
+        def job(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT tenant FROM tenants ORDER BY tenant").fetchall()
+            return [tenant for (tenant,) in rows]
+
+        return await self._run("tenants", job)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run("ping", lambda conn: conn.execute("SELECT 1").fetchone())
+        except StoreError:
+            return False
+        return True
+
+    # -- writes -----------------------------------------------------------------------------
+
+    async def put_license(self, token: str) -> License | None:
+        lic = self._keyring.verify(token)  # LicenseError before anything is stored
+        claims = lic.claims
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                (held,) = conn.execute(
+                    "SELECT MAX(serial) FROM licenses WHERE tenant = ?", (claims.sub,)
+                ).fetchone()
+                if held is not None and held >= claims.serial:
+                    return False
+                conn.execute(
+                    "INSERT INTO licenses (tenant, serial, token, license_id, stored_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (claims.sub, claims.serial, token, claims.jti, time.time()),
+                )
+                conn.execute("INSERT OR IGNORE INTO tenants (tenant) VALUES (?)", (claims.sub,))
+                return True
+
+        if not await self._run("put_license", job):
+            return None
+        self._changes.publish(claims.sub)
+        return lic
+
+    async def set_suspended(self, tenant: str, suspended: bool) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                row = conn.execute(
+                    "SELECT suspended FROM tenants WHERE tenant = ?", (tenant,)
+                ).fetchone()
+                if row is not None and bool(row[0]) == suspended:
+                    return False
+                conn.execute(
+                    "INSERT INTO tenants (tenant, suspended) VALUES (?, ?) "
+                    "ON CONFLICT (tenant) DO UPDATE SET suspended = excluded.suspended",
+                    (tenant, int(suspended)),
+                )
+                return True
+
+        changed = await self._run("set_suspended", job)
+        if changed:
+            self._changes.publish(tenant)
+        return changed
+
+    async def revoke(self, tenant: str, license_id: str) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO revoked (tenant, license_id, revoked_at) "
+                    "VALUES (?, ?, ?)",
+                    (tenant, license_id, time.time()),
+                ).rowcount
+                if not inserted:
+                    return False
+                conn.execute("INSERT OR IGNORE INTO tenants (tenant) VALUES (?)", (tenant,))
+                return True
+
+        changed = await self._run("revoke", job)
+        if changed:
+            self._changes.publish(tenant)
+        return changed
+
+    async def set_usage(self, tenant: str, ops_users: int, drivers: int) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                conn.execute(
+                    "INSERT INTO tenants (tenant, ops_users, drivers) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tenant) DO UPDATE "
+                    "SET ops_users = excluded.ops_users, drivers = excluded.drivers",
+                    (tenant, ops_users, drivers),
+                )
+
+        await self._run("set_usage", job)
+        self._changes.publish(tenant)
+
+    async def claim_event(self, event_id: str) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                inserted: int = conn.execute(
+                    "INSERT OR IGNORE INTO events (event_id, claimed_at) VALUES (?, ?)",
+                    (event_id, time.time()),
+                ).rowcount
+            return inserted == 1
+
+        return await self._run("claim_event", job)
+
+    async def import_classic_key(self, tenant: str, key: str) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                conn.execute(
+                    "INSERT INTO classic_keys (key, tenant) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET tenant = excluded.tenant",
+                    (key, tenant),
+                )
+
+        await self._run("import_classic_key", job)
+
+    def changes(self) -> AsyncIterator[str]:
+        return self._changes.subscribe()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._close_connection)
+        finally:
+            self._executor.shutdown(wait=False)
+
+
+class _transaction:
+    """``with _transaction(conn, "BEGIN IMMEDIATE"):`` commits on success, rolls back on error."""
+
+    __slots__ = ("_conn", "_begin")
+
+    def __init__(self, conn: sqlite3.Connection, begin: str) -> None:
+        self._conn = conn
+        self._begin = begin
+
+    def __enter__(self) -> None:
+        self._conn.execute(self._begin)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+        elif self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{exc} ({name})" if name else str(exc)

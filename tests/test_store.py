@@ -1,0 +1,681 @@
+"""The tenant store: one behavioural suite over the three engines (memory, SQLite on a file,
+Redis against a real ``redis-server``), then what only one engine promises (SQLite: data
+survives a restart, a bad path is a clear ``StoreError``; Redis: changes reach every
+instance, an outage is a ``StoreError`` and the store recovers when Redis is back).
+
+Nothing asserts a duration: waits are deadlines for something to happen."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.errors import LicenseError
+from gateway.license import KeyRing, LicenseClaims, Seats, sign_license
+from gateway.store import StoreError, TenantStore, open_store
+from gateway.store.memory import MemoryStore
+from gateway.store.redis_store import RedisStore, redacted
+from gateway.store.sqlite import SqliteStore, sqlite_path
+from tests.conftest import IssueKey
+from tests.redis_server import RedisServer, RedisServerError
+
+DEADLINE = 15.0  # seconds to wait for something that should happen (never asserted)
+PROBE = "_probe"  # the tenant written until a changes() iterator is known to be listening
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+
+def start_redis(folder: Path) -> RedisServer:
+    """A running server, or a failed test saying why (never a skip)."""
+    try:
+        return RedisServer.start(folder)
+    except RedisServerError as exc:
+        reason = str(exc)
+    pytest.fail(reason, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server for the session; each test uses its own key prefix."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, for outages."""
+    server = start_redis(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+class Backend:
+    """Opens store objects on one backend: the same data for SQLite (one file) and Redis (one
+    server, one prefix); a fresh, unrelated store each time for memory."""
+
+    def __init__(self, engine: str, make: Callable[[KeyRing], TenantStore], keyring: KeyRing):
+        self.engine = engine
+        self._make = make
+        self._keyring = keyring
+        self._opened: list[TenantStore] = []
+
+    def open(self, keyring: KeyRing | None = None) -> TenantStore:
+        store = self._make(keyring or self._keyring)
+        self._opened.append(store)
+        return store
+
+    async def close(self) -> None:
+        for store in self._opened:
+            await store.close()
+
+
+def make_backend(
+    engine: str, request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
+) -> Backend:
+    if engine == "memory":
+        return Backend(engine, lambda ring: MemoryStore("memory://", ring), keyring)
+    if engine == "sqlite":
+        url = f"sqlite://{tmp_path / 'tenants.db'}"
+        return Backend(engine, lambda ring: SqliteStore(url, ring), keyring)
+    assert engine == "redis"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    return Backend(engine, lambda ring: RedisStore(server.url, ring, prefix=prefix), keyring)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
+) -> AsyncIterator[Backend]:
+    opened = make_backend(request.param, request, tmp_path, keyring)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def shared(
+    request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
+) -> AsyncIterator[Backend]:
+    """The engines where two store objects (two processes) share the data."""
+    opened = make_backend(request.param, request, tmp_path, keyring)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> TenantStore:
+    return backend.open()
+
+
+# -- watching changes() ---------------------------------------------------------------------
+
+
+class Watcher:
+    """The tenant ids a ``changes()`` iterator yields, collected by a background task."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+
+    async def next(self) -> str:
+        """The next change that is not a probe (fails after the deadline)."""
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                tenant = await self.queue.get()
+                if tenant != PROBE:
+                    return tenant
+
+    async def until_seen(self, tenant: str, write: Callable[[], Awaitable[object]]) -> None:
+        """Repeat ``write`` until ``tenant`` shows up (for iterators that are reconnecting)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while True:
+            try:
+                await write()
+            except StoreError:
+                pass  # the backend is not back yet
+            try:
+                async with asyncio.timeout(0.2):
+                    while await self.queue.get() != tenant:
+                        pass
+                return
+            except TimeoutError:
+                if loop.time() > deadline:
+                    raise AssertionError(f"{tenant!r} never showed up on changes()") from None
+
+
+@asynccontextmanager
+async def watching(store: TenantStore, writer: TenantStore | None = None) -> AsyncIterator[Watcher]:
+    """Iterate ``store.changes()`` in the background; returns once it is known to listen
+    (a probe written through ``writer`` came through)."""
+    watcher = Watcher()
+
+    async def pump() -> None:
+        async for tenant in store.changes():
+            watcher.queue.put_nowait(tenant)
+
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(pump())
+        try:
+            await watcher.until_seen(PROBE, lambda: (writer or store).set_usage(PROBE, 0, 0))
+            yield watcher
+        finally:
+            task.cancel()
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def foreign_key(private_key: Ed25519PrivateKey, kid: str, **overrides: object) -> str:
+    now = int(time.time())
+    fields: dict[str, object] = {
+        "iss": "tests",
+        "sub": "tenant-1",
+        "jti": str(uuid.uuid4()),
+        "iat": now - 60,
+        "nbf": now - 60,
+        "exp": now + 86400,
+        "tier": "core",
+        "serial": 1,
+    }
+    fields.update(overrides)
+    return sign_license(private_key, kid, LicenseClaims(**fields))  # type: ignore[arg-type]
+
+
+# -- the behaviour every engine shares ------------------------------------------------------
+
+
+async def test_unknown_tenant_is_none(store: TenantStore) -> None:
+    assert await store.get("nobody") is None
+    assert await store.tenants() == []
+    assert await store.ping()
+
+
+async def test_put_license_stores_the_verified_license(
+    store: TenantStore, issue_key: IssueKey
+) -> None:
+    token = issue_key(sub="acme", tier="fleet", addons=["sms_messaging"], serial=3)
+    lic = await store.put_license(token)
+    assert lic is not None
+    assert (lic.claims.sub, lic.claims.tier, lic.claims.serial) == ("acme", "fleet", 3)
+    assert lic.kid == "test"
+
+    record = await store.get("acme")
+    assert record is not None
+    assert record.tenant == "acme"
+    assert record.licenses == (lic,)
+    assert record.licenses[0].claims.addons == ("sms_messaging",)
+    assert not record.suspended
+    assert record.revoked == frozenset()
+    assert record.min_serial == 0
+    assert record.usage is None
+    assert await store.tenants() == ["acme"]
+
+
+async def test_older_or_equal_serial_is_refused(store: TenantStore, issue_key: IssueKey) -> None:
+    current = await store.put_license(issue_key(sub="acme", tier="fleet", serial=5))
+    assert current is not None
+    assert await store.put_license(issue_key(sub="acme", tier="core", serial=5)) is None
+    assert await store.put_license(issue_key(sub="acme", tier="core", serial=2)) is None
+    record = await store.get("acme")
+    assert record is not None
+    assert record.licenses == (current,)
+
+
+async def test_the_same_key_twice_is_refused(store: TenantStore, issue_key: IssueKey) -> None:
+    token = issue_key(sub="acme", serial=1)
+    assert await store.put_license(token) is not None
+    assert await store.put_license(token) is None
+    record = await store.get("acme")
+    assert record is not None and len(record.licenses) == 1
+
+
+async def test_current_and_scheduled_licenses_are_kept_newest_first(
+    store: TenantStore, issue_key: IssueKey
+) -> None:
+    now = int(time.time())
+    first = await store.put_license(issue_key(sub="acme", tier="core", serial=1))
+    upgrade = await store.put_license(issue_key(sub="acme", tier="fleet", serial=2))
+    downgrade = await store.put_license(
+        issue_key(sub="acme", tier="core", serial=7, nbf=now + 30 * 86400, exp=now + 90 * 86400)
+    )
+    assert first and upgrade and downgrade
+    record = await store.get("acme")
+    assert record is not None
+    assert record.licenses == (downgrade, upgrade, first)
+    assert [lic.claims.serial for lic in record.licenses] == [7, 2, 1]
+
+
+async def test_tenants_are_kept_apart(store: TenantStore, issue_key: IssueKey) -> None:
+    acme = await store.put_license(issue_key(sub="acme", serial=9))
+    globex = await store.put_license(issue_key(sub="globex", serial=1))
+    assert acme and globex
+    acme_record, globex_record = await store.get("acme"), await store.get("globex")
+    assert acme_record is not None and acme_record.licenses == (acme,)
+    assert globex_record is not None and globex_record.licenses == (globex,)
+
+
+async def test_a_key_that_does_not_verify_raises_and_stores_nothing(
+    store: TenantStore, issue_key: IssueKey
+) -> None:
+    impostor = Ed25519PrivateKey.generate()
+    bad_signature = foreign_key(impostor, "test", sub="acme")
+    unknown_kid = foreign_key(impostor, "elsewhere", sub="acme")
+    header, payload, _ = issue_key(sub="acme").split(".")
+    for token, reason in [
+        (bad_signature, "license_bad_signature"),
+        (unknown_kid, "license_unknown_key"),
+        (f"{header}.{payload}.AAAA", "license_bad_signature"),
+        ("not-a-key", "license_malformed"),
+    ]:
+        with pytest.raises(LicenseError) as caught:
+            await store.put_license(token)
+        assert caught.value.reason == reason
+    assert await store.get("acme") is None
+    assert await store.tenants() == []
+
+
+async def test_suspend_and_reinstate(store: TenantStore, issue_key: IssueKey) -> None:
+    lic = await store.put_license(issue_key(sub="acme"))
+    assert await store.set_suspended("acme", True) is True
+    assert await store.set_suspended("acme", True) is False
+    record = await store.get("acme")
+    assert record is not None and record.suspended and record.licenses == (lic,)
+    assert await store.set_suspended("acme", False) is True
+    assert await store.set_suspended("acme", False) is False
+    record = await store.get("acme")
+    assert record is not None and not record.suspended
+
+
+async def test_suspending_an_unknown_tenant_creates_it(store: TenantStore) -> None:
+    assert await store.set_suspended("newco", True) is True
+    record = await store.get("newco")
+    assert record is not None and record.suspended and record.licenses == ()
+    # Reinstating a tenant never heard of is a change too: the tenant becomes known.
+    assert await store.set_suspended("other", False) is True
+    assert await store.set_suspended("other", False) is False
+    assert await store.tenants() == ["newco", "other"]
+
+
+async def test_revoke(store: TenantStore, issue_key: IssueKey) -> None:
+    lic = await store.put_license(issue_key(sub="acme", jti="lic-1"))
+    assert lic is not None
+    assert await store.revoke("acme", "lic-1") is True
+    assert await store.revoke("acme", "lic-1") is False
+    assert await store.revoke("acme", "lic-0") is True
+    record = await store.get("acme")
+    assert record is not None
+    assert record.revoked == frozenset({"lic-0", "lic-1"})
+    assert record.licenses == (lic,)  # revoking keeps the key; the decision refuses it
+    # Revocations are per tenant.
+    assert await store.revoke("globex", "lic-1") is True
+    globex = await store.get("globex")
+    assert globex is not None and globex.revoked == frozenset({"lic-1"})
+
+
+async def test_set_usage(store: TenantStore, issue_key: IssueKey) -> None:
+    await store.set_usage("acme", 3, 40)
+    record = await store.get("acme")
+    assert record is not None and record.usage == Seats(ops_users=3, drivers=40)
+    await store.put_license(issue_key(sub="acme"))
+    await store.set_usage("acme", 4, 0)
+    record = await store.get("acme")
+    assert record is not None and record.usage == Seats(ops_users=4, drivers=0)
+    assert len(record.licenses) == 1 and not record.suspended
+
+
+async def test_claim_event_once(store: TenantStore) -> None:
+    assert await store.claim_event("evt_1") is True
+    assert await store.claim_event("evt_1") is False
+    assert await store.claim_event("evt_2") is True
+    assert await store.tenants() == []  # an event id is not a tenant
+
+
+async def test_claim_event_concurrently(store: TenantStore) -> None:
+    results = await asyncio.gather(*(store.claim_event("evt_race") for _ in range(20)))
+    assert sorted(results) == [False] * 19 + [True]
+
+
+async def test_classic_keys(store: TenantStore) -> None:
+    assert await store.is_classic_key("ABCDE-FGHIJ-KLMNO-PQRST-UVWXY") is False
+    await store.import_classic_key("acme", "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY")
+    await store.import_classic_key("acme", "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY")  # idempotent
+    assert await store.is_classic_key("ABCDE-FGHIJ-KLMNO-PQRST-UVWXY") is True
+    assert await store.is_classic_key("ZZZZZ-FGHIJ-KLMNO-PQRST-UVWXY") is False
+    # A classic key alone does not make a tenant record (like the reference engine).
+    assert await store.tenants() == []
+
+
+async def test_tenants_lists_every_known_tenant_sorted(
+    store: TenantStore, issue_key: IssueKey
+) -> None:
+    await store.put_license(issue_key(sub="zeta"))
+    await store.set_suspended("alpha", True)
+    await store.revoke("mid", "lic-9")
+    await store.set_usage("beta", 1, 1)
+    assert await store.put_license(issue_key(sub="zeta", serial=1)) is None
+    assert await store.tenants() == ["alpha", "beta", "mid", "zeta"]
+
+
+async def test_changes_name_the_tenant_of_every_write(
+    store: TenantStore, issue_key: IssueKey
+) -> None:
+    async with watching(store) as changes:
+        await store.put_license(issue_key(sub="acme", serial=2))
+        assert await changes.next() == "acme"
+        await store.set_suspended("globex", True)
+        assert await changes.next() == "globex"
+        await store.revoke("acme", "lic-1")
+        assert await changes.next() == "acme"
+        await store.set_usage("initech", 1, 2)
+        assert await changes.next() == "initech"
+        # Writes that change nothing name nobody: the next change is the next real one.
+        assert await store.put_license(issue_key(sub="acme", serial=1)) is None
+        assert await store.set_suspended("globex", True) is False
+        assert await store.revoke("acme", "lic-1") is False
+        await store.claim_event("evt_1")
+        await store.import_classic_key("acme", "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY")
+        await store.set_suspended("hooli", False)
+        assert await changes.next() == "hooli"
+
+
+async def test_every_changes_iterator_sees_every_change(store: TenantStore) -> None:
+    async with watching(store) as first, watching(store) as second:
+        await store.set_usage("acme", 1, 1)
+        assert await first.next() == "acme"
+        assert await second.next() == "acme"
+
+
+# -- two store objects on the same data (two processes) ---------------------------------------
+
+
+async def test_claim_event_from_two_instances(shared: Backend) -> None:
+    one, two = shared.open(), shared.open()
+    ids = [f"evt_{n}" for n in range(10)]
+    results = await asyncio.gather(
+        *(store.claim_event(event_id) for event_id in ids for store in (one, two, one, two))
+    )
+    for n in range(len(ids)):
+        assert sorted(results[4 * n : 4 * n + 4]) == [False, False, False, True]
+
+
+async def test_put_license_from_two_instances_never_goes_backwards(
+    shared: Backend, issue_key: IssueKey
+) -> None:
+    one, two = shared.open(), shared.open()
+    serials = [4, 9, 1, 7, 12, 3, 12, 8, 2, 11, 6, 10, 5]
+    tokens = [issue_key(sub="acme", serial=serial) for serial in serials]
+    results = await asyncio.gather(
+        *((one if n % 2 else two).put_license(token) for n, token in enumerate(tokens))
+    )
+    assert any(lic is not None and lic.claims.serial == 12 for lic in results)
+    for store in (one, two):
+        record = await store.get("acme")
+        assert record is not None
+        held = [lic.claims.serial for lic in record.licenses]
+        assert held[0] == 12
+        assert held == sorted(set(held), reverse=True)
+        accepted = sorted((lic.claims.serial for lic in results if lic is not None), reverse=True)
+        assert held == accepted
+
+
+async def test_stored_keys_that_no_longer_verify_are_skipped_and_logged_once(
+    shared: Backend, keyring: KeyRing, issue_key: IssueKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    retired = Ed25519PrivateKey.generate()
+    before_rotation = KeyRing({**keyring.keys, "retired": retired.public_key()})
+    old = await shared.open(before_rotation).put_license(
+        foreign_key(retired, "retired", sub="acme", serial=1)
+    )
+    current = await shared.open(before_rotation).put_license(issue_key(sub="acme", serial=2))
+    assert old and current
+
+    after_rotation = shared.open(keyring)  # the retired key is gone from the ring
+    with caplog.at_level(logging.WARNING, logger="gateway.store"):
+        for _ in range(3):
+            record = await after_rotation.get("acme")
+            assert record is not None and record.licenses == (current,)
+    warnings = [r for r in caplog.records if "no longer verifies" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "acme" in warnings[0].getMessage()
+    # The stored serial still counts: an older key cannot come back after a rotation.
+    assert await after_rotation.put_license(issue_key(sub="acme", serial=1)) is None
+
+
+# -- SQLite -------------------------------------------------------------------------------------
+
+
+async def test_sqlite_keeps_everything_across_a_restart(
+    tmp_path: Path, keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    url = f"sqlite://{tmp_path / 'tenants.db'}"
+    before = SqliteStore(url, keyring)
+    current = await before.put_license(issue_key(sub="acme", tier="fleet", serial=4))
+    await before.set_suspended("acme", True)
+    await before.revoke("acme", "lic-1")
+    await before.set_usage("acme", 2, 30)
+    assert await before.claim_event("evt_1")
+    await before.import_classic_key("acme", "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY")
+    expected = await before.get("acme")
+    await before.close()
+
+    after = SqliteStore(url, keyring)
+    try:
+        assert await after.get("acme") == expected
+        assert expected is not None and expected.licenses == (current,)
+        assert expected.suspended and expected.revoked == {"lic-1"}
+        assert expected.usage == Seats(2, 30)
+        assert await after.claim_event("evt_1") is False
+        assert await after.is_classic_key("ABCDE-FGHIJ-KLMNO-PQRST-UVWXY")
+        assert await after.tenants() == ["acme"]
+        assert await after.put_license(issue_key(sub="acme", serial=4)) is None
+    finally:
+        await after.close()
+
+
+async def test_sqlite_file_is_in_wal_mode(tmp_path: Path, keyring: KeyRing) -> None:
+    path = tmp_path / "tenants.db"
+    store = SqliteStore(f"sqlite://{path}", keyring)
+    await store.set_usage("acme", 1, 1)
+    await store.close()
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert {"licenses", "tenants", "revoked", "events", "classic_keys"} <= tables
+
+
+async def test_sqlite_path_that_cannot_be_opened_is_a_store_error(
+    tmp_path: Path, keyring: KeyRing
+) -> None:
+    path = tmp_path / "missing-folder" / "tenants.db"
+    store = SqliteStore(f"sqlite://{path}", keyring)  # nothing touched yet
+    try:
+        with pytest.raises(StoreError, match="missing-folder/tenants.db") as caught:
+            await store.get("acme")
+        assert "cannot open" in str(caught.value)
+        with pytest.raises(StoreError, match="missing-folder"):
+            await store.set_usage("acme", 1, 1)
+        assert await store.ping() is False
+        # Fixed by the operator: the next call opens the file.
+        path.parent.mkdir()
+        assert await store.get("acme") is None
+        assert await store.ping() is True
+    finally:
+        await store.close()
+
+
+async def test_sqlite_file_that_is_not_a_database_is_a_store_error(
+    tmp_path: Path, keyring: KeyRing
+) -> None:
+    path = tmp_path / "tenants.db"
+    path.write_bytes(b"this is not an SQLite database\n" * 200)
+    store = SqliteStore(f"sqlite://{path}", keyring)
+    try:
+        with pytest.raises(StoreError, match=str(path)) as caught:
+            await store.tenants()
+        assert "not a database" in str(caught.value)
+    finally:
+        await store.close()
+
+
+async def test_sqlite_folder_as_path_is_a_store_error(tmp_path: Path, keyring: KeyRing) -> None:
+    store = SqliteStore(f"sqlite://{tmp_path}", keyring)
+    try:
+        with pytest.raises(StoreError, match=str(tmp_path)):
+            await store.claim_event("evt_1")
+    finally:
+        await store.close()
+
+
+async def test_sqlite_in_memory(keyring: KeyRing, issue_key: IssueKey) -> None:
+    store = SqliteStore("sqlite:///:memory:", keyring)
+    try:
+        assert await store.put_license(issue_key(sub="acme")) is not None
+        record = await store.get("acme")
+        assert record is not None and len(record.licenses) == 1
+    finally:
+        await store.close()
+
+
+async def test_sqlite_closed_store_is_a_store_error(tmp_path: Path, keyring: KeyRing) -> None:
+    store = SqliteStore(f"sqlite://{tmp_path / 'tenants.db'}", keyring)
+    await store.set_usage("acme", 1, 1)
+    await store.close()
+    await store.close()  # twice is fine
+    with pytest.raises(StoreError, match="closed"):
+        await store.get("acme")
+
+
+def test_sqlite_urls() -> None:
+    assert sqlite_path("sqlite:///var/lib/gateway/tenants.db") == "/var/lib/gateway/tenants.db"
+    assert sqlite_path("sqlite://tenants.db") == "tenants.db"
+    assert sqlite_path("sqlite:///:memory:") == ":memory:"
+    with pytest.raises(ValueError, match="no database path"):
+        sqlite_path("sqlite://")
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+async def test_redis_change_through_one_instance_reaches_another(
+    redis_server: RedisServer, keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    one = RedisStore(redis_server.url, keyring, prefix=prefix)
+    two = RedisStore(redis_server.url, keyring, prefix=prefix)
+    try:
+        async with watching(two, writer=one) as seen_by_two, watching(one) as seen_by_one:
+            upgrade = await one.put_license(issue_key(sub="acme", tier="fleet", serial=2))
+            assert await seen_by_two.next() == "acme"
+            assert await seen_by_one.next() == "acme"  # the writer hears itself too
+            record = await two.get("acme")
+            assert record is not None and record.licenses == (upgrade,)
+            await two.set_suspended("acme", True)
+            assert await seen_by_one.next() == "acme"
+            assert await seen_by_two.next() == "acme"
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_redis_prefixes_keep_stores_apart(
+    redis_server: RedisServer, keyring: KeyRing
+) -> None:
+    one = RedisStore(redis_server.url, keyring, prefix="left:")
+    two = RedisStore(redis_server.url, keyring, prefix="right:")
+    try:
+        await one.set_usage("acme", 1, 1)
+        assert await two.get("acme") is None
+        assert await one.claim_event("evt_shared")
+        assert await two.claim_event("evt_shared")
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_redis_outage_is_a_store_error_and_the_store_recovers(
+    private_redis: RedisServer, keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    store = open_store(private_redis.url, keyring)
+    assert isinstance(store, RedisStore)
+    try:
+        async with watching(store) as changes:
+            await store.set_usage("acme", 1, 1)
+            assert await changes.next() == "acme"
+
+            private_redis.stop(kill=True)
+            async with asyncio.timeout(DEADLINE):
+                with pytest.raises(StoreError, match=f"127.0.0.1:{private_redis.port}"):
+                    await store.get("acme")
+                with pytest.raises(StoreError):
+                    await store.put_license(issue_key(sub="acme", serial=2))
+                with pytest.raises(StoreError):
+                    await store.claim_event("evt_1")
+                assert await store.ping() is False
+
+            private_redis.restart()  # empty: the test server keeps nothing
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + DEADLINE
+            while not await store.ping():
+                assert loop.time() < deadline, "the store never reconnected"
+                await asyncio.sleep(0.05)
+            assert await store.get("acme") is None
+            assert await store.put_license(issue_key(sub="acme", serial=2)) is not None
+            # The changes() iterator came back by itself (after its backoff).
+            await changes.until_seen("globex", lambda: store.set_usage("globex", 1, 1))
+    finally:
+        await store.close()
+
+
+async def test_redis_unreachable_from_the_start(keyring: KeyRing) -> None:
+    from tests.harness import free_port
+
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", keyring)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            with pytest.raises(StoreError, match="ConnectionError"):
+                await store.tenants()
+            assert await store.ping() is False
+    finally:
+        await store.close()
+
+
+async def test_redis_changes_iterator_ends_on_close(
+    redis_server: RedisServer, keyring: KeyRing
+) -> None:
+    store = RedisStore(redis_server.url, keyring, prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    seen: list[str] = []
+
+    async def pump() -> None:
+        async for tenant in store.changes():
+            seen.append(tenant)
+
+    async with asyncio.timeout(DEADLINE), asyncio.TaskGroup() as group:
+        group.create_task(pump())
+        await asyncio.sleep(0)
+        await store.close()
+    # The TaskGroup returned: the iterator ended instead of reconnecting forever.
+
+
+def test_redis_url_password_is_redacted() -> None:
+    assert redacted("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redacted("redis://gw:s3cret@cache:6379/0") == "redis://gw:***@cache:6379/0"
+    assert redacted("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+def test_open_store_picks_the_engine(tmp_path: Path, keyring: KeyRing) -> None:
+    assert isinstance(open_store("memory://", keyring), MemoryStore)
+    assert isinstance(open_store(f"sqlite://{tmp_path / 'x.db'}", keyring), SqliteStore)
+    assert isinstance(open_store("redis://127.0.0.1:6379/0", keyring), RedisStore)
