@@ -109,6 +109,27 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--grace-days", type=int, default=7)
     inspect.add_argument("--json", action="store_true")
 
+    tenant = commands.add_parser("tenant", help="the tenant store").add_subparsers(
+        dest="tenant_command", required=True, metavar="VERB"
+    )
+    show = tenant.add_parser("show", help="a tenant's licenses and state")
+    show.add_argument("tenant_id")
+    show.add_argument("--json", action="store_true")
+    imported = tenant.add_parser("import", help="tenants and keys in bulk from a tenants file")
+    imported.add_argument("file", type=Path)
+    for verb, what in (("suspend", "suspend a tenant"), ("reinstate", "lift a suspension")):
+        tenant.add_parser(verb, help=what).add_argument("tenant_id")
+    revoke = tenant.add_parser("revoke", help="revoke one license id")
+    revoke.add_argument("tenant_id")
+    revoke.add_argument("license_id")
+    for verb_parser in (
+        show,
+        imported,
+        *(tenant.choices[v] for v in ("suspend", "reinstate")),
+        revoke,
+    ):
+        verb_parser.add_argument("--config", type=Path, default=Path("gateway.toml"))
+
     serve = commands.add_parser("serve", help="run the gateway (listeners + admin)")
     serve.add_argument("--config", type=Path, default=Path("gateway.toml"))
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -139,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "license": _license_issue if getattr(args, "license_command", "") == "issue" else _inspect,
         "explain": _explain,
         "serve": _serve,
+        "tenant": _tenant,
     }
     try:
         return handlers[args.command](args)
@@ -153,6 +175,107 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def _tenant(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.runtime import store_url
+    from gateway.store import StoreError, open_store
+
+    config = load_config(args.config)
+    url = store_url(config)
+    if url.startswith("memory://"):
+        raise UsageError(
+            "store.url is memory://: that store lives inside the gateway process; "
+            "configure sqlite:///path or redis://host:port/db to manage tenants"
+        )
+
+    async def run() -> int:
+        store = open_store(url, config.keyring)
+        try:
+            return await _tenant_verb(args, config, store)
+        except StoreError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+async def _tenant_verb(args: argparse.Namespace, config: Config, store: Any) -> int:
+    from gateway.decision import current_license
+    from gateway.store.seed import import_tenants, read_tenants
+
+    verb = args.tenant_command
+    if verb == "import":
+        tenants = read_tenants(args.file)
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % 100 == 0:
+                print(f"\rimported {done}/{total} tenants", end="", file=sys.stderr, flush=True)
+
+        result = await import_tenants(store, tenants, progress)
+        print(file=sys.stderr)
+        for problem in result.problems:
+            print(f"  {problem}", file=sys.stderr)
+        print(
+            f"{result.tenants} tenants, {result.keys_stored} keys stored, "
+            f"{result.keys_unchanged} already present, {len(result.problems)} problems"
+        )
+        return EXIT_INVALID if result.problems else EXIT_OK
+    if verb in ("suspend", "reinstate"):
+        changed = await store.set_suspended(args.tenant_id, verb == "suspend")
+        print(f"{args.tenant_id}: {verb}ed" if changed else f"{args.tenant_id}: no change")
+        return EXIT_OK
+    if verb == "revoke":
+        changed = await store.revoke(args.tenant_id, args.license_id)
+        print(f"{args.tenant_id}: {args.license_id} revoked" if changed else "no change")
+        return EXIT_OK
+    record = await store.get(args.tenant_id)
+    if record is None:
+        print(f"gateway: tenant {args.tenant_id!r} is not in the store", file=sys.stderr)
+        return EXIT_INVALID
+    now = time.time()
+    current = current_license(None, record, now, config.settings.license.clock_skew_seconds)
+    report = {
+        "tenant": record.tenant,
+        "suspended": record.suspended,
+        "revoked": sorted(record.revoked),
+        "usage": msgspec.to_builtins(record.usage),
+        "current": current.claims.jti if current else None,
+        "licenses": [
+            {
+                "license_id": lic.claims.jti,
+                "tier": lic.claims.tier,
+                "addons": list(lic.claims.addons),
+                "serial": lic.claims.serial,
+                "not_before": _iso(lic.claims.nbf),
+                "expires": _iso(lic.claims.exp),
+                "trial": lic.claims.trial,
+                "fingerprint": lic.fingerprint,
+            }
+            for lic in record.licenses
+        ],
+    }
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+        return EXIT_OK
+    print(f"tenant:     {record.tenant}{'  (SUSPENDED)' if record.suspended else ''}")
+    if record.usage is not None:
+        print(f"seats used: {record.usage.ops_users} ops users, {record.usage.drivers} drivers")
+    for lic in report["licenses"]:
+        mark = "*" if lic["license_id"] == report["current"] else " "
+        addons = f" + {', '.join(lic['addons'])}" if lic["addons"] else ""
+        print(
+            f" {mark} {lic['license_id']}  {lic['tier']}{addons}  serial {lic['serial']}  "
+            f"{lic['not_before']} .. {lic['expires']}"
+        )
+    if record.revoked:
+        print(f"revoked:    {', '.join(sorted(record.revoked))}")
+    print("(* = the license in force now)")
+    return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:

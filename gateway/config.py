@@ -64,6 +64,7 @@ class LicenseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = "memory://"
     seed: str | None = None  # a tenants file imported at start (see tenants.example.toml)
+    required_for_ready: bool = False  # /readyz fails while the store is unreachable
 
 
 class EventSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -225,6 +225,27 @@ class TenantCache:
             self._records.pop(tenant, None)
 
 
+class ClassicKeyCache:
+    """For ``license.classic_keys = "store"``: which classic keys the store imported,
+    remembered for ``ttl`` seconds (unknown ones too, so a flood cannot hammer the store)."""
+
+    def __init__(self, store: TenantStore, metrics: Metrics, ttl: float = 60.0) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._known: cachetools.TTLCache[bytes, bool] = cachetools.TTLCache(100_000, ttl)
+        self._errors = metrics.store_errors.labels(op="classic_key")
+
+    def get(self, key: bytes) -> bool | None:
+        return self._known.get(key)
+
+    async def fetch(self, key: bytes) -> None:
+        try:
+            self._known[key] = await self.store.is_classic_key(key.decode("latin-1"))
+        except StoreError as exc:
+            self._errors.inc()
+            log.warning("tenant store: classic key look-up failed: %s", exc)
+
+
 _request_ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -264,17 +285,33 @@ class Enforcer:
         settings = config.settings.apps[app]
         self.classic_prefixes = tuple(settings.classic_path_prefixes)
         self.classic: ClassicKeys = config.classic
+        self.classic_from_store = config.settings.license.classic_keys == "store"
         self.metrics: AppMetrics = shared.metrics.for_app(app)
 
-    def check(self, head: RequestHead) -> Verdict:
+    def check(self, head: RequestHead, fetched: bool = False) -> Verdict:
+        """The verdict for one request. ``NEED_TENANT`` asks the caller to ``prefetch``
+        and call again with ``fetched=True`` (then a cache miss means "not in the store")."""
         rules = self.shared.rules
         m = self.metrics
         if head.bad_header is not None:
             return self._reject(400, "bad_header", "Bad request header", head.bad_header)
         token = head.license_key
         if token is not None and self.classic.is_classic(token.decode("latin-1")):
-            m.classic.inc()
-            return _CLASSIC_VERDICT
+            if not self.classic_from_store:
+                m.classic.inc()
+                return _CLASSIC_VERDICT
+            known = self.shared.classic_keys.get(token)
+            if known is None:
+                if not fetched:
+                    return _NEED_TENANT_VERDICT
+                # The store did not answer: an outage never refuses (fail-static), and
+                # the classic application still validates its own keys.
+                known = True
+            if known:
+                m.classic.inc()
+                return _CLASSIC_VERDICT
+            # A classic-looking key the store never imported buys nothing: it goes on as
+            # an ordinary (and so malformed) license key.
         target = head.target
         query = b""
         mark = target.find(b"?")
@@ -311,7 +348,7 @@ class Enforcer:
         if tenant_id is not None:
             cached = self.shared.tenants.cached(tenant_id)
             if cached is _NO_TENANT:
-                if not (found.route is not None and found.route.public):
+                if not fetched and not (found.route is not None and found.route.public):
                     return _NEED_TENANT_VERDICT
                 cached = None
             record = cached  # type: ignore[assignment]
@@ -326,6 +363,23 @@ class Enforcer:
         route_path = found.route.path if found.route is not None else None
         user = head.user.decode("latin-1") if head.user is not None else None
         return self._deny(decision, rules, role, user, tenant_id, route_path)
+
+    async def prefetch(self, head: RequestHead) -> None:
+        """Load what ``check`` lacked: the tenant record (of the key's tenant, or of the
+        tenant id header) and, in ``classic_keys = "store"`` mode, the classic key."""
+        token = head.license_key
+        tenant_id: str | None = None
+        if token is not None:
+            if self.classic_from_store and self.classic.is_classic(token.decode("latin-1")):
+                await self.shared.classic_keys.fetch(token)
+                return
+            resolved = self.shared.licenses.resolve(token)
+            if isinstance(resolved, License):
+                tenant_id = resolved.claims.sub
+        elif head.tenant is not None:
+            tenant_id = head.tenant.decode("utf-8", "replace")
+        if tenant_id is not None:
+            await self.shared.tenants.fetch(tenant_id)
 
     def _allow(self, decision: Decision, target: bytes) -> Verdict:
         ent = decision.entitlement
@@ -423,6 +477,7 @@ class Shared:
         self.rules = Rules(config.matrix, config.routes, config.policy)
         self.licenses = LicenseCache(config.keyring, metrics)
         self.tenants = TenantCache(store, metrics)
+        self.classic_keys = ClassicKeyCache(store, metrics)
         metrics.config_loaded(config.routes.sha, config.matrix)
 
     def swap_rules(self, matrix: TierMatrix, routes: RouteTable) -> None:

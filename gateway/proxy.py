@@ -685,26 +685,16 @@ class Downstream(asyncio.Protocol):
         self._dispatch(ex, verdict)
 
     async def _begin_after_lookup(self, ex: Exchange) -> None:
-        tenant = ex.head.tenant
-        if ex.head.license_key is not None:
-            resolved = self.enforcer.shared.licenses.resolve(ex.head.license_key)
-            tenant_id = getattr(getattr(resolved, "claims", None), "sub", None)
-        else:
-            tenant_id = tenant.decode("utf-8") if tenant is not None else None
-        if tenant_id is not None:
-            await self.enforcer.shared.tenants.fetch(tenant_id)
+        await self.enforcer.prefetch(ex.head)
         ex.task = None
         if self.transport is None or self.active is not ex:
             return
-        verdict = self.enforcer.check(ex.head)
-        if verdict.kind == NEED_TENANT:  # evicted meanwhile: decide without a record
-            self.enforcer.shared.tenants.invalidate(tenant_id)
-        self._dispatch(ex, verdict)
+        self._dispatch(ex, self.enforcer.check(ex.head, fetched=True))
 
     def _dispatch(self, ex: Exchange, verdict: Verdict) -> None:
         ex.verdict = verdict
-        if verdict.kind == RESPOND or verdict.kind == NEED_TENANT:
-            self._answer(ex, verdict.status or 503, verdict.body, verdict.response_headers)
+        if verdict.kind == RESPOND:
+            self._answer(ex, verdict.status, verdict.body, verdict.response_headers)
             return
         ex.upstream_head = self._upstream_head(ex, verdict)
         self._get_connection(ex)

@@ -21,7 +21,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from gateway.admin import admin_app
@@ -33,20 +32,18 @@ from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
-from gateway.store import TenantStore, open_store
+from gateway.store import StoreError, TenantStore, open_store
+from gateway.store.seed import import_tenants, read_tenants
 
 log = logging.getLogger(__name__)
 
 
-class TenantSeed(msgspec.Struct, forbid_unknown_fields=True):
-    id: str
-    keys: list[str] = []
-    suspended: bool = False
-    revoked: list[str] = []
-
-
-class SeedFile(msgspec.Struct, forbid_unknown_fields=True):
-    tenants: list[TenantSeed] = []
+def store_url(config: Config) -> str:
+    """``sqlite://relative.db`` is relative to the config file's folder."""
+    url = config.settings.store.url
+    if url.startswith("sqlite://") and not url.startswith("sqlite:///"):
+        return "sqlite:///" + str(config.resolve(url[len("sqlite://") :]))
+    return url
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -85,7 +82,7 @@ class Runtime:
         self.config = config
         settings = config.settings
         self.events = EventLog(events_sink(config), self.metrics, settings.events.max_queue)
-        self.store: TenantStore = open_store(settings.store.url, config.keyring)
+        self.store: TenantStore = open_store(store_url(config), config.keyring)
         if settings.store.seed is not None:
             await self._seed(config.resolve(settings.store.seed))
         self.shared = Shared(config, self.metrics, self.events, self.store)
@@ -133,6 +130,7 @@ class Runtime:
         self._tasks.append(
             loop.create_task(self._watch(settings.server.reload_poll_interval), name="watcher")
         )
+        self._tasks.append(loop.create_task(self._follow_store(), name="store-changes"))
         for pool in self.pools.values():
             await pool.probe()
         self.started = True
@@ -147,18 +145,15 @@ class Runtime:
 
     async def _seed(self, path: Path) -> None:
         try:
-            seed = msgspec.toml.decode(path.read_bytes(), type=SeedFile)
-        except (OSError, msgspec.DecodeError) as exc:
-            raise ConfigError.single(
-                str(path), "store.seed", f"cannot load tenants: {exc}"
-            ) from exc
-        for tenant in seed.tenants:
-            for token in tenant.keys:
-                await self.store.put_license(token)
-            if tenant.suspended:
-                await self.store.set_suspended(tenant.id, True)
-            for license_id in tenant.revoked:
-                await self.store.revoke(tenant.id, license_id)
+            result = await import_tenants(self.store, read_tenants(path))
+        except StoreError as exc:  # fail-static: serve from headers, seed next start
+            log.error("store.seed %s: the store is unreachable (%s); not imported", path, exc)
+            return
+        for problem in result.problems:
+            log.warning("store.seed %s: %s", path, problem)
+        log.info(
+            "store.seed %s: %d tenants, %d keys stored", path, result.tenants, result.keys_stored
+        )
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,6 +168,12 @@ class Runtime:
     def _on_stop_signal(self) -> None:
         if not self.tracker.closing:
             self._tasks.append(asyncio.get_running_loop().create_task(self.stop()))
+
+    async def _follow_store(self) -> None:
+        """Drop a tenant's cached record the moment the store says it changed (with Redis:
+        a change made through any instance of the fleet)."""
+        async for tenant in self.store.changes():
+            self.shared.tenants.invalidate(tenant)
 
     # ------------------------------------------------------------------ reload
     def _watched(self) -> list[Path]:

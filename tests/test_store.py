@@ -340,6 +340,13 @@ async def test_claim_event_once(store: TenantStore) -> None:
     assert await store.tenants() == []  # an event id is not a tenant
 
 
+async def test_release_event_lets_a_retry_claim_it_again(store: TenantStore) -> None:
+    assert await store.claim_event("evt_failed") is True
+    await store.release_event("evt_failed")
+    assert await store.claim_event("evt_failed") is True
+    await store.release_event("evt_never_claimed")  # harmless
+
+
 async def test_claim_event_concurrently(store: TenantStore) -> None:
     results = await asyncio.gather(*(store.claim_event("evt_race") for _ in range(20)))
     assert sorted(results) == [False] * 19 + [True]

@@ -66,6 +66,10 @@ class TenantStore(abc.ABC):
         """Record a provisioning event id; False if it was already recorded (atomic)."""
 
     @abc.abstractmethod
+    async def release_event(self, event_id: str) -> None:
+        """Forget a claimed event id (its change could not be applied: let a retry in)."""
+
+    @abc.abstractmethod
     async def import_classic_key(self, tenant: str, key: str) -> None:
         """Remember a classic X Dispatch key (for ``license.classic_keys = "store"``)."""
 

@@ -66,6 +66,9 @@ class MemoryStore(TenantStore):
         self._events.add(event_id)
         return True
 
+    async def release_event(self, event_id: str) -> None:
+        self._events.discard(event_id)
+
     async def import_classic_key(self, tenant: str, key: str) -> None:
         self._classic[key] = tenant
 

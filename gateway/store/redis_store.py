@@ -235,6 +235,10 @@ class RedisStore(TenantStore):
             )
         return bool(claimed)
 
+    async def release_event(self, event_id: str) -> None:
+        with self._errors("release_event"):
+            await self._redis.delete(self._key("event", event_id))
+
     async def import_classic_key(self, tenant: str, key: str) -> None:
         with self._errors("import_classic_key"):
             await self._redis.hset(self._classic_key, key, tenant)

@@ -314,6 +314,13 @@ class SqliteStore(TenantStore):
 
         return await self._run("claim_event", job)
 
+    async def release_event(self, event_id: str) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                conn.execute("DELETE FROM events WHERE event_id = ?", (event_id,))
+
+        await self._run("release_event", job)
+
     async def import_classic_key(self, tenant: str, key: str) -> None:
         def job(conn: sqlite3.Connection) -> None:
             with _transaction(conn, "BEGIN IMMEDIATE"):

@@ -1,0 +1,365 @@
+"""Billing provisioning and the tenant store in a running gateway: the HMAC-signed hook,
+upgrades that apply at once, two instances sharing a real Redis, a Redis outage, SQLite
+across a restart, and the `gateway tenant` verbs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.cli import main
+from gateway.matrix import APP_NAMES
+from gateway.provision import ProvisionError, parse_event, sign, verify_signature
+from tests.conftest import IssueKey
+from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.redis_server import RedisServer, RedisServerError
+
+SECRET = "billing-shared-secret"
+OPTIMIZE = "/api/v1/shipments/1/optimize"
+
+
+@pytest.fixture(autouse=True)
+def provision_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
+    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
+    for server in servers.values():
+        await server.start()
+    yield servers
+    for server in servers.values():
+        await server.stop()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    try:
+        server = RedisServer.start(tmp_path / "redis")
+    except RedisServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+def ports_of(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
+    return {app: server.port for app, server in upstreams.items()}
+
+
+async def provision(
+    session: aiohttp.ClientSession, gateway: Gateway, body: dict[str, Any], **sign_args: Any
+) -> tuple[int, dict[str, Any]]:
+    raw = json.dumps(body).encode()
+    signature = sign(
+        sign_args.get("secret", SECRET).encode(), raw, sign_args.get("t", int(time.time()))
+    )
+    async with session.post(
+        gateway.admin_url("/admin/provision"), data=raw, headers={"Gateway-Signature": signature}
+    ) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def status_of(
+    session: aiohttp.ClientSession, gateway: Gateway, headers: dict[str, str]
+) -> int:
+    async with session.post(gateway.url("operations", OPTIMIZE), headers=headers) as response:
+        return response.status
+
+
+def event(action: str, tenant: str = "acme", **fields: Any) -> dict[str, Any]:
+    return {"event_id": str(uuid.uuid4()), "action": action, "tenant": tenant, **fields}
+
+
+# ------------------------------------------------------------------ signature and body
+
+
+def test_signature_accepts_the_right_secret_and_rotation() -> None:
+    body = b'{"x": 1}'
+    now = int(time.time())
+    verify_signature(SECRET.encode(), sign(SECRET.encode(), body, now), body, now)
+    rotated = sign(b"old", body, now) + "," + sign(SECRET.encode(), body, now).split(",")[1]
+    verify_signature(SECRET.encode(), rotated, body, now)
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        pytest.param(None, "signature_missing", id="missing"),
+        pytest.param("v1=abc", "signature_invalid", id="no-timestamp"),
+        pytest.param("t=1", "signature_invalid", id="no-mac"),
+        pytest.param("WRONG", "signature_invalid", id="garbage"),
+    ],
+)
+def test_signature_refusals(header: str | None, code: str) -> None:
+    with pytest.raises(ProvisionError) as caught:
+        verify_signature(SECRET.encode(), header, b"{}", time.time())
+    assert (caught.value.status, caught.value.code) == (401, code)
+
+
+def test_signature_refuses_another_body_secret_or_a_stale_time() -> None:
+    now = int(time.time())
+    good = sign(SECRET.encode(), b"{}", now)
+    for header, body, at in (
+        (good, b"{ }", now),
+        (sign(b"guess", b"{}", now), b"{}", now),
+        (sign(SECRET.encode(), b"{}", now - 301), b"{}", now),
+    ):
+        with pytest.raises(ProvisionError) as caught:
+            verify_signature(SECRET.encode(), header, body, at)
+        assert caught.value.status == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        pytest.param(b'{"action": "suspend", "tenant": "a"}', "event_id", id="no-event-id"),
+        pytest.param(
+            b'{"event_id": "e", "action": "upgrade", "tenant": "a"}', "action", id="action"
+        ),
+        pytest.param(b'{"event_id": "e", "action": "license", "tenant": "a"}', "key", id="no-key"),
+        pytest.param(
+            b'{"event_id": "e", "action": "revoke", "tenant": "a"}', "license_id", id="no-id"
+        ),
+        pytest.param(
+            b'{"event_id": "", "action": "suspend", "tenant": "a"}', "event_id", id="empty"
+        ),
+        pytest.param(b'{"event_id": 7, "action": "suspend", "tenant": "a"}', "event_id", id="type"),
+    ],
+)
+def test_bad_bodies_name_the_field(body: bytes, field: str) -> None:
+    with pytest.raises(ProvisionError) as caught:
+        parse_event(body)
+    assert (caught.value.status, caught.value.field) == (400, field)
+
+
+def test_not_json_is_400() -> None:
+    with pytest.raises(ProvisionError) as caught:
+        parse_event(b"nope")
+    assert caught.value.status == 400
+
+
+# ------------------------------------------------------------------ the hook in a gateway
+
+
+async def test_provisioning_applies_once_and_upgrades_at_once(
+    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+) -> None:
+    core = issue_key(sub="acme", tier="core", serial=1)
+    fleet = issue_key(sub="acme", tier="fleet", serial=2)
+    async with (
+        running_gateway(tmp_path, key_dir, ports_of(upstreams)) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        # The client keeps sending its Core key throughout.
+        assert await status_of(session, gateway, {"X-License-Key": core}) == 403
+        first = event("license", key=fleet)
+        assert await provision(session, gateway, first) == (200, {"applied": True})
+        assert await provision(session, gateway, first) == (200, {"applied": False})
+        assert await status_of(session, gateway, {"X-License-Key": core}) == 200
+        # An older serial arriving late never replaces the newer license.
+        stale = event("license", key=issue_key(sub="acme", tier="core", serial=1))
+        assert await provision(session, gateway, stale) == (200, {"applied": False})
+        assert await status_of(session, gateway, {"X-Tenant-Id": "acme"}) == 200
+
+        assert await provision(session, gateway, event("suspend")) == (200, {"applied": True})
+        async with session.post(
+            gateway.url("operations", OPTIMIZE), headers={"X-License-Key": core}
+        ) as response:
+            assert response.status == 401
+            assert (await response.json())["code"] == "tenant_suspended"
+        assert await provision(session, gateway, event("reinstate")) == (200, {"applied": True})
+        assert await status_of(session, gateway, {"X-License-Key": core}) == 200
+
+        fleet_id = json.loads(base64.urlsafe_b64decode(fleet.split(".")[1] + "=="))["jti"]
+        assert await provision(session, gateway, event("revoke", license_id=fleet_id)) == (
+            200,
+            {"applied": True},
+        )
+        async with session.post(
+            gateway.url("operations", OPTIMIZE), headers={"X-License-Key": fleet}
+        ) as response:
+            assert (await response.json())["code"] == "license_revoked"
+
+        upgrades = [e for e in gateway.events() if e["event"] == "upgrade_complete"]
+        assert len(upgrades) == 1
+        assert upgrades[0]["tenant"] == "acme" and upgrades[0]["tier"] == "fleet"
+
+
+async def test_provisioning_refusals(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with (
+        running_gateway(tmp_path, key_dir, ports_of(upstreams)) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body = await provision(session, gateway, event("suspend"), secret="wrong")
+        assert (status, body["code"]) == (401, "signature_invalid")
+        status, body = await provision(session, gateway, event("suspend"), t=int(time.time()) - 600)
+        assert (status, body["code"]) == (401, "signature_stale")
+        other = event("license", tenant="acme", key=issue_key(sub="globex", tier="fleet"))
+        status, body = await provision(session, gateway, other)
+        assert (status, body["field"]) == (400, "key")
+        tampered = issue_key(sub="acme", tier="fleet")[:-4] + "AAAA"
+        status, body = await provision(session, gateway, event("license", key=tampered))
+        assert (status, body["code"], body["field"]) == (400, "license_bad_signature", "key")
+        # A refused event id is not burnt: the same id with a good key is applied.
+        retry = event("license", key=issue_key(sub="acme", tier="fleet", serial=5))
+        retry["event_id"] = other["event_id"]
+        assert await provision(session, gateway, retry) == (200, {"applied": True})
+
+        monkeypatch.delenv("GATEWAY_PROVISION_SECRET")
+        status, body = await provision(session, gateway, event("suspend"))
+        assert (status, body["code"]) == (503, "provisioning_disabled")
+
+
+# ------------------------------------------------------------------ fleets on Redis
+
+
+async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    redis: RedisServer,
+) -> None:
+    core = issue_key(sub="acme", tier="core", serial=1)
+    store = f'\n[store]\nurl = "{redis.url}"\n'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ports = ports_of(upstreams)
+    async with (
+        running_gateway(tmp_path / "a", key_dir, ports, extra=store) as a,
+        running_gateway(tmp_path / "b", key_dir, ports, extra=store) as b,
+        aiohttp.ClientSession() as session,
+    ):
+        assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
+        # B has looked the tenant up and cached it: Core, blocked.
+        assert await status_of(session, b, {"X-License-Key": core}) == 403
+        fleet = event("license", key=issue_key(sub="acme", tier="fleet", serial=2))
+        assert await provision(session, a, fleet) == (200, {"applied": True})
+        deadline = time.monotonic() + 1.0  # well under B's 5 s cache TTL: pub/sub did it
+        while await status_of(session, b, {"X-License-Key": core}) != 200:
+            assert time.monotonic() < deadline, "instance B still enforces the old license"
+            await asyncio.sleep(0.02)
+
+
+async def test_redis_outage_keeps_traffic_flowing_then_recovers(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    redis: RedisServer,
+) -> None:
+    fleet = issue_key(sub="acme", tier="fleet", serial=1)
+    extra = f'\n[store]\nurl = "{redis.url}"\n'
+    async with (
+        running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        assert await provision(session, gateway, event("license", key=fleet)) == (
+            200,
+            {"applied": True},
+        )
+        assert await status_of(session, gateway, {"X-Tenant-Id": "acme"}) == 200
+        redis.stop()
+        gateway.runtime.shared.tenants.ttl = 0.0  # every request now asks the dead store
+        for _ in range(20):
+            # Fail-static: the last record known and keys in headers keep working.
+            assert await status_of(session, gateway, {"X-Tenant-Id": "acme"}) == 200
+            assert await status_of(session, gateway, {"X-License-Key": fleet}) == 200
+        async with session.get(gateway.admin_url("/readyz")) as response:
+            ready = await response.json()
+            assert response.status == 200 and ready["store"] == "down"
+        async with session.get(gateway.admin_url("/metrics")) as response:
+            assert 'gateway_store_errors_total{op="get"}' in await response.text()
+        status, body = await provision(session, gateway, event("suspend"))
+        assert (status, body["code"]) == (503, "store_unavailable")
+
+        redis.restart()  # empty: nothing was persisted
+        deadline = time.monotonic() + 10
+        while True:
+            status, body = await provision(
+                session, gateway, event("license", key=issue_key(sub="acme", tier="core"))
+            )
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+        gateway.runtime.shared.tenants.ttl = 5.0
+        async with session.get(gateway.admin_url("/readyz")) as response:
+            assert (await response.json())["store"] == "up"
+
+
+# ------------------------------------------------------------------ SQLite and the CLI
+
+
+async def test_sqlite_store_keeps_its_data_across_a_restart(
+    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+) -> None:
+    extra = '\n[store]\nurl = "sqlite://tenants.db"\n'
+    fleet = issue_key(sub="acme", tier="fleet", serial=3)
+    async with aiohttp.ClientSession() as session:
+        async with running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gw:
+            assert await provision(session, gw, event("license", key=fleet)) == (
+                200,
+                {"applied": True},
+            )
+        assert (tmp_path / "tenants.db").exists()
+        async with running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gw:
+            assert await status_of(session, gw, {"X-Tenant-Id": "acme"}) == 200
+
+
+def test_tenant_cli_against_sqlite(
+    tmp_path: Path, key_dir: Path, issue_key: IssueKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.harness import write_config
+
+    config, _, _ = write_config(
+        tmp_path, key_dir, dict.fromkeys(APP_NAMES, 1), extra='\n[store]\nurl = "sqlite://t.db"\n'
+    )
+    core = issue_key(sub="acme", tier="core", serial=1)
+    enterprise = issue_key(sub="acme", tier="enterprise", serial=2)
+    bad = issue_key(sub="globex", tier="fleet")[:-4] + "AAAA"
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(
+        f'[[tenants]]\nid = "acme"\nkeys = ["{core}", "{enterprise}"]\n'
+        f'classic_keys = ["XD7Q2-4KLMN-8PRST-2VWXY-3ABCD"]\n\n'
+        f'[[tenants]]\nid = "globex"\nkeys = ["{bad}"]\n'
+    )
+    assert main(["tenant", "import", str(tenants), "--config", str(config)]) == 1  # one bad key
+    out, err = capsys.readouterr()
+    assert "2 tenants, 2 keys stored" in out and "globex" in err
+    assert main(["tenant", "suspend", "acme", "--config", str(config)]) == 0
+    assert main(["tenant", "show", "acme", "--config", str(config), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert shown["suspended"] is True
+    assert [lic["tier"] for lic in shown["licenses"]] == ["enterprise", "core"]
+    assert shown["current"] == shown["licenses"][0]["license_id"]
+    assert main(["tenant", "reinstate", "acme", "--config", str(config)]) == 0
+    assert main(["tenant", "show", "acme", "--config", str(config)]) == 0
+    assert "SUSPENDED" not in capsys.readouterr().out
+    assert main(["tenant", "show", "nobody", "--config", str(config)]) == 1
+
+
+def test_tenant_cli_refuses_a_memory_store(
+    tmp_path: Path, key_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.harness import write_config
+
+    config, _, _ = write_config(tmp_path, key_dir, dict.fromkeys(APP_NAMES, 1))
+    assert main(["tenant", "show", "acme", "--config", str(config)]) == 2
+    assert "memory://" in capsys.readouterr().err
