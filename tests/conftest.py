@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.config import Config, load_config
 from gateway.license import KeyRing, LicenseClaims, generate_keypair, load_signing_key, sign_license
-from gateway.matrix import TierMatrix, load_matrix
+from gateway.matrix import APP_NAMES, TierMatrix, load_matrix
 from gateway.routes import RouteTable, load_routes
+from tests.harness import EchoUpstream
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,3 +95,14 @@ def config_dir(tmp_path: Path, key_dir: Path) -> Path:
 @pytest.fixture
 def config(config_dir: Path) -> Config:
     return load_config(config_dir / "gateway.toml")
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
+    """A real echo upstream (aiohttp on loopback) for each of the three apps."""
+    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
+    for server in servers.values():
+        await server.start()
+    yield servers
+    for server in servers.values():
+        await server.stop()

@@ -9,7 +9,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, running_gateway
 
@@ -20,16 +19,6 @@ header_timeout = 0.3
 body_timeout = 0.3
 max_headers = 20
 """
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
-    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
-    for server in servers.values():
-        await server.start()
-    yield servers
-    for server in servers.values():
-        await server.stop()
 
 
 @pytest.fixture

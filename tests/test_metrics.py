@@ -44,16 +44,6 @@ OPTIMIZE = "/api/v1/shipments/1/optimize"
 
 
 @pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
-    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
-    for server in servers.values():
-        await server.start()
-    yield servers
-    for server in servers.values():
-        await server.stop()
-
-
-@pytest.fixture
 def upstream_ports(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
     return {app: server.port for app, server in upstreams.items()}
 

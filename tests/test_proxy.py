@@ -15,16 +15,6 @@ from tests.harness import EchoUpstream, Gateway, RawUpstream, running_gateway
 
 
 @pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
-    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
-    for server in servers.values():
-        await server.start()
-    yield servers
-    for server in servers.values():
-        await server.stop()
-
-
-@pytest.fixture
 async def gateway(
     tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream]
 ) -> AsyncIterator[Gateway]:

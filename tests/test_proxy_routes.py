@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from gateway.matrix import APP_NAMES, TierMatrix
+from gateway.matrix import TierMatrix
 from gateway.routes import Match, Route, RouteTable
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, running_gateway
@@ -31,16 +31,6 @@ _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(:path)?\}")
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
-    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
-    for server in servers.values():
-        await server.start()
-    yield servers
-    for server in servers.values():
-        await server.stop()
 
 
 @pytest.fixture

@@ -11,22 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, write_config
 
 GIB = 1 << 30
 CHUNK = b"s" * (1 << 20)
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
-    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
-    for server in servers.values():
-        await server.start()
-    yield servers
-    for server in servers.values():
-        await server.stop()
 
 
 def rss_bytes(pid: int) -> int:

@@ -6,25 +6,12 @@ import asyncio
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, write_config
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
-    servers: dict[str, EchoUpstream] = {app: EchoUpstream(app) for app in APP_NAMES}
-    for server in servers.values():
-        await server.start()
-    yield servers
-    for server in servers.values():
-        await server.stop()
 
 
 async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
