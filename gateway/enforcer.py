@@ -322,8 +322,9 @@ class Enforcer:
         except (PathRejected, UnicodeDecodeError) as exc:
             reason = exc.reason if isinstance(exc, PathRejected) else "non-ASCII request target"
             return self._reject(400, "path_rejected", "Request path rejected", reason)
+        canonical = path.encode()
         if self.classic_prefixes and path.startswith(self.classic_prefixes):
-            if path.encode() != target:
+            if canonical != target:
                 return self._reject(
                     400, "path_rejected", "Request path rejected", "classic path is not canonical"
                 )
@@ -331,7 +332,7 @@ class Enforcer:
             return _CLASSIC_VERDICT
         app_routes: AppRoutes = rules.routes.apps[self.app]
         found = app_routes.match(head.method, path)
-        forward_target = path.encode() + query
+        forward_target = canonical + query if query else canonical
 
         presented: License | LicenseError | None = None
         tenant_id: str | None = None
@@ -385,16 +386,7 @@ class Enforcer:
         ent = decision.entitlement
         lic = decision.license
         assert ent is not None and lic is not None
-        headers = (
-            b"X-Entitlement-Tenant: %s\r\nX-Entitlement-Tier: %s\r\n"
-            b"X-Entitlement-Features: %s\r\nX-Entitlement-Addons: %s\r\n"
-            % (
-                lic.claims.sub.encode(),
-                ent.tier.encode(),
-                ent.features_header.encode(),
-                ent.addons_header.encode(),
-            )
-        )
+        headers = b"X-Entitlement-Tenant: %s\r\n%s" % (lic.claims.sub.encode(), ent.upstream_lines)
         warning = b""
         if decision.warning is not None:
             warning = b"X-License-Warning: %s\r\n" % decision.warning.encode()

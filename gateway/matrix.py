@@ -84,6 +84,8 @@ class Entitlement(msgspec.Struct, frozen=True):
     features: frozenset[str]
     features_header: str
     addons_header: str
+    # The X-Entitlement-Tier/-Features/-Addons lines for the upstream, encoded once.
+    upstream_lines: bytes
 
 
 class TierMatrix:
@@ -135,13 +137,18 @@ class TierMatrix:
             addon = self.addons.get(name)
             if addon is not None:
                 features |= addon.features
-        ordered = sorted(features)
+        features_header = ",".join(sorted(features))
+        addons_header = ",".join(addons)
         found = Entitlement(
             tier=tier,
             addons=addons,
             features=frozenset(features),
-            features_header=",".join(ordered),
-            addons_header=",".join(addons),
+            features_header=features_header,
+            addons_header=addons_header,
+            upstream_lines=(
+                f"X-Entitlement-Tier: {tier}\r\nX-Entitlement-Features: {features_header}\r\n"
+                f"X-Entitlement-Addons: {addons_header}\r\n"
+            ).encode(),
         )
         # Licenses are signed, so the combinations are few; the cap only guards memory.
         if len(self._entitlements) < 4096:

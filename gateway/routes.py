@@ -89,10 +89,6 @@ class _Leaf:
         self.any_method: RouteMatch | None = None
         self.partial: RouteMatch | None = None
 
-    def lookup(self, method: str) -> RouteMatch | None:
-        found = self.by_method.get(method)
-        return found if found is not None else self.any_method
-
 
 class _Node:
     __slots__ = ("literal", "param", "catchall", "leaf")
@@ -116,16 +112,61 @@ class AppRoutes:
         self._root = _Node()
 
     def match(self, method: str, path: str) -> RouteMatch:
-        """Look up a canonical path (DESIGN §5); one trailing slash is not significant."""
+        """Look up a canonical path (DESIGN §5); one trailing slash is not significant.
+
+        Depth-first in specificity order (literal child, then ``{name}``, then
+        ``{name:path}``), so the first FULL match found is the most specific one and the
+        first path match is the PARTIAL answer. Iterative, with a branch stack that only
+        grows where a node offers alternatives: no recursion, no per-level tuples."""
         if len(path) > 1 and path[-1] == "/":
             path = path[:-1]
         segments = path.split("/")
         # "/" splits into ["", ""]: zero segments after the leading slash.
         count = len(segments) if len(path) > 1 else 1
-        full, partial = _walk(self._root, segments, 1, count, method)
-        if full is not None:
-            return full
-        return partial if partial is not None else NO_MATCH
+        partial: RouteMatch | None = None
+        branches: list[tuple[_Node, int, int]] = []
+        node = self._root
+        i = 1
+        stage = 0  # 0: literal child next, 1: {name} next, 2: {name:path} next
+        while True:
+            if i == count:
+                leaf = node.leaf
+                if leaf is not None:
+                    found = leaf.by_method.get(method) or leaf.any_method
+                    if found is not None:
+                        return found
+                    if partial is None:
+                        partial = leaf.partial
+            else:
+                segment = segments[i]
+                if stage == 0:
+                    child = node.literal.get(segment)
+                    if child is not None:
+                        if node.param is not None or node.catchall is not None:
+                            branches.append((node, i, 1))
+                        node = child
+                        i += 1
+                        continue
+                    stage = 1
+                if stage == 1:
+                    if node.param is not None and segment:
+                        if node.catchall is not None:
+                            branches.append((node, i, 2))
+                        node = node.param
+                        i += 1
+                        stage = 0
+                        continue
+                    stage = 2
+                catchall = node.catchall
+                if catchall is not None and segment:
+                    found = catchall.by_method.get(method) or catchall.any_method
+                    if found is not None:
+                        return found
+                    if partial is None:
+                        partial = catchall.partial
+            if not branches:
+                return partial if partial is not None else NO_MATCH
+            node, i, stage = branches.pop()
 
     def _add(self, route: Route, segments: list[str]) -> Route | None:
         """Insert ``route``; return the route it conflicts with, if any."""
@@ -166,36 +207,6 @@ class AppRoutes:
             leaf.partial = RouteMatch(Match.PARTIAL, route)
         self.routes.append(route)
         return None
-
-
-def _walk(
-    node: _Node, segments: list[str], i: int, n: int, method: str
-) -> tuple[RouteMatch | None, RouteMatch | None]:
-    """Depth-first in specificity order: the first FULL found is the most specific one."""
-    if i == n:
-        leaf = node.leaf
-        if leaf is None:
-            return None, None
-        return leaf.lookup(method), leaf.partial
-    partial: RouteMatch | None = None
-    segment = segments[i]
-    child = node.literal.get(segment)
-    if child is not None:
-        full, partial = _walk(child, segments, i + 1, n, method)
-        if full is not None:
-            return full, None
-    if node.param is not None and segment:
-        full, below = _walk(node.param, segments, i + 1, n, method)
-        if full is not None:
-            return full, None
-        partial = partial or below
-    catchall = node.catchall
-    if catchall is not None and segment:
-        full = catchall.lookup(method)
-        if full is not None:
-            return full, None
-        partial = partial or catchall.partial
-    return None, partial
 
 
 class RouteTable:
