@@ -59,6 +59,9 @@ class LicenseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     classic_keys: Literal["pattern", "store"] = "pattern"
     grace_days: int = 7
     clock_skew_seconds: int = 300
+    # Ed25519 checks of never-seen keys per second per process (0: unlimited); past it a
+    # new key gets 503 license_check_busy + Retry-After, cached keys are unaffected.
+    max_verifications_per_second: float = 2000.0
 
 
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,6 +73,7 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class EventSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sink: str = "stdout:"
     max_queue: int = 10_000
+    license_invalid_per_second: float = 50.0  # sampled: a key flood is one incident
 
 
 class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

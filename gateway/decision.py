@@ -39,6 +39,7 @@ TITLES: dict[str, str] = {
     "role_forbidden": "Role not allowed",
     "seat_limit_exceeded": "Seat limit reached",
     "route_unmatched": "Endpoint not available",
+    "license_check_busy": "License check busy, retry",
 }
 
 STATUS: dict[str, int] = {
@@ -60,6 +61,7 @@ STATUS: dict[str, int] = {
     "role_forbidden": 403,
     "route_unmatched": 403,
     "seat_limit_exceeded": 429,
+    "license_check_busy": 503,
 }
 
 

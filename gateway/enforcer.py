@@ -29,6 +29,7 @@ from gateway.license import ClassicKeys, KeyRing, License
 from gateway.matrix import AppName, TierMatrix
 from gateway.metrics import AppMetrics, Metrics
 from gateway.paths import PathRejected, canonical_path
+from gateway.ratelimit import TokenBucket
 from gateway.routes import AppRoutes, RouteTable
 from gateway.store import StoreError, TenantStore
 
@@ -125,45 +126,65 @@ _NEED_TENANT_VERDICT = Verdict(NEED_TENANT)
 
 
 class LicenseCache:
-    """Verified keys by digest, failed keys briefly (TTL 60 s), so a flood of bad keys
-    cannot force a signature check per request, nor push good keys out.
+    """Verified keys by digest; keys whose signature failed, briefly (60 s); and a budget
+    of signature checks per second, so a flood of never-seen keys cannot eat the core.
 
-    The verified map is a plain dict bounded first-in-first-out: a hit costs one C-level
-    ``dict.get`` instead of cachetools' Python-level LRU bookkeeping (measured: the LRU
-    get was the largest single cost of a cached check). A verified key stays verified, so
-    recency buys little; the key ring changing clears everything."""
+    Costs, in order: a cached key is one ``dict.get``; a malformed key or an unknown
+    ``kid`` fails ``KeyRing.parse`` in microseconds and is not cached (recomputing is as
+    cheap as caching); only a well-formed key pays an Ed25519 check (~70 µs), and only
+    while the budget lasts — past it the key is answered 503 ``license_check_busy`` with
+    ``Retry-After`` and not cached, so a legitimate new key gets in a moment later. Keys
+    already verified are never affected by a flood.
 
-    def __init__(self, keyring: KeyRing, metrics: Metrics, size: int = 100_000) -> None:
+    The maps are plain dicts bounded first-in-first-out: a hit costs one C-level get
+    instead of cachetools' Python-level LRU bookkeeping (measured: the LRU get was the
+    largest single cost of a cached check). A verified key stays verified, so recency buys
+    little; the key ring changing clears everything."""
+
+    def __init__(
+        self,
+        keyring: KeyRing,
+        metrics: Metrics,
+        size: int = 100_000,
+        verifications_per_second: float = 2000.0,
+    ) -> None:
         self.keyring = keyring
         self._size = size
         self._valid: dict[bytes, License] = {}
-        self._invalid: cachetools.TTLCache[bytes, LicenseError] = cachetools.TTLCache(10_000, 60)
+        self._invalid: dict[bytes, tuple[LicenseError, float]] = {}
         self._metrics = metrics
+        self._budget = TokenBucket(verifications_per_second)
 
     def resolve(self, token: bytes) -> License | LicenseError:
         digest = hashlib.blake2b(token, digest_size=16).digest()
-        found: License | LicenseError | None = self._valid.get(digest)
-        if found is None:
-            found = self._invalid.get(digest)
+        found = self._valid.get(digest)
         if found is not None:
             self._metrics.cache_hit.inc()
             return found
+        failed = self._invalid.get(digest)
+        if failed is not None and failed[1] > monotonic():
+            self._metrics.cache_hit.inc()
+            return failed[0]
         self._metrics.cache_miss.inc()
         try:
-            lic = self.keyring.verify(token.decode("ascii"))
+            parsed = self.keyring.parse(token.decode("ascii"))
         except UnicodeDecodeError:
-            error = LicenseError("license_malformed", "key is not ASCII")
+            return self._failed(LicenseError("license_malformed", "key is not ASCII"))
         except LicenseError as exc:
-            error = exc
-        else:
-            self._metrics.license_result["valid"].inc()
-            valid = self._valid
-            if len(valid) >= self._size:
-                del valid[next(iter(valid))]
-            valid[digest] = lic
-            return lic
+            return self._failed(exc)
+        if not self._budget.take():
+            return LicenseError("license_check_busy", "too many new license keys at once")
+        try:
+            lic = self.keyring.check_signature(parsed)
+        except LicenseError as exc:
+            bounded_put(self._invalid, digest, (exc, monotonic() + 60.0), 10_000)
+            return self._failed(exc)
+        self._metrics.license_result["valid"].inc()
+        bounded_put(self._valid, digest, lic, self._size)
+        return lic
+
+    def _failed(self, error: LicenseError) -> LicenseError:
         self._metrics.license_result[error.reason].inc()
-        self._invalid[digest] = error
         return error
 
     def clear(self) -> None:
@@ -172,6 +193,13 @@ class LicenseCache:
 
     def __len__(self) -> int:
         return len(self._valid)
+
+
+def bounded_put(mapping: dict[Any, Any], key: Any, value: Any, size: int) -> None:
+    """Insert, dropping the oldest entry when ``mapping`` holds ``size`` already."""
+    if key not in mapping and len(mapping) >= size:
+        del mapping[next(iter(mapping))]
+    mapping[key] = value
 
 
 class TenantCache:
@@ -213,10 +241,7 @@ class TenantCache:
         self._put(tenant, record)
 
     def _put(self, tenant: str, record: TenantRecord | None) -> None:
-        records = self._records
-        if tenant not in records and len(records) >= self._size:
-            del records[next(iter(records))]
-        records[tenant] = (record, monotonic() + self.ttl)
+        bounded_put(self._records, tenant, (record, monotonic() + self.ttl), self._size)
 
     def invalidate(self, tenant: str | None = None) -> None:
         if tenant is None:
@@ -286,6 +311,7 @@ class Enforcer:
         self.classic_prefixes = tuple(settings.classic_path_prefixes)
         self.classic: ClassicKeys = config.classic
         self.classic_from_store = config.settings.license.classic_keys == "store"
+        self._bodies: dict[tuple[Any, ...], bytes] = {}
         self.metrics: AppMetrics = shared.metrics.for_app(app)
 
     def check(self, head: RequestHead, fetched: bool = False) -> Verdict:
@@ -402,24 +428,20 @@ class Enforcer:
         route: str | None,
     ) -> Verdict:
         m = self.metrics
-        fields: dict[str, Any] = {}
-        if decision.status == 401:
+        status = decision.status
+        extra = b""
+        if status == 401:
             m.outcome["unlicensed"].inc()
+        elif status == 503:  # license_check_busy: not decided, try again
+            m.outcome["rejected"].inc()
+            extra = b"Retry-After: 1\r\n"
         else:
             m.outcome["blocked"].inc()
         if decision.code == "feature_not_entitled":
             assert decision.feature is not None and decision.tier is not None
             m.feature_block(self.app, decision.feature, decision.tier).inc()
-            fields = {"feature": decision.feature, "app": self.app, "tier": decision.tier}
-            if decision.upsell:
-                fields["required_tier"] = decision.required_tier
-                fields["addon"] = decision.addon
-                fields["upgrade"] = rules.policy.upgrade_url
-        elif decision.feature is not None:
-            fields = {"feature": decision.feature, "app": self.app, "tier": decision.tier}
-        body, rid = problem(
-            decision.status, decision.code, decision.title, decision.detail, **fields
-        )
+        rid = request_id()
+        body = self._problem_body(decision, rules) + rid.encode() + b'"}'
         lic = decision.license
         if decision.code == "feature_not_entitled":
             self.shared.events.emit(
@@ -434,7 +456,7 @@ class Enforcer:
                 role=role,
                 user=user,
             )
-        elif decision.status == 401:
+        elif status == 401:
             self.shared.events.emit(
                 "license_invalid",
                 tenant=tenant,
@@ -446,10 +468,43 @@ class Enforcer:
                 request_id=rid,
                 revision=rules.revision,
             )
-        warning = b""
         if decision.warning is not None:
-            warning = b"X-License-Warning: %s\r\n" % decision.warning.encode()
-        return Verdict(RESPOND, status=decision.status, body=body, response_headers=warning)
+            extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
+        return Verdict(RESPOND, status=status, body=body, response_headers=extra)
+
+    def _problem_body(self, decision: Decision, rules: Rules) -> bytes:
+        """The problem+json body up to the request id, encoded once per distinct denial."""
+        upgrade = rules.policy.upgrade_url
+        key = (
+            decision.code,
+            decision.detail,
+            decision.feature,
+            decision.tier,
+            decision.required_tier,
+            decision.addon,
+            decision.upsell,
+            upgrade,
+        )
+        cached = self._bodies.get(key)
+        if cached is not None:
+            return cached
+        fields: dict[str, Any] = {
+            "type": PROBLEM_TYPE + decision.code,
+            "title": decision.title,
+            "status": decision.status,
+            "code": decision.code,
+            "detail": decision.detail,
+        }
+        if decision.feature is not None:
+            fields.update(feature=decision.feature, app=self.app, tier=decision.tier)
+            if decision.code == "feature_not_entitled" and decision.upsell:
+                fields.update(
+                    required_tier=decision.required_tier, addon=decision.addon, upgrade=upgrade
+                )
+        encoded = _json.encode(fields)
+        prefix = encoded[:-1] + b',"request_id":"'
+        bounded_put(self._bodies, key, prefix, 4096)
+        return prefix
 
     def _reject(self, status: int, code: str, title: str, detail: str) -> Verdict:
         self.metrics.outcome["rejected"].inc()
@@ -467,7 +522,11 @@ class Shared:
         self.metrics = metrics
         self.events = events
         self.rules = Rules(config.matrix, config.routes, config.policy)
-        self.licenses = LicenseCache(config.keyring, metrics)
+        self.licenses = LicenseCache(
+            config.keyring,
+            metrics,
+            verifications_per_second=config.settings.license.max_verifications_per_second,
+        )
         self.tenants = TenantCache(store, metrics)
         self.classic_keys = ClassicKeyCache(store, metrics)
         metrics.config_loaded(config.routes.sha, config.matrix)

@@ -22,6 +22,7 @@ from typing import IO, Any
 import msgspec
 
 from gateway.metrics import Metrics
+from gateway.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,16 @@ class EventLog:
     """A bounded queue of events and the sink it drains into."""
 
     def __init__(
-        self, sink: str, metrics: Metrics, max_queue: int = 10_000, flush_interval: float = 0.05
+        self,
+        sink: str,
+        metrics: Metrics,
+        max_queue: int = 10_000,
+        flush_interval: float = 0.05,
+        per_second: dict[str, float] | None = None,
     ) -> None:
         self.sink = sink
+        # Kinds a flood could multiply (license_invalid) are sampled; the rest counts as dropped.
+        self._limits = {kind: TokenBucket(rate) for kind, rate in (per_second or {}).items()}
         self.flush_interval = flush_interval
         self._sink_kind = sink.split(":", 1)[0]
         self._queue: deque[dict[str, Any]] = deque()
@@ -62,7 +70,8 @@ class EventLog:
 
     def emit(self, kind: str, **fields: Any) -> None:
         """Queue one event; never blocks, never raises. ``ts`` is added here."""
-        if len(self._queue) >= self._max_queue:
+        limit = self._limits.get(kind)
+        if len(self._queue) >= self._max_queue or (limit is not None and not limit.take()):
             self._dropped.inc()
             return
         fields["event"] = kind

@@ -144,6 +144,11 @@ class KeyRing:
 
     def verify(self, token: str) -> License:
         """Check size, structure, header, key id and signature, in that order."""
+        return self.check_signature(self.parse(token))
+
+    def parse(self, token: str) -> ParsedKey:
+        """The cheap checks (size, structure, header, key id): microseconds, so a flood of
+        garbage never reaches the expensive signature check."""
         if len(token) > MAX_KEY_BYTES:
             raise LicenseError("license_malformed", f"key longer than {MAX_KEY_BYTES} bytes")
         if not token.isascii():
@@ -169,15 +174,44 @@ class KeyRing:
         key = self.keys.get(header.kid)
         if key is None:
             raise LicenseError("license_unknown_key", f"no public key with kid {header.kid!r}")
+        return ParsedKey(token, header.kid, key, header_part, payload_part, payload, signature)
+
+    def check_signature(self, parsed: ParsedKey) -> License:
+        """The expensive step (an Ed25519 verification, about 70 µs), then the claims."""
+        signing_input = f"{parsed.header_part}.{parsed.payload_part}".encode("ascii")
         try:
-            key.verify(signature, f"{header_part}.{payload_part}".encode("ascii"))
+            parsed.key.verify(parsed.signature, signing_input)
         except InvalidSignature as exc:
             raise LicenseError("license_bad_signature", "signature does not verify") from exc
         try:
-            claims = _claims_decoder.decode(payload)
+            claims = _claims_decoder.decode(parsed.payload)
         except msgspec.DecodeError as exc:
             raise LicenseError("license_malformed", f"claims: {exc}") from exc
-        return License(claims, header.kid, fingerprint(token))
+        return License(claims, parsed.kid, fingerprint(parsed.token))
+
+
+class ParsedKey:
+    """A key that passed the cheap checks, ready for ``KeyRing.check_signature``."""
+
+    __slots__ = ("token", "kid", "key", "header_part", "payload_part", "payload", "signature")
+
+    def __init__(
+        self,
+        token: str,
+        kid: str,
+        key: Ed25519PublicKey,
+        header_part: str,
+        payload_part: str,
+        payload: bytes,
+        signature: bytes,
+    ) -> None:
+        self.token = token
+        self.kid = kid
+        self.key = key
+        self.header_part = header_part
+        self.payload_part = payload_part
+        self.payload = payload
+        self.signature = signature
 
 
 def sign_license(private_key: Ed25519PrivateKey, kid: str, claims: LicenseClaims) -> str:

@@ -30,7 +30,7 @@ LICENSE_RESULTS = (
     "license_malformed",
     "license_unknown_key",
     "license_bad_signature",
-)
+)  # plus "license_check_busy" where a key waits for the verification budget
 
 _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 _DECISION_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)

@@ -81,7 +81,12 @@ class Runtime:
         config = load_config(self.config_path)
         self.config = config
         settings = config.settings
-        self.events = EventLog(events_sink(config), self.metrics, settings.events.max_queue)
+        self.events = EventLog(
+            events_sink(config),
+            self.metrics,
+            settings.events.max_queue,
+            per_second={"license_invalid": settings.events.license_invalid_per_second},
+        )
         self.store: TenantStore = open_store(store_url(config), config.keyring)
         if settings.store.seed is not None:
             await self._seed(config.resolve(settings.store.seed))
