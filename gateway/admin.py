@@ -40,6 +40,7 @@ async def metrics(request: web.Request) -> web.Response:
     """This process's metrics, or with ``--workers N`` (prometheus-client multiprocess
     mode) the sum over every worker, whichever worker answers the scrape."""
     runtime = request.app[RUNTIME]
+    runtime.metrics.flush()
     registry = runtime.metrics.registry
     if multiprocess_dir() is not None:
         registry = CollectorRegistry()

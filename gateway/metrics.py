@@ -4,6 +4,12 @@ The hot path never calls ``.labels()``: ``AppMetrics`` holds the children of one
 feature-block children are made per (feature, tier) when a config is loaded. No tenant id
 ever becomes a label (it goes into events instead).
 
+The per-request series are ``Tally`` / ``FastHistogram`` objects: a plain attribute add
+(no lock, ~40 ns) instead of prometheus-client's locked value (~300 ns, ~10 % of a
+request's CPU, measured). ``Metrics.flush`` moves what they counted into the prometheus
+children; the runtime flushes every second and before every scrape, so ``/metrics`` is
+exact and, with ``--workers``, the multiprocess files are at most a second behind.
+
     metrics = Metrics()
     ops = metrics.for_app("operations")
     ops.outcome["allowed"].inc()
@@ -12,6 +18,8 @@ ever becomes a label (it goes into events instead).
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -36,6 +44,53 @@ _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _DECISION_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
 
 
+class Tally:
+    """A counter child for the hot path: ``inc`` adds to a plain int; ``flush`` hands the
+    sum to the prometheus child."""
+
+    __slots__ = ("n", "_child")
+
+    def __init__(self, child: Any) -> None:
+        self.n = 0
+        self._child = child
+
+    def inc(self, amount: int = 1) -> None:
+        self.n += amount
+
+    def flush(self) -> None:
+        if self.n:
+            self._child.inc(self.n)
+            self.n = 0
+
+
+class FastHistogram:
+    """A histogram child for the hot path: a bisect and two adds per observation."""
+
+    __slots__ = ("_bounds", "_counts", "_sum", "_child")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        # prometheus-client keeps one (non-cumulative) value per bucket and one for the
+        # sum; adding to them is what its own observe() does, n times at once.
+        counts = self._counts
+        for index, count in enumerate(counts):
+            if count:
+                self._child._buckets[index].inc(count)
+                counts[index] = 0
+        if self._sum:
+            self._child._sum.inc(self._sum)
+            self._sum = 0.0
+
+
 class AppMetrics:
     """The children of one app's labelled metrics, bound once."""
 
@@ -43,28 +98,34 @@ class AppMetrics:
 
     def __init__(self, parent: Metrics, app: str) -> None:
         self._parent = parent
-        self.outcome = {o: parent.requests.labels(app=app, outcome=o) for o in OUTCOMES}
-        self.classic = parent.classic.labels(app=app)
-        self.duration = parent.request_duration.labels(app=app)
+        self.outcome = {
+            o: parent.tally(parent.requests.labels(app=app, outcome=o)) for o in OUTCOMES
+        }
+        self.classic = parent.tally(parent.classic.labels(app=app))
+        self.duration = parent.fast_histogram(parent.request_duration.labels(app=app))
         self.upstream_errors = {
             kind: parent.upstream_errors.labels(app=app, kind=kind) for kind in UPSTREAM_ERROR_KINDS
         }
-        self.feature_blocks: dict[tuple[str, str], Counter] = {}
+        self.feature_blocks: dict[tuple[str, str], Tally] = {}
 
     def bind_features(self, app: str, matrix: TierMatrix) -> None:
         """Children for every (feature of this app, tier); called on every config load."""
         blocks = self._parent.feature_blocks
+        tally = self._parent.tally
         self.feature_blocks = {
-            (feature, tier): blocks.labels(app=app, feature=feature, tier=tier)
+            (feature, tier): tally(blocks.labels(app=app, feature=feature, tier=tier))
             for feature, spec in matrix.features.items()
             if spec.app == app
             for tier in matrix.tiers
         }
 
-    def feature_block(self, app: str, feature: str, tier: str) -> Counter:
+    def feature_block(self, app: str, feature: str, tier: str) -> Tally:
         child = self.feature_blocks.get((feature, tier))
         if child is None:  # a tier the matrix no longer has: rare, so bind lazily
-            child = self._parent.feature_blocks.labels(app=app, feature=feature, tier=tier)
+            child = self._parent.tally(
+                self._parent.feature_blocks.labels(app=app, feature=feature, tier=tier)
+            )
+            self.feature_blocks[(feature, tier)] = child
         return child
 
 
@@ -74,6 +135,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # *_created series only double the scrape size
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        self._fast: list[Tally | FastHistogram] = []
+        self._by_child: dict[int, Tally | FastHistogram] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -137,14 +200,39 @@ class Metrics:
         self.license_result = {
             result: self.license_checks.labels(result=result) for result in LICENSE_RESULTS
         }
-        self.cache_hit = self.license_cache.labels(result="hit")
-        self.cache_miss = self.license_cache.labels(result="miss")
+        self.cache_hit = self.tally(self.license_cache.labels(result="hit"))
+        self.cache_miss = self.tally(self.license_cache.labels(result="miss"))
+        self.decision_timer = self.fast_histogram(self.decision_duration)
         self.reload_ok = self.config_reloads.labels(result="success")
         self.reload_failed = self.config_reloads.labels(result="failure")
         self._apps = {app: AppMetrics(self, app) for app in APP_NAMES}
 
     def for_app(self, app: AppName) -> AppMetrics:
         return self._apps[app]
+
+    def tally(self, child: Any) -> Tally:
+        """The hot-path counter for a prometheus child (one per child, so a reload that
+        binds the same labels again keeps counting into the same tally)."""
+        found = self._by_child.get(id(child))
+        if not isinstance(found, Tally):
+            found = Tally(child)
+            self._by_child[id(child)] = found
+            self._fast.append(found)
+        return found
+
+    def fast_histogram(self, child: Any) -> FastHistogram:
+        found = self._by_child.get(id(child))
+        if not isinstance(found, FastHistogram):
+            found = FastHistogram(child)
+            self._by_child[id(child)] = found
+            self._fast.append(found)
+        return found
+
+    def flush(self) -> None:
+        """Move hot-path counts into the prometheus children (before a scrape, and every
+        second for the multiprocess files)."""
+        for fast in self._fast:
+            fast.flush()
 
     def config_loaded(self, routes_sha: str, matrix: TierMatrix) -> None:
         """Expose the new revisions and bind feature-block children for the new matrix."""

@@ -453,7 +453,7 @@ class Downstream(asyncio.Protocol):
         self.pool = pool
         self.settings = settings
         self.metrics = enforcer.metrics
-        self.decision_duration = enforcer.shared.metrics.decision_duration
+        self.decision_duration = enforcer.shared.metrics.decision_timer
         self.tracker = tracker
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None

@@ -136,6 +136,7 @@ class Runtime:
             loop.create_task(self._watch(settings.server.reload_poll_interval), name="watcher")
         )
         self._tasks.append(loop.create_task(self._follow_store(), name="store-changes"))
+        self._tasks.append(loop.create_task(self._flush_metrics(), name="metrics"))
         for pool in self.pools.values():
             await pool.probe()
         self.started = True
@@ -173,6 +174,13 @@ class Runtime:
     def _on_stop_signal(self) -> None:
         if not self.tracker.closing:
             self._tasks.append(asyncio.get_running_loop().create_task(self.stop()))
+
+    async def _flush_metrics(self) -> None:
+        """Hot-path counts into the prometheus children (the multiprocess files with
+        ``--workers``) once a second; a scrape flushes too."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.flush()
 
     async def _follow_store(self) -> None:
         """Drop a tenant's cached record the moment the store says it changed (with Redis:
@@ -261,6 +269,7 @@ class Runtime:
             if task is not current:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self.metrics.flush()
         self.events.close()
         await self.store.close()
         self._stopped.set()
