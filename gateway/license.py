@@ -159,7 +159,7 @@ class KeyRing:
         header_part, payload_part, signature_part = parts
         try:
             header = _header_decoder.decode(_b64decode(header_part, "header"))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 inside JSON
             raise LicenseError("license_malformed", f"header: {exc}") from exc
         if header.alg != "EdDSA":
             raise LicenseError("license_malformed", f"alg {header.alg!r} is not accepted (EdDSA)")
@@ -185,7 +185,7 @@ class KeyRing:
             raise LicenseError("license_bad_signature", "signature does not verify") from exc
         try:
             claims = _claims_decoder.decode(parsed.payload)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 inside JSON
             raise LicenseError("license_malformed", f"claims: {exc}") from exc
         return License(claims, parsed.kid, fingerprint(parsed.token))
 
@@ -268,7 +268,7 @@ def decode_unverified(token: str) -> tuple[dict[str, object], dict[str, object]]
     try:
         header = msgspec.json.decode(_b64decode(parts[0], "header"))
         claims = msgspec.json.decode(_b64decode(parts[1], "payload"))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise LicenseError("license_malformed", str(exc)) from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise LicenseError("license_malformed", "header and payload must be JSON objects")

@@ -87,7 +87,7 @@ def parse_event(body: bytes) -> ProvisionEvent:
         if field is None and "missing required field" in message:
             field = message.rsplit("`", 2)[-2]
         raise ProvisionError(400, "bad_body", message, field) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProvisionError(400, "bad_body", f"not JSON: {exc}") from exc
     if not event.event_id:
         raise ProvisionError(400, "bad_body", "must not be empty", "event_id")

@@ -53,6 +53,16 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 NO_BODY_STATUS = frozenset({204, 304})
 ENTITLEMENT_PREFIX = b"x-entitlement-"
+# Framing and routing headers a client cannot have dropped by naming them in Connection
+# (dropping Content-Length but forwarding the body would smuggle a second request).
+PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
+def is_entitlement_header(lname: bytes) -> bool:
+    """X-Entitlement-*, also spelled with '_' (CGI/WSGI upstreams map both to the same
+    HTTP_X_ENTITLEMENT_* variable)."""
+    return lname[:1] == b"x" and lname[:14].replace(b"_", b"-") == ENTITLEMENT_PREFIX
+
 
 REASONS = {
     100: b"Continue",
@@ -274,6 +284,8 @@ class Upstream(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.reused = False
         self.tunnel: Downstream | None = None
+        self.finished: bool | None = None  # a response ended in this read: reusable?
+        self.stray = False  # the upstream sent bytes no request asked for
         self._reason = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
 
@@ -307,6 +319,12 @@ class Upstream(asyncio.Protocol):
             self.close()
         finally:
             downstream.flush()
+            finished, self.finished = self.finished, None
+            if finished is not None:
+                if finished and not self.stray and self.transport is not None:
+                    self.pool.release(self)
+                else:
+                    self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -332,6 +350,8 @@ class Upstream(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            self.stray = True  # a second response nobody asked for: never reuse this line
         self._headers = []
         self._reason = b""
 
@@ -482,6 +502,7 @@ class Downstream(asyncio.Protocol):
         self._connection_tokens: list[bytes] = []
         self._te: bytes | None = None
         self._has_cl = False
+        self._upgrade_to = b""  # the Upgrade header's value, lower-cased
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -524,7 +545,14 @@ class Downstream(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self.upgrade_buffer = [data[upgrade.args[0] :]]
+            rest = data[upgrade.args[0] :]
+            ex = self.active if self.active is not None else self.parsing
+            if ex is not None and ex.upgrade:
+                self.upgrade_buffer = [rest]
+            else:  # an upgrade we refused: carry on with HTTP/1.1 on a fresh parser
+                self.parser = httptools.HttpRequestParser(self)
+                if rest:
+                    self.data_received(rest)
         except (httptools.HttpParserError, _Reject) as exc:
             self._bad_request(exc)
         except Exception:  # a bug of ours: answer 500 and keep the process serving
@@ -568,6 +596,7 @@ class Downstream(asyncio.Protocol):
         self._connection_tokens = []
         self._te = None
         self._has_cl = False
+        self._upgrade_to = b""
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -596,7 +625,10 @@ class Downstream(asyncio.Protocol):
                 self._note(head, kind, value)
         ex = Exchange(self, head, self.parser.get_http_version(), self.parser.should_keep_alive())
         ex.chunked_in = self._te is not None
-        ex.upgrade = self.parser.should_upgrade()
+        # Only WebSocket upgrades are tunnelled. Any other protocol (h2c, ...) would open a
+        # tunnel the gateway can no longer check: the request goes on as plain HTTP/1.1,
+        # without its Upgrade headers, and parsing restarts after it (see data_received).
+        ex.upgrade = self.parser.should_upgrade() and self._upgrade_to == b"websocket"
         ex.expect_continue = any(
             item[2] == b"expect" and item[1].lower() == b"100-continue" for item in self._headers
         )
@@ -625,9 +657,12 @@ class Downstream(asyncio.Protocol):
         elif kind == H_USER:
             head.user = value.strip()
         elif kind == H_CONNECTION:
-            self._connection_tokens.extend(
-                token.strip().lower() for token in value.split(b",") if token.strip()
-            )
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token and token not in PROTECTED:
+                    self._connection_tokens.append(token)
+        elif kind == H_UPGRADE:
+            self._upgrade_to = value.strip().lower()
         elif kind == H_TE:
             if value.strip().lower() != b"chunked" or self._te is not None:
                 head.bad_header = "unsupported Transfer-Encoding"
@@ -759,7 +794,7 @@ class Downstream(asyncio.Protocol):
                 elif upgrade and lname in (b"upgrade", b"connection"):
                     lines.append(b"%s: %s\r\n" % (name, value))
                 continue
-            if lname.startswith(ENTITLEMENT_PREFIX) or (drop and lname in drop):
+            if is_entitlement_header(lname) or (drop and lname in drop):
                 continue
             if not classic:
                 if lname == b"x-forwarded-for":
@@ -874,7 +909,9 @@ class Downstream(asyncio.Protocol):
         if ex.upgrade and status != 101:
             ex.close_after = True  # the parser is in upgrade mode: this line cannot go on
         is_head = ex.head.method == "HEAD"
-        drop = [t for _, v, n in headers if n == b"connection" for t in _tokens(v)]
+        drop = [
+            t for _, v, n in headers if n == b"connection" for t in _tokens(v) if t not in PROTECTED
+        ]
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         has_length = False
         chunked = False
@@ -934,12 +971,10 @@ class Downstream(asyncio.Protocol):
             return
         if ex.chunked_out:
             self.write(b"0\r\n\r\n")
-        reusable = conn.parser.should_keep_alive() and ex.body_done
+        # Back to the pool only once this read is fully parsed (Upstream.data_received):
+        # bytes after the response in the same read would otherwise reach the next client.
+        conn.finished = conn.parser.should_keep_alive() and ex.body_done
         conn.exchange = None
-        if reusable:
-            self.pool.release(conn)
-        else:
-            conn.close()
         self._count_forwarded(ex)
         self._complete(ex, None)
 
