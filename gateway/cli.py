@@ -293,9 +293,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if args.workers > 1:
-        from gateway.runtime import supervise
+        from gateway.runtime import ParserError, supervise
 
-        return supervise(args.config, args.workers, args.log_level)
+        try:
+            return supervise(args.config, args.workers, args.log_level)
+        except ParserError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return EXIT_INVALID
 
     async def run() -> None:
         runtime = Runtime(args.config, reuse_port=args.reuse_port)
@@ -303,8 +307,14 @@ def _serve(args: argparse.Namespace) -> int:
         runtime.install_signal_handlers()
         await runtime.wait_closed()
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(run())
+    from gateway.runtime import ParserError
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run())
+    except ParserError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     return EXIT_OK
 
 

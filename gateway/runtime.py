@@ -38,6 +38,23 @@ from gateway.store.seed import import_tenants, read_tenants
 log = logging.getLogger(__name__)
 
 
+class ParserError(RuntimeError):
+    """A pure-Python HTTP parser would be in use: refuse to start."""
+
+
+def require_c_parsers() -> None:
+    """The data path parses with llhttp (httptools, always compiled); the admin listener
+    with aiohttp, whose pure-Python fallback parser has had request-smuggling bugs. It
+    is used when the compiled extension is missing or AIOHTTP_NO_EXTENSIONS is set."""
+    from aiohttp import http_parser
+
+    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
+        raise ParserError(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS is set, or aiohttp "
+            "was installed without its compiled extensions): refusing to start"
+        )
+
+
 def store_url(config: Config) -> str:
     """``sqlite://relative.db`` is relative to the config file's folder."""
     url = config.settings.store.url
@@ -78,6 +95,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
+        require_c_parsers()
         config = load_config(self.config_path)
         self.config = config
         settings = config.settings
@@ -305,6 +323,7 @@ def supervise(config_path: Path, workers: int, log_level: str) -> int:
 
     from prometheus_client import multiprocess
 
+    require_c_parsers()
     load_config(config_path)  # fail here, once, with the full list of problems
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
