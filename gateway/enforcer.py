@@ -177,8 +177,11 @@ class LicenseCache:
         try:
             lic = self.keyring.check_signature(parsed)
         except LicenseError as exc:
-            bounded_put(self._invalid, digest, (exc, monotonic() + 60.0), 10_000)
-            return self._failed(exc)
+            # Remember only the reason: the raised error holds a traceback and the chained
+            # InvalidSignature (~2.6 KB each, measured under a forged-key flood).
+            failed_error = LicenseError(exc.reason, exc.detail)
+            bounded_put(self._invalid, digest, (failed_error, monotonic() + 60.0), 10_000)
+            return self._failed(failed_error)
         self._metrics.license_result["valid"].inc()
         bounded_put(self._valid, digest, lic, self._size)
         return lic
