@@ -31,5 +31,8 @@ test: lint typecheck pytest
 demo: $(STAMP)
 	$(BIN)/python -m gateway.demo
 
+bench: $(STAMP)
+	$(BIN)/python loadtests/bench.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo
