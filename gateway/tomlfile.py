@@ -29,7 +29,7 @@ _MSGSPEC_PATH = re.compile(r" - at `(?:key` in `)?\$(.*)`$")
 class TomlDocument:
     """One parsed TOML file: its data, its text (for line look-ups) and its digest."""
 
-    __slots__ = ("path", "name", "text", "data", "sha", "problems")
+    __slots__ = ("path", "name", "text", "data", "sha", "problems", "_lines", "_header_lines")
 
     def __init__(self, path: Path, text: str, data: dict[str, Any]) -> None:
         self.path = path
@@ -38,6 +38,8 @@ class TomlDocument:
         self.data = data
         self.sha = hashlib.sha256(text.encode()).hexdigest()[:12]
         self.problems: list[ConfigProblem] = []
+        self._lines = [line.strip() for line in text.splitlines()]
+        self._header_lines: dict[str, list[int]] = {}
 
     @classmethod
     def read(cls, path: Path) -> TomlDocument:
@@ -95,14 +97,19 @@ class TomlDocument:
             return None
 
     def line_of(self, header: str, index: int = 0) -> int | None:
-        """Line number (1-based) of the ``index``-th line starting with ``header``."""
-        seen = 0
-        for number, line in enumerate(self.text.splitlines(), start=1):
-            if line.strip().startswith(header):
-                if seen == index:
-                    return number
-                seen += 1
-        return None
+        """Line number (1-based) of the ``index``-th line starting with ``header``.
+
+        The lines starting with each header asked for are found in one pass and kept, so
+        a routes.toml of 50,000 routes costs one scan, not one per route."""
+        found = self._header_lines.get(header)
+        if found is None:
+            found = [
+                number
+                for number, line in enumerate(self._lines, start=1)
+                if line.startswith(header)
+            ]
+            self._header_lines[header] = found
+        return found[index] if 0 <= index < len(found) else None
 
     def line_of_key(self, key: str) -> int | None:
         """Line (1-based) where top-level ``key`` is first defined: an assignment before the
