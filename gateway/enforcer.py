@@ -10,6 +10,7 @@ reload never changes a request half-way.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import logging
@@ -220,6 +221,7 @@ class TenantCache:
         self.ttl = ttl
         self._size = size
         self._records: dict[str, tuple[TenantRecord | None, float]] = {}
+        self._pending: dict[str, asyncio.Task[None]] = {}
         self._errors = metrics.store_errors.labels(op="get")
 
     def cached(self, tenant: str) -> TenantRecord | None | object:
@@ -230,6 +232,17 @@ class TenantCache:
         return entry[0]
 
     async def fetch(self, tenant: str) -> None:
+        """Load one tenant; concurrent requests for the same tenant share one store read,
+        which runs in a task of its own (held in ``_pending`` until done), so a client
+        that goes away does not cancel it for the others."""
+        pending = self._pending.get(tenant)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_task(self._load(tenant))
+            self._pending[tenant] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(tenant, None))
+        await asyncio.shield(pending)
+
+    async def _load(self, tenant: str) -> None:
         try:
             record = await self.store.get(tenant)
         except StoreError as exc:

@@ -63,3 +63,31 @@ def test_license_invalid_events_are_sampled() -> None:
     )
     log._queue.clear()
     log.close()
+
+
+async def test_concurrent_lookups_of_one_tenant_share_one_store_read(
+    keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    import asyncio
+
+    from gateway.decision import TenantRecord
+    from gateway.enforcer import TenantCache
+    from gateway.store.memory import MemoryStore
+
+    class CountingStore(MemoryStore):
+        reads = 0
+
+        async def get(self, tenant: str) -> TenantRecord | None:
+            self.reads += 1
+            await asyncio.sleep(0.05)  # a store round trip
+            return await super().get(tenant)
+
+    store = CountingStore("memory://", keyring)
+    await store.put_license(issue_key(sub="acme"))
+    cache = TenantCache(store, Metrics())
+    waiters = [asyncio.get_running_loop().create_task(cache.fetch("acme")) for _ in range(20)]
+    waiters[0].cancel()  # one client goes away: the others still get the record
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert store.reads == 1
+    record = cache.cached("acme")
+    assert isinstance(record, TenantRecord) and record.tenant == "acme"
