@@ -472,8 +472,9 @@ class Enforcer:
                 role=role,
                 user=user,
             )
-        elif status == 401:
-            self.shared.events.emit(
+        elif status == 401 and self.shared.events.admit("license_invalid"):
+            # (admit first: under a key flood the event is sampled out before it is built)
+            self.shared.events.emit_admitted(
                 "license_invalid",
                 tenant=tenant,
                 tier=lic.claims.tier if lic else None,

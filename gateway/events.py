@@ -57,7 +57,7 @@ class EventLog:
         self._queue: deque[dict[str, Any]] = deque()
         self._max_queue = max_queue
         self._wakeup = asyncio.Event()
-        self._dropped = metrics.events_dropped.labels(sink=self._sink_kind)
+        self._dropped = metrics.tally(metrics.events_dropped.labels(sink=self._sink_kind))
         self._stream: IO[bytes] | None = None
         if sink.startswith("file://"):
             path = Path(sink[len("file://") :])
@@ -70,10 +70,20 @@ class EventLog:
 
     def emit(self, kind: str, **fields: Any) -> None:
         """Queue one event; never blocks, never raises. ``ts`` is added here."""
+        if self.admit(kind):
+            self.emit_admitted(kind, **fields)
+
+    def admit(self, kind: str) -> bool:
+        """Room in the queue and, for a sampled kind, in its rate? (A refusal is counted
+        as a drop.) Lets a caller skip building an event that would be dropped."""
         limit = self._limits.get(kind)
         if len(self._queue) >= self._max_queue or (limit is not None and not limit.take()):
             self._dropped.inc()
-            return
+            return False
+        return True
+
+    def emit_admitted(self, kind: str, **fields: Any) -> None:
+        """Queue an event ``admit`` said yes to."""
         fields["event"] = kind
         fields["ts"] = time.time()
         self._queue.append(fields)

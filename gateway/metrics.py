@@ -198,7 +198,8 @@ class Metrics:
             "gateway_store_errors", "Tenant store failures by operation", ["op"], registry=r
         )
         self.license_result = {
-            result: self.license_checks.labels(result=result) for result in LICENSE_RESULTS
+            result: self.tally(self.license_checks.labels(result=result))
+            for result in LICENSE_RESULTS
         }
         self.cache_hit = self.tally(self.license_cache.labels(result="hit"))
         self.cache_miss = self.tally(self.license_cache.labels(result="miss"))

@@ -45,6 +45,7 @@ def test_failed_signatures_are_remembered_and_garbage_is_cheap(
     assert cache.resolve(forged) is first  # no second Ed25519 check, no budget spent
     for garbage in (b"", b"x.y", b"not-a-key", b"a.b.c"):
         assert cache.resolve(garbage).reason == "license_malformed"  # type: ignore[union-attr]
+    metrics.flush()
     checks = metrics.registry.get_sample_value(
         "gateway_license_checks_total", {"result": "license_bad_signature"}
     )
@@ -58,6 +59,7 @@ def test_license_invalid_events_are_sampled() -> None:
         log.emit("license_invalid", reason="license_malformed")
     log.emit("feature_block", feature="x")  # other kinds are not sampled
     assert log.pending() == 6
+    metrics.flush()
     assert (
         metrics.registry.get_sample_value("gateway_events_dropped_total", {"sink": "stdout"}) == 45
     )

@@ -13,6 +13,7 @@ from gateway.metrics import Metrics
 
 
 def _dropped(metrics: Metrics, sink: str) -> float:
+    metrics.flush()
     value = metrics.registry.get_sample_value("gateway_events_dropped_total", {"sink": sink})
     return value or 0.0
 

@@ -134,7 +134,20 @@ class SqliteStore(TenantStore):
                 f"sqlite store {self.path}: cannot open the database: {_describe(exc)}"
             ) from exc
         try:
-            self._prepare(conn)
+            # Switching a new file to WAL takes a lock SQLite's busy handler does not wait
+            # for: when two stores open the same new file at once, retry for a while.
+            deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+            while True:
+                try:
+                    self._prepare(conn)
+                    break
+                except StoreError as exc:
+                    locked = isinstance(exc.__cause__, sqlite3.OperationalError) and (
+                        "locked" in str(exc.__cause__)
+                    )
+                    if not locked or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except BaseException:
             conn.close()
             raise
