@@ -119,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("file", type=Path)
     for verb, what in (("suspend", "suspend a tenant"), ("reinstate", "lift a suspension")):
         tenant.add_parser(verb, help=what).add_argument("tenant_id")
+    usage = tenant.add_parser("usage", help="record the seats in use (seat limits apply)")
+    usage.add_argument("tenant_id")
+    usage.add_argument("--ops-users", type=int, required=True)
+    usage.add_argument("--drivers", type=int, required=True)
     revoke = tenant.add_parser("revoke", help="revoke one license id")
     revoke.add_argument("tenant_id")
     revoke.add_argument("license_id")
@@ -126,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         show,
         imported,
         *(tenant.choices[v] for v in ("suspend", "reinstate")),
+        usage,
         revoke,
     ):
         verb_parser.add_argument("--config", type=Path, default=Path("gateway.toml"))
@@ -227,7 +232,12 @@ async def _tenant_verb(args: argparse.Namespace, config: Config, store: Any) -> 
         return EXIT_INVALID if result.problems else EXIT_OK
     if verb in ("suspend", "reinstate"):
         changed = await store.set_suspended(args.tenant_id, verb == "suspend")
-        print(f"{args.tenant_id}: {verb}ed" if changed else f"{args.tenant_id}: no change")
+        done = "suspended" if verb == "suspend" else "reinstated"
+        print(f"{args.tenant_id}: {done}" if changed else f"{args.tenant_id}: no change")
+        return EXIT_OK
+    if verb == "usage":
+        await store.set_usage(args.tenant_id, args.ops_users, args.drivers)
+        print(f"{args.tenant_id}: {args.ops_users} ops users, {args.drivers} drivers in use")
         return EXIT_OK
     if verb == "revoke":
         changed = await store.revoke(args.tenant_id, args.license_id)

@@ -244,16 +244,16 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
         doc.problem(
             "entitlements.prefix", "must start with '/' and not be '/'", header="[entitlements]"
         )
-    if not settings.store.url.startswith(("memory://", "sqlite://", "redis://", "file://")):
+    if not settings.store.url.startswith(("memory://", "sqlite://", "redis://", "rediss://")):
         doc.problem(
             "store.url",
-            "expected memory://, sqlite:///path, redis://host:port/db",
+            "expected memory://, sqlite:///path, redis://host:port/db or rediss:// (TLS)",
             header="[store]",
         )
-    if not settings.events.sink.startswith(("stdout:", "file://", "http://", "https://")):
+    if not settings.events.sink.startswith(("stdout:", "file://")):
         doc.problem(
             "events.sink",
-            "expected stdout:, file:///path or http(s)://collector/...",
+            "expected stdout: or file:///path (an HTTP collector sink is not available yet)",
             header="[events]",
         )
 

@@ -120,26 +120,40 @@ def _when(ts: float) -> str:
 def current_license(
     presented: License | None, tenant: TenantRecord | None, now: float, skew: int
 ) -> License | None:
-    """The license that governs the request: the presented key, unless the store holds a
-    newer (higher ``serial``) one that is already in force and not revoked. A downgrade
-    issued with ``nbf`` at the end of the period therefore takes over only then."""
+    """The license that governs the request.
+
+    From the store, only licenses already in force (``nbf``), not revoked and not below
+    the tenant's minimum serial count; among them the newest (highest ``serial``) that has
+    not expired wins, so an ended trial never hides an older paid license. That store
+    license replaces the presented key when it is newer, or when the presented key has
+    expired and it has not; an expired newer key never displaces one that still works. A
+    downgrade issued with ``nbf`` at the end of the period therefore takes over only then.
+    """
     if tenant is None:
         return presented
     if presented is not None and presented.claims.sub != tenant.tenant:
         return presented
-    best = presented
-    for candidate in tenant.licenses:
+    stored: License | None = None  # the best from the store
+    stored_live = False
+    for candidate in tenant.licenses:  # newest first
         claims = candidate.claims
-        if best is not None and claims.serial <= best.claims.serial:
-            continue
         if claims.nbf > now + skew or claims.jti in tenant.revoked:
             continue
         if claims.serial < tenant.min_serial or claims.sub != tenant.tenant:
             continue
-        if claims.exp <= now and best is not None:
-            continue  # an expired newer key never displaces one that still works
-        best = candidate
-    return best
+        live = claims.exp > now
+        if (
+            stored is None
+            or (live and not stored_live)
+            or (live == stored_live and claims.serial > stored.claims.serial)
+        ):
+            stored, stored_live = candidate, live
+    if presented is None or stored is None:
+        return presented if stored is None else stored
+    presented_live = presented.claims.exp > now
+    if stored_live != presented_live:
+        return stored if stored_live else presented
+    return stored if stored.claims.serial > presented.claims.serial else presented
 
 
 def decide(

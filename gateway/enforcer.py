@@ -174,7 +174,8 @@ class LicenseCache:
         except LicenseError as exc:
             return self._failed(exc)
         if not self._budget.take():
-            return LicenseError("license_check_busy", "too many new license keys at once")
+            busy = LicenseError("license_check_busy", "too many new license keys at once")
+            return self._failed(busy)
         try:
             lic = self.keyring.check_signature(parsed)
         except LicenseError as exc:

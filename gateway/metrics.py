@@ -8,7 +8,7 @@ The per-request series are ``Tally`` / ``FastHistogram`` objects: a plain attrib
 (no lock, ~40 ns) instead of prometheus-client's locked value (~300 ns, ~10 % of a
 request's CPU, measured). ``Metrics.flush`` moves what they counted into the prometheus
 children; the runtime flushes every second and before every scrape, so ``/metrics`` is
-exact and, with ``--workers``, the multiprocess files are at most a second behind.
+exact and, with ``--workers``, the multiprocess files are at most a quarter second behind.
 
     metrics = Metrics()
     ops = metrics.for_app("operations")
@@ -38,7 +38,8 @@ LICENSE_RESULTS = (
     "license_malformed",
     "license_unknown_key",
     "license_bad_signature",
-)  # plus "license_check_busy" where a key waits for the verification budget
+    "license_check_busy",  # a never-seen key while the signature-check budget is spent
+)
 
 _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 _DECISION_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)

@@ -763,3 +763,25 @@ def test_explicit_role_list_admits_its_roles(run: Decide) -> None:
         assert run(REGIONS, lic, role=role).allowed
     for other in ("standard", "dispatch_only", None):
         assert_denied(run(REGIONS, lic, role=other), "role_forbidden", 403)
+
+
+def test_an_ended_trial_never_hides_an_older_paid_license(policy: Policy) -> None:
+    paid = make_license(jti="paid", tier="fleet", serial=1)
+    trial = make_license(
+        jti="trial", tier="enterprise", trial=True, serial=2, nbf=NOW - 20 * DAY, exp=NOW - DAY
+    )
+    tenant = tenant_record(licenses=(trial, paid))
+    skew = policy.clock_skew_seconds
+    # Only the tenant id: the paid license governs, not the newer, ended trial.
+    assert current_license(None, tenant, NOW, skew) is paid
+    # The ended trial presented as a key: the store's working license takes over.
+    assert current_license(trial, tenant, NOW, skew) is paid
+    # Before the trial ended, it governed (it is newer).
+    assert current_license(None, tenant, NOW - 2 * DAY, skew) is trial
+
+
+def test_only_expired_licenses_leave_the_newest(policy: Policy) -> None:
+    old = make_license(jti="old", serial=1, exp=NOW - 2 * DAY)
+    newer = make_license(jti="newer", serial=2, exp=NOW - DAY)
+    tenant = tenant_record(licenses=(newer, old))
+    assert current_license(None, tenant, NOW, policy.clock_skew_seconds) is newer

@@ -326,7 +326,7 @@ def test_tenant_cli_against_sqlite(
     bad = issue_key(sub="globex", tier="fleet")[:-4] + "AAAA"
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(
-        f'[[tenants]]\nid = "acme"\nkeys = ["{core}", "{enterprise}"]\n'
+        f'[[tenants]]\nid = "acme"\nkeys = ["{enterprise}", "{core}"]\n'
         f'classic_keys = ["XD7Q2-4KLMN-8PRST-2VWXY-3ABCD"]\n\n'
         f'[[tenants]]\nid = "globex"\nkeys = ["{bad}"]\n'
     )
@@ -353,3 +353,29 @@ def test_tenant_cli_refuses_a_memory_store(
     config, _, _ = write_config(tmp_path, key_dir, dict.fromkeys(APP_NAMES, 1))
     assert main(["tenant", "show", "acme", "--config", str(config)]) == 2
     assert "memory://" in capsys.readouterr().err
+
+
+async def test_seat_usage_recorded_by_the_cli_is_enforced(
+    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+) -> None:
+    extra = '\n[store]\nurl = "sqlite://tenants.db"\n'
+    core = issue_key(sub="acme", tier="core", serial=1)  # Core: 1 ops user, 1 driver
+    async with (
+        running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        add_driver = gateway.url("operations", "/api/v1/drivers")
+        headers = {"X-License-Key": core, "X-User-Role": "admin"}
+        assert await provision(session, gateway, event("license", key=core)) == (
+            200,
+            {"applied": True},
+        )
+        async with session.post(add_driver, headers=headers) as response:
+            assert response.status == 200
+        config = str(tmp_path / "gateway.toml")
+        args = ["tenant", "usage", "acme", "--ops-users", "1", "--drivers", "1"]
+        assert await asyncio.to_thread(main, [*args, "--config", config]) == 0
+        gateway.runtime.shared.tenants.invalidate("acme")  # another process wrote the file
+        async with session.post(add_driver, headers=headers) as response:
+            assert response.status == 429
+            assert (await response.json())["code"] == "seat_limit_exceeded"

@@ -54,9 +54,19 @@ async def test_two_workers_share_listeners_and_metrics(
                     headers={"X-License-Key": key, "Connection": "close"},
                 ) as response:
                     assert response.status == 200
-            # Whichever worker answers the scrape reports the total of both.
+            # Whichever worker answers the scrape reports the total of both, once each
+            # worker has flushed its counts (every 0.25 s with --workers).
+            url = f"http://127.0.0.1:{admin}/metrics"
+            seen = 0.0
+            for _ in range(100):
+                async with session.get(url) as response:
+                    seen = _allowed(await response.text())
+                if seen == sent:
+                    break
+                await asyncio.sleep(0.05)
+            assert seen == sent
             for _ in range(6):
-                async with session.get(f"http://127.0.0.1:{admin}/metrics") as response:
+                async with session.get(url) as response:
                     assert _allowed(await response.text()) == sent
     finally:
         process.send_signal(signal.SIGTERM)

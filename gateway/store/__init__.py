@@ -168,6 +168,7 @@ STORE_FACTORIES: dict[str, StoreFactory] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "redis": _redis,
+    "rediss": _redis,  # Redis over TLS
 }
 
 

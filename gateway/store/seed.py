@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.errors import ConfigError, LicenseError
+from gateway.license import decode_unverified
 from gateway.store import TenantStore
 
 
@@ -39,6 +40,14 @@ class ImportResult(msgspec.Struct):
     problems: list[str] = []
 
 
+def _serial(token: str) -> int:
+    try:
+        serial = decode_unverified(token)[1].get("serial", 0)
+    except LicenseError:
+        return 0  # put_license reports it
+    return serial if isinstance(serial, int) else 0
+
+
 def read_tenants(path: Path) -> TenantsFile:
     """Parse a tenants file (TOML); ``ConfigError`` names the file and what is wrong."""
     try:
@@ -59,7 +68,9 @@ async def import_tenants(
     result = ImportResult()
     total = len(tenants.tenants)
     for done, entry in enumerate(tenants.tenants, start=1):
-        for token in entry.keys:
+        # Oldest first: a store refuses a key older than one it holds, so listing a
+        # scheduled downgrade before the current license must not drop the current one.
+        for token in sorted(entry.keys, key=_serial):
             try:
                 lic = await store.put_license(token)
             except LicenseError as exc:
