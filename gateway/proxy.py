@@ -288,6 +288,7 @@ class Upstream(asyncio.Protocol):
         self.stray = False  # the upstream sent bytes no request asked for
         self._reason = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
+        self._dropped: list[bytes] = []  # header names the Connection header lists
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -354,21 +355,23 @@ class Upstream(asyncio.Protocol):
             self.stray = True  # a second response nobody asked for: never reuse this line
         self._headers = []
         self._reason = b""
+        self._dropped = []
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value, name.lower()))
+        lname = name.lower()
+        self._headers.append((name, value, lname))
+        if lname == b"connection":  # the headers it names are hop-by-hop too
+            self._dropped.extend(t for t in _tokens(value) if t not in PROTECTED)
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
         if ex is None:
             return
         status = self.parser.get_status_code()
-        ex.downstream.response_head(
-            ex, status, self._reason, self._headers, self.parser.should_keep_alive()
-        )
+        ex.downstream.response_head(ex, status, self._reason, self._headers, self._dropped)
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
@@ -503,6 +506,7 @@ class Downstream(asyncio.Protocol):
         self._te: bytes | None = None
         self._has_cl = False
         self._upgrade_to = b""  # the Upgrade header's value, lower-cased
+        self._expect_continue = False
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -597,6 +601,7 @@ class Downstream(asyncio.Protocol):
         self._te = None
         self._has_cl = False
         self._upgrade_to = b""
+        self._expect_continue = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -629,9 +634,7 @@ class Downstream(asyncio.Protocol):
         # tunnel the gateway can no longer check: the request goes on as plain HTTP/1.1,
         # without its Upgrade headers, and parsing restarts after it (see data_received).
         ex.upgrade = self.parser.should_upgrade() and self._upgrade_to == b"websocket"
-        ex.expect_continue = any(
-            item[2] == b"expect" and item[1].lower() == b"100-continue" for item in self._headers
-        )
+        ex.expect_continue = self._expect_continue
         self.parsing = ex
         if self.active is None:
             self.active = ex
@@ -663,6 +666,8 @@ class Downstream(asyncio.Protocol):
                     self._connection_tokens.append(token)
         elif kind == H_UPGRADE:
             self._upgrade_to = value.strip().lower()
+        elif kind == H_EXPECT:
+            self._expect_continue = value.strip().lower() == b"100-continue"
         elif kind == H_TE:
             if value.strip().lower() != b"chunked" or self._te is not None:
                 head.bad_header = "unsupported Transfer-Encoding"
@@ -897,7 +902,7 @@ class Downstream(asyncio.Protocol):
         status: int,
         reason: bytes,
         headers: list[tuple[bytes, bytes, bytes]],
-        upstream_keep_alive: bool,
+        drop: list[bytes],
     ) -> None:
         if 100 <= status < 200 and status != 101:
             ex.interim = True
@@ -909,9 +914,6 @@ class Downstream(asyncio.Protocol):
         if ex.upgrade and status != 101:
             ex.close_after = True  # the parser is in upgrade mode: this line cannot go on
         is_head = ex.head.method == "HEAD"
-        drop = [
-            t for _, v, n in headers if n == b"connection" for t in _tokens(v) if t not in PROTECTED
-        ]
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         has_length = False
         chunked = False

@@ -127,3 +127,19 @@ async def test_connection_limit_queues_then_503_with_retry_after(
             gateway.url("operations", "/api/v1/shipments"), headers=headers
         ) as r:
             assert r.status == 200
+
+
+async def test_a_denied_expect_continue_request_is_answered_and_closed(
+    gateway: Gateway, issue_key: IssueKey
+) -> None:
+    key = issue_key(tier="core").encode()
+    # The client waits for 100 Continue before sending its body: it gets the final 403 and
+    # the connection closes, so an unsent body can never be read as the next request.
+    response = await _exchange(
+        gateway,
+        b"POST /api/v1/shipments/1/optimize HTTP/1.1\r\nHost: x\r\nX-License-Key: "
+        + key
+        + b"\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+    )
+    assert _status(response) == 403
+    assert b"Connection: close" in response
