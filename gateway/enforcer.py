@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import time
+from random import random
 from time import monotonic
 from typing import Any, Final
 
@@ -258,7 +259,10 @@ class TenantCache:
         self._put(tenant, record)
 
     def _put(self, tenant: str, record: TenantRecord | None) -> None:
-        bounded_put(self._records, tenant, (record, monotonic() + self.ttl), self._size)
+        # Jittered (80-120 % of the TTL): tenants cached together must not all expire, and
+        # go back to the store, in the same instant.
+        expires = monotonic() + self.ttl * (0.8 + 0.4 * random())
+        bounded_put(self._records, tenant, (record, expires), self._size)
 
     def invalidate(self, tenant: str | None = None) -> None:
         if tenant is None:
