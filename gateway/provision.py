@@ -14,6 +14,7 @@ key is verified before anything is stored, and an older serial never replaces a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import time
@@ -25,7 +26,7 @@ from gateway.errors import LicenseError
 from gateway.events import EventLog
 from gateway.license import KeyRing, License
 from gateway.matrix import TierMatrix
-from gateway.store import TenantStore
+from gateway.store import StoreError, TenantStore
 
 TOLERANCE_SECONDS = 300
 MAX_BODY_BYTES = 64 * 1024
@@ -116,7 +117,9 @@ async def apply_event(
     try:
         return await _apply(event, store, keyring, matrix, events, revision)
     except BaseException:
-        await store.release_event(event.event_id)
+        # If the store is down this fails too; the original error is the one to report.
+        with contextlib.suppress(StoreError):
+            await store.release_event(event.event_id)
         raise
 
 
