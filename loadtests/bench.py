@@ -1253,6 +1253,9 @@ def write_report(
             "```",
             "",
         ]
+    analysis = HERE / "ANALYSIS.md"
+    if analysis.exists():  # the profile behind the numbers, kept by hand beside this script
+        lines += ["", *analysis.read_text().splitlines()]
     lines += how_to_run(bench.targets)
     lines += soak_section()
     args.output.write_text("\n".join(lines) + "\n")
@@ -1265,7 +1268,7 @@ def soak_section() -> list[str]:
     if not soak.exists():
         return []
     body = [line for line in soak.read_text().splitlines() if not line.startswith("<!--")]
-    body = [("##" + line) if line.startswith("# ") else line for line in body]
+    body = [("##" + line) if line.startswith("#") else line for line in body]  # nest headings
     return [
         "",
         "## Soak (10 minutes; not part of `make bench`)",
