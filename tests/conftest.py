@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -15,7 +16,7 @@ from gateway.config import Config, load_config
 from gateway.license import KeyRing, LicenseClaims, generate_keypair, load_signing_key, sign_license
 from gateway.matrix import APP_NAMES, TierMatrix, load_matrix
 from gateway.routes import RouteTable, load_routes
-from tests.harness import EchoUpstream
+from tests.harness import EchoUpstream, Gateway, running_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,3 +107,23 @@ async def upstreams() -> AsyncIterator[dict[str, EchoUpstream]]:
     yield servers
     for server in servers.values():
         await server.stop()
+
+
+@pytest.fixture
+def upstream_ports(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
+    return {app: server.port for app, server in upstreams.items()}
+
+
+@pytest.fixture
+async def gateway(
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int]
+) -> AsyncIterator[Gateway]:
+    """A gateway runtime with the shipped routes and matrix in front of ``upstreams``."""
+    async with running_gateway(tmp_path, key_dir, upstream_ports) as running:
+        yield running
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -9,11 +9,10 @@ import contextlib
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
-import pytest
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,25 +40,6 @@ OPTIMIZE = "/api/v1/shipments/1/optimize"
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def upstream_ports(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
-    return {app: server.port for app, server in upstreams.items()}
-
-
-@pytest.fixture
-async def gateway(
-    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int]
-) -> AsyncIterator[Gateway]:
-    async with running_gateway(tmp_path, key_dir, upstream_ports) as running:
-        yield running
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 # --------------------------------------------------------------------------- helpers

@@ -7,26 +7,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, RawUpstream, running_gateway
-
-
-@pytest.fixture
-async def gateway(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream]
-) -> AsyncIterator[Gateway]:
-    ports = {app: server.port for app, server in upstreams.items()}
-    async with running_gateway(tmp_path, key_dir, ports) as running:
-        yield running
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_allowed_request_reaches_upstream_with_entitlement_headers(

@@ -9,7 +9,6 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +30,6 @@ _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(:path)?\}")
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def upstream_ports(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
-    return {app: server.port for app, server in upstreams.items()}
-
-
-@pytest.fixture
-async def gateway(
-    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int]
-) -> AsyncIterator[Gateway]:
-    async with running_gateway(tmp_path, key_dir, upstream_ports) as running:
-        yield running
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 # --------------------------------------------------------------------------- helpers

@@ -65,12 +65,6 @@ def upstream_ports(upstreams: dict[str, HeldUpstream]) -> dict[str, int]:
     return {app: server.port for app, server in upstreams.items()}
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 # --------------------------------------------------------------------------- helpers
 
 
