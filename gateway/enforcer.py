@@ -32,7 +32,7 @@ from gateway.matrix import AppName, TierMatrix
 from gateway.metrics import AppMetrics, Metrics
 from gateway.paths import PathRejected, canonical_path
 from gateway.ratelimit import TokenBucket
-from gateway.routes import AppRoutes, RouteTable
+from gateway.routes import AppRoutes, Match, RouteTable
 from gateway.store import StoreError, TenantStore
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,8 @@ class Enforcer:
         if tenant_id is not None:
             cached = self.shared.tenants.cached(tenant_id)
             if cached is _NO_TENANT:
-                if not fetched and not (found.route is not None and found.route.public):
+                public = found.kind is Match.FULL and found.route is not None and found.route.public
+                if not fetched and not public:
                     return _NEED_TENANT_VERDICT
                 cached = None
             record = cached  # type: ignore[assignment]

@@ -286,6 +286,7 @@ class Upstream(asyncio.Protocol):
         self.tunnel: Downstream | None = None
         self.finished: bool | None = None  # a response ended in this read: reusable?
         self.stray = False  # the upstream sent bytes no request asked for
+        self.close_delimited = False  # the current response ends when the upstream closes
         self._reason = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
         self._dropped: list[bytes] = []  # header names the Connection header lists
@@ -337,6 +338,11 @@ class Upstream(asyncio.Protocol):
         ex = self.exchange
         self.exchange = None
         if ex is not None and not ex.response_done:
+            if self.close_delimited and not ex.interim:
+                self.exchange = ex
+                ex.downstream.response_complete(ex, self)  # the close was its end
+                self.exchange = None
+                return
             ex.downstream.upstream_failed(ex, "reset")
 
     def pause_writing(self) -> None:
@@ -351,6 +357,7 @@ class Upstream(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self.close_delimited = False
         if self.exchange is None:
             self.stray = True  # a second response nobody asked for: never reuse this line
         self._headers = []
@@ -427,6 +434,7 @@ class Exchange:
         "sent_body",
         "task",
         "retried",
+        "drop",
     )
 
     def __init__(self, downstream: Downstream, head: RequestHead, version: str, keep_alive: bool):
@@ -456,6 +464,7 @@ class Exchange:
         self.sent_body = False
         self.task: asyncio.Task[None] | None = None
         self.retried = False
+        self.drop: list[bytes] = []  # header names this request's Connection header lists
 
 
 # ----------------------------------------------------------------------- client side
@@ -635,6 +644,9 @@ class Downstream(asyncio.Protocol):
         # without its Upgrade headers, and parsing restarts after it (see data_received).
         ex.upgrade = self.parser.should_upgrade() and self._upgrade_to == b"websocket"
         ex.expect_continue = self._expect_continue
+        # This request's own Connection tokens: by the time it is dispatched (queued behind
+        # a pipelined request, or after a tenant look-up) the parser may be on the next one.
+        ex.drop = self._connection_tokens
         self.parsing = ex
         if self.active is None:
             self.active = ex
@@ -691,6 +703,7 @@ class Downstream(asyncio.Protocol):
         if ex is self.active and upstream is not None and ex.upstream_head == b"":
             upstream.send(b"%x\r\n%s\r\n" % (len(body), body) if ex.chunked_in else body)
             ex.sent_body = True
+            ex.last_activity = self.last_body  # the upstream read timeout waits for uploads
             return
         ex.body.append(body)
         ex.body_bytes += len(body)
@@ -725,11 +738,18 @@ class Downstream(asyncio.Protocol):
         self._dispatch(ex, verdict)
 
     async def _begin_after_lookup(self, ex: Exchange) -> None:
-        await self.enforcer.prefetch(ex.head)
-        ex.task = None
-        if self.transport is None or self.active is not ex:
-            return
-        self._dispatch(ex, self.enforcer.check(ex.head, fetched=True))
+        try:
+            await self.enforcer.prefetch(ex.head)
+            ex.task = None
+            if self.transport is None or self.active is not ex:
+                return
+            self._dispatch(ex, self.enforcer.check(ex.head, fetched=True))
+        except Exception:  # a bug of ours or an unexpected store error: answer, never hang
+            log.exception("tenant look-up failed")
+            ex.task = None
+            if self.transport is not None and self.active is ex and not ex.response_started:
+                body, _ = problem(500, "internal_error", "Internal gateway error")
+                self._answer(ex, 500, body, b"", outcome="rejected")
 
     def _dispatch(self, ex: Exchange, verdict: Verdict) -> None:
         ex.verdict = verdict
@@ -784,7 +804,7 @@ class Downstream(asyncio.Protocol):
     def _upstream_head(self, ex: Exchange, verdict: Verdict) -> bytes:
         head = ex.head
         classic = verdict.kind == CLASSIC
-        drop = self._connection_tokens
+        drop = ex.drop
         upgrade = ex.upgrade
         lines = [
             b"%s %s HTTP/1.1\r\n"
@@ -935,6 +955,8 @@ class Downstream(asyncio.Protocol):
         if verdict is not None and verdict.response_headers:
             lines.append(verdict.response_headers)
         body_allowed = not is_head and status not in NO_BODY_STATUS and status != 101
+        if body_allowed and not has_length and not chunked and ex.upstream is not None:
+            ex.upstream.close_delimited = True  # its end is the upstream closing
         if body_allowed and not has_length:
             if ex.version == "1.1":
                 ex.chunked_out = True
