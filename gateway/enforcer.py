@@ -255,9 +255,6 @@ class TenantCache:
             return
         self._put(tenant, record)
 
-    def put(self, tenant: str, record: TenantRecord | None) -> None:
-        self._put(tenant, record)
-
     def _put(self, tenant: str, record: TenantRecord | None) -> None:
         # Jittered (80-120 % of the TTL): tenants cached together must not all expire, and
         # go back to the store, in the same instant.

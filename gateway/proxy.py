@@ -186,7 +186,6 @@ class UpstreamPool:
         self.metrics = metrics
         self.max_idle = max_idle
         self.idle: list[Upstream] = []
-        self.reachable = False
         self.open = 0  # connections open or being opened, idle ones included
         self.waiters: deque[asyncio.Future[Upstream | None]] = deque()
 
@@ -228,7 +227,6 @@ class UpstreamPool:
             self.open -= 1
             self._wake_one(None)
             raise
-        self.reachable = True
         return conn
 
     def release(self, conn: Upstream) -> None:
@@ -263,7 +261,6 @@ class UpstreamPool:
         try:
             conn = await self.connect()
         except (OSError, TimeoutError):
-            self.reachable = False
             return False
         self.release(conn)
         return True
@@ -509,11 +506,9 @@ class Downstream(asyncio.Protocol):
         # per-request parse state
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
-        self._head: RequestHead | None = None
         self._header_bytes = 0
         self._connection_tokens: list[bytes] = []
         self._te: bytes | None = None
-        self._has_cl = False
         self._upgrade_to = b""  # the Upgrade header's value, lower-cased
         self._expect_continue = False
 
@@ -608,7 +603,6 @@ class Downstream(asyncio.Protocol):
         self._header_bytes = 0
         self._connection_tokens = []
         self._te = None
-        self._has_cl = False
         self._upgrade_to = b""
         self._expect_continue = False
 
@@ -685,7 +679,6 @@ class Downstream(asyncio.Protocol):
                 head.bad_header = "unsupported Transfer-Encoding"
             self._te = value
         elif kind == H_CL:
-            self._has_cl = True
             if int(value) > self.settings.max_body_bytes:  # llhttp checked it is a number
                 raise _Reject(413, "body_too_large", "Request body too large")
         if kind == H_LICENSE and not value.isascii():

@@ -60,24 +60,29 @@ def keyring(key_dir: Path) -> KeyRing:
 IssueKey = Callable[..., str]
 
 
+def sign_key(private_key: Ed25519PrivateKey, kid: str, **overrides: object) -> str:
+    """A signed key with test defaults (valid now, Core, serial 1); ``overrides`` win."""
+    now = int(time.time())
+    fields: dict[str, object] = {
+        "iss": "tests",
+        "sub": "tenant-1",
+        "jti": str(uuid.uuid4()),
+        "iat": now - 60,
+        "nbf": now - 60,
+        "exp": now + 86400,
+        "tier": "core",
+        "serial": 1,
+    }
+    fields.update(overrides)
+    return sign_license(private_key, kid, LicenseClaims(**fields))  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def issue_key(signing_key: Ed25519PrivateKey) -> IssueKey:
     """``issue_key(tier="fleet", addons=("sms_messaging",), exp=..., ...)`` → a signed key."""
 
     def issue(**overrides: object) -> str:
-        now = int(time.time())
-        fields: dict[str, object] = {
-            "iss": "tests",
-            "sub": "tenant-1",
-            "jti": str(uuid.uuid4()),
-            "iat": now - 60,
-            "nbf": now - 60,
-            "exp": now + 86400,
-            "tier": "core",
-            "serial": 1,
-        }
-        fields.update(overrides)
-        return sign_license(signing_key, "test", LicenseClaims(**fields))  # type: ignore[arg-type]
+        return sign_key(signing_key, "test", **overrides)
 
     return issue
 

@@ -19,12 +19,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.errors import LicenseError
-from gateway.license import KeyRing, LicenseClaims, Seats, sign_license
+from gateway.license import KeyRing, Seats
 from gateway.store import StoreError, TenantStore, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis_store import RedisStore, redacted
 from gateway.store.sqlite import SqliteStore, sqlite_path
-from tests.conftest import IssueKey
+from tests.conftest import IssueKey, sign_key
 from tests.redis_server import RedisServer, RedisServerError
 
 DEADLINE = 15.0  # seconds to wait for something that should happen (never asserted)
@@ -172,25 +172,6 @@ async def watching(store: TenantStore, writer: TenantStore | None = None) -> Asy
             task.cancel()
 
 
-# -- keys ---------------------------------------------------------------------------------------
-
-
-def foreign_key(private_key: Ed25519PrivateKey, kid: str, **overrides: object) -> str:
-    now = int(time.time())
-    fields: dict[str, object] = {
-        "iss": "tests",
-        "sub": "tenant-1",
-        "jti": str(uuid.uuid4()),
-        "iat": now - 60,
-        "nbf": now - 60,
-        "exp": now + 86400,
-        "tier": "core",
-        "serial": 1,
-    }
-    fields.update(overrides)
-    return sign_license(private_key, kid, LicenseClaims(**fields))  # type: ignore[arg-type]
-
-
 # -- the behaviour every engine shares ------------------------------------------------------
 
 
@@ -268,8 +249,8 @@ async def test_a_key_that_does_not_verify_raises_and_stores_nothing(
     store: TenantStore, issue_key: IssueKey
 ) -> None:
     impostor = Ed25519PrivateKey.generate()
-    bad_signature = foreign_key(impostor, "test", sub="acme")
-    unknown_kid = foreign_key(impostor, "elsewhere", sub="acme")
+    bad_signature = sign_key(impostor, "test", sub="acme")
+    unknown_kid = sign_key(impostor, "elsewhere", sub="acme")
     header, payload, _ = issue_key(sub="acme").split(".")
     for token, reason in [
         (bad_signature, "license_bad_signature"),
@@ -441,7 +422,7 @@ async def test_stored_keys_that_no_longer_verify_are_skipped_and_logged_once(
     retired = Ed25519PrivateKey.generate()
     before_rotation = KeyRing({**keyring.keys, "retired": retired.public_key()})
     old = await shared.open(before_rotation).put_license(
-        foreign_key(retired, "retired", sub="acme", serial=1)
+        sign_key(retired, "retired", sub="acme", serial=1)
     )
     current = await shared.open(before_rotation).put_license(issue_key(sub="acme", serial=2))
     assert old and current
