@@ -24,6 +24,7 @@ from gateway.provision import (
     ProvisionError,
     apply_event,
     parse_event,
+    read_body,
     verify_signature,
 )
 from gateway.store import StoreError
@@ -106,9 +107,7 @@ async def provision(request: web.Request) -> web.Response:
             raise ProvisionError(
                 503, "provisioning_disabled", f"set the secret in ${secret_env} to enable it"
             )
-        body = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(body) > MAX_BODY_BYTES:
-            raise ProvisionError(413, "body_too_large", f"over {MAX_BODY_BYTES} bytes")
+        body = await read_body(request.content, request.content_length)
         verify_signature(
             secret.encode(), request.headers.get("Gateway-Signature"), body, time.time()
         )

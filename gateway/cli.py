@@ -186,13 +186,13 @@ def _tenant(args: argparse.Namespace) -> int:
     import asyncio
 
     from gateway.runtime import store_url
-    from gateway.store import StoreError, open_store
+    from gateway.store import StoreError, open_store, per_process
 
     config = load_config(args.config)
     url = store_url(config)
-    if url.startswith("memory://"):
+    if per_process(url):
         raise UsageError(
-            "store.url is memory://: that store lives inside the gateway process; "
+            f"store.url is {url}: that store lives inside the gateway process; "
             "configure sqlite:///path or redis://host:port/db to manage tenants"
         )
 

@@ -33,7 +33,17 @@ DEFAULT_CLASSIC_PATTERN = r"^[A-Z0-9]{5}(-[A-Z0-9]{5}){4}$"
 
 ExpiryStrategy = Literal["restrict", "revoke", "maintain"]
 
-_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# Unpadded base64url ends with 2 or 3 characters for a final 1 or 2 bytes; the last of them
+# then carries 4 or 2 bits no byte uses. RFC 4648 §3.5 wants those bits zero: any other
+# spelling decodes to the same bytes but is a different token, with its own fingerprint and
+# cache entry, so a fingerprint blocklist could be dodged 16 ways. By length % 4, the last
+# characters whose unused bits are zero:
+_CANONICAL_LAST = {
+    2: frozenset(_B64URL_ALPHABET[::16]),
+    3: frozenset(_B64URL_ALPHABET[::4]),
+}
 _KID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -93,8 +103,13 @@ def fingerprint(token: str) -> str:
 
 
 def _b64decode(part: str, what: str) -> bytes:
-    if not _B64URL.match(part) or len(part) % 4 == 1:
+    """Canonical unpadded base64url only (one spelling per byte string): a set look-up on
+    the last character, no re-encoding, since this runs for every never-seen key."""
+    tail = len(part) % 4
+    if tail == 1 or not _B64URL.fullmatch(part):
         raise LicenseError("license_malformed", f"{what} is not base64url")
+    if tail and part[-1] not in _CANONICAL_LAST[tail]:
+        raise LicenseError("license_malformed", f"{what} is not canonical base64url")
     try:
         return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError) as exc:

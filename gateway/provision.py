@@ -7,6 +7,7 @@ accepted, so the secret can rotate), with a 5-minute tolerance against replays. 
 key is verified before anything is stored, and an older serial never replaces a newer one.
 
     signature = sign(secret, body, time.time())   # what billing computes
+    body = await read_body(request.content)       # the whole body; ProvisionError(413)
     verify_signature(secret, header, body, now)   # raises ProvisionError(401)
     event = parse_event(body)                     # raises ProvisionError(400, field)
     applied = await apply_event(event, store, keyring, matrix, events, revision)
@@ -17,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import re
 import time
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -30,6 +32,12 @@ from gateway.store import StoreError, TenantStore
 
 TOLERANCE_SECONDS = 300
 MAX_BODY_BYTES = 64 * 1024
+
+# Strict, ASCII-only forms: str.isdigit() accepts "²" (which int() then refuses) and
+# hmac.compare_digest() raises on non-ASCII str, so anything looser is a 500 waiting.
+# Twelve digits is beyond year 30000; a longer run is not a timestamp.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_MAC = re.compile(r"[0-9a-f]{64}")  # HMAC-SHA256, hex
 
 
 class ProvisionError(Exception):
@@ -57,16 +65,45 @@ def sign(secret: bytes, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={mac}"
 
 
+class BodyStream(Protocol):
+    """What ``read_body`` needs of a request body (aiohttp's ``StreamReader``)."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+async def read_body(stream: BodyStream, declared: int | None = None) -> bytes:
+    """The whole body, however many TCP segments or chunks it arrives in (a read returns
+    only what has arrived so far), up to ``MAX_BODY_BYTES``: past that, or when the
+    declared ``Content-Length`` says so up front, ``ProvisionError(413)``."""
+    if declared is not None and declared > MAX_BODY_BYTES:
+        raise ProvisionError(413, "body_too_large", f"over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    while len(body) <= MAX_BODY_BYTES:
+        piece = await stream.read(MAX_BODY_BYTES + 1 - len(body))
+        if not piece:
+            return bytes(body)
+        body += piece
+    raise ProvisionError(413, "body_too_large", f"over {MAX_BODY_BYTES} bytes")
+
+
 def verify_signature(secret: bytes, header: str | None, body: bytes, now: float) -> None:
+    """``t=<ASCII digits>`` once and ``v1=<64 lowercase hex digits>`` at least once; other
+    schemes are ignored (room for a future ``v2``). Anything else is a 401."""
     if not header:
         raise ProvisionError(401, "signature_missing", "no Gateway-Signature header")
     timestamp: int | None = None
     candidates: list[str] = []
     for part in header.split(","):
-        name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit():
+        name, _, value = part.strip(" \t").partition("=")
+        if name == "t":
+            if timestamp is not None or not _TIMESTAMP.fullmatch(value):
+                raise ProvisionError(401, "signature_invalid", "t must be unix seconds, once")
             timestamp = int(value)
         elif name == "v1":
+            if not _MAC.fullmatch(value):
+                raise ProvisionError(
+                    401, "signature_invalid", "v1 must be 64 lowercase hex digits (HMAC-SHA256)"
+                )
             candidates.append(value)
     if timestamp is None or not candidates:
         raise ProvisionError(401, "signature_invalid", "expected t=<unix seconds>,v1=<hex>")

@@ -32,7 +32,7 @@ from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
-from gateway.store import StoreError, TenantStore, open_store
+from gateway.store import StoreError, TenantStore, open_store, per_process
 from gateway.store.seed import import_tenants, read_tenants
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,18 @@ def supervise(config_path: Path, workers: int, log_level: str) -> int:
     from prometheus_client import multiprocess
 
     require_c_parsers()
-    load_config(config_path)  # fail here, once, with the full list of problems
+    config = load_config(config_path)  # fail here, once, with the full list of problems
+    url = store_url(config)
+    if per_process(url):
+        # Each worker would hold its own tenants: a replayed signed suspend is applied once
+        # per worker, a reinstate reaches one worker in N.
+        raise ConfigError.single(
+            str(config_path),
+            "store.url",
+            f"{url} lives inside one process, so {workers} workers would each keep their own "
+            'tenants; use a shared store (store.url = "sqlite:///path/tenants.db" or '
+            '"redis://host:6379/0") or --workers 1',
+        )
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     command = [

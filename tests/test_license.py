@@ -435,6 +435,70 @@ def test_license_error_carries_reason_and_detail(keyring: KeyRing) -> None:
     assert str(caught.value).startswith("license_malformed: ")
 
 
+B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _spellings(part: str) -> list[str]:
+    """Every spelling of ``part`` that decodes to the same bytes: the unused low bits of the
+    last character (4 bits after 2 characters of a final group, 2 bits after 3) set."""
+    unused = {2: 0b1111, 3: 0b11}[len(part) % 4]
+    base = B64URL_ALPHABET.index(part[-1]) & ~unused
+    return [part[:-1] + B64URL_ALPHABET[base | bits] for bits in range(unused + 1)]
+
+
+def _with_group_tail(encode: Callable[[str], str], tail: int) -> str:
+    """``encode(filler)`` for the first filler whose base64url length % 4 is ``tail``."""
+    for size in range(8):
+        part = encode("x" * size)
+        if len(part) % 4 == tail:
+            return part
+    raise AssertionError("no filler size gives that length")
+
+
+def test_a_signature_has_one_spelling_not_sixteen(
+    keyring: KeyRing, signing_key: Ed25519PrivateKey
+) -> None:
+    token = forge(signing_key)
+    signing_input, signature = token.rsplit(".", 1)
+    spellings = _spellings(signature)
+    assert len(spellings) == 16 and signature in spellings
+    for spelling in spellings:
+        respelled = f"{signing_input}.{spelling}"
+        if spelling == signature:
+            assert keyring.verify(respelled).claims.tier == "fleet"
+        else:
+            assert reason_of(keyring, respelled) == "license_malformed", spelling
+
+
+@pytest.mark.parametrize("tail", [2, 3])
+@pytest.mark.parametrize("segment", ["header", "payload"])
+def test_a_header_or_payload_has_one_spelling(
+    keyring: KeyRing, signing_key: Ed25519PrivateKey, segment: str, tail: int
+) -> None:
+    """Signed over the respelled segment, so only the spelling check can refuse it."""
+    header = {"alg": "EdDSA", "typ": "license+jwt", "kid": "test"}
+    if segment == "header":
+        parts = [
+            _with_group_tail(lambda filler: b64json({**header, "x": filler}), tail),
+            b64json(good_claims()),
+        ]
+    else:
+        parts = [
+            b64json(header),
+            _with_group_tail(lambda filler: b64json(good_claims(x=filler)), tail),
+        ]
+    index = 0 if segment == "header" else 1
+    spellings = _spellings(parts[index])
+    for spelling in spellings:
+        parts[index] = spelling
+        signing_input = ".".join(parts)
+        token = f"{signing_input}.{b64(signing_key.sign(signing_input.encode('ascii')))}"
+        if spelling == spellings[0]:
+            assert keyring.verify(token).claims.tier == "fleet"
+        else:
+            assert reason_of(keyring, token) == "license_malformed", spelling
+
+
 # --------------------------------------------------------------------------- interoperability
 
 

@@ -22,6 +22,7 @@ from gateway.provision import ProvisionError, parse_event, sign, verify_signatur
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, running_gateway
 from tests.redis_server import RedisServer, RedisServerError
+from tests.test_hardening_paths import Reply, read_reply
 
 SECRET = "billing-shared-secret"
 OPTIMIZE = "/api/v1/shipments/1/optimize"
@@ -107,6 +108,31 @@ def test_signature_refuses_another_body_secret_or_a_stale_time() -> None:
         with pytest.raises(ProvisionError) as caught:
             verify_signature(SECRET.encode(), header, body, at)
         assert caught.value.status == 401
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("t=\u00b2,v1=00", id="superscript-digit"),
+        pytest.param("t=\u0661\u0662,v1=" + "0" * 64, id="arabic-indic-digits"),
+        pytest.param("v1=\u00e9", id="non-ascii-mac"),
+        pytest.param("t={now},v1=\u00e9" + "0" * 63, id="non-ascii-mac-of-the-right-length"),
+        pytest.param("t={now},v1={mac_upper}", id="uppercase-hex"),
+        pytest.param("t={now},v1={mac_short}", id="short-mac"),
+        pytest.param("t={now},v1={mac}0", id="long-mac"),
+        pytest.param("t=" + "9" * 5000 + ",v1={mac}", id="huge-timestamp"),
+        pytest.param("t=-{now},v1={mac}", id="negative-timestamp"),
+        pytest.param("t={now},t={now},v1={mac}", id="two-timestamps"),
+        pytest.param("t={now},v1={mac},v1=zz", id="one-bad-mac-among-good"),
+    ],
+)
+def test_a_malformed_signature_header_is_a_401_not_an_error(header: str) -> None:
+    now = int(time.time())
+    mac = sign(SECRET.encode(), b"{}", now).split("v1=")[1]
+    filled = header.format(now=now, mac=mac, mac_upper=mac.upper(), mac_short=mac[:-2])
+    with pytest.raises(ProvisionError) as caught:
+        verify_signature(SECRET.encode(), filled, b"{}", now)
+    assert (caught.value.status, caught.value.code) == (401, "signature_invalid")
 
 
 @pytest.mark.parametrize(
@@ -214,6 +240,91 @@ async def test_provisioning_refusals(
         monkeypatch.delenv("GATEWAY_PROVISION_SECRET")
         status, body = await provision(session, gateway, event("suspend"))
         assert (status, body["code"]) == (503, "provisioning_disabled")
+
+
+# ------------------------------------------------------------------ the hook over raw sockets
+
+
+async def post_in_pieces(
+    gateway: Gateway, head: bytes, pieces: list[bytes], *, pause: float = 0.1
+) -> Reply:
+    """POST to the hook on a raw socket: the head, then each piece in its own write with a
+    pause between, so the gateway sees each piece arrive on its own."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.admin)
+    try:
+        request = b"POST /admin/provision HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+        writer.write(request + head + b"\r\n")
+        for piece in pieces:
+            await asyncio.sleep(pause)
+            writer.write(piece)
+            await writer.drain()
+        return await read_reply(reader)
+    finally:
+        writer.close()
+
+
+def signed_head(body: bytes, *, chunked: bool = False) -> bytes:
+    signature = sign(SECRET.encode(), body, int(time.time()))
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+    return b"Gateway-Signature: %s\r\n%s\r\n" % (signature.encode(), framing)
+
+
+def code_of(reply: Reply) -> str:
+    code = json.loads(bytes(reply.body))["code"]
+    assert isinstance(code, str)
+    return code
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"t=\xc2\xb2,v1=00", id="superscript-digit"),
+        pytest.param(b"v1=\xc3\xa9", id="non-ascii-mac"),
+        pytest.param(b"t=NOW,v1=\xc3\xa9", id="non-ascii-mac-with-a-timestamp"),
+        pytest.param(b"t=NOW,v1=\xff\xfe", id="not-utf-8"),
+    ],
+)
+async def test_a_malformed_signature_header_on_the_wire_is_a_401(
+    gateway: Gateway, header: bytes
+) -> None:
+    header = header.replace(b"NOW", str(int(time.time())).encode())
+    body = json.dumps(event("suspend")).encode()
+    head = b"Gateway-Signature: %s\r\nContent-Length: %d\r\n" % (header, len(body))
+    reply = await post_in_pieces(gateway, head, [body])
+    assert (reply.status, code_of(reply)) == (401, "signature_invalid"), reply
+
+
+async def test_a_signed_body_arriving_in_two_segments_verifies(gateway: Gateway) -> None:
+    body = json.dumps(event("suspend", tenant="split-segments")).encode()
+    half = len(body) // 2
+    reply = await post_in_pieces(gateway, signed_head(body), [body[:half], body[half:]])
+    assert reply.status == 200, reply
+    assert json.loads(bytes(reply.body)) == {"applied": True}
+
+
+async def test_a_signed_body_arriving_in_chunks_verifies(gateway: Gateway) -> None:
+    body = json.dumps(event("suspend", tenant="split-chunks")).encode()
+    pieces = [chunk(body[i : i + 16]) for i in range(0, len(body), 16)] + [b"0\r\n\r\n"]
+    reply = await post_in_pieces(gateway, signed_head(body, chunked=True), pieces, pause=0.02)
+    assert reply.status == 200, reply
+    assert json.loads(bytes(reply.body)) == {"applied": True}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_the_body_cap_holds_for_a_body_in_pieces(gateway: Gateway, chunked: bool) -> None:
+    from gateway.provision import MAX_BODY_BYTES
+
+    padding = b" " * (MAX_BODY_BYTES + 1 - 2)
+    body = b"{" + padding + b"}"
+    piece = 8192
+    parts = [body[i : i + piece] for i in range(0, len(body), piece)]
+    pieces = [chunk(part) for part in parts] + [b"0\r\n\r\n"] if chunked else parts
+    reply = await post_in_pieces(gateway, signed_head(body, chunked=chunked), pieces, pause=0.01)
+    assert (reply.status, code_of(reply)) == (413, "body_too_large"), reply
 
 
 # ------------------------------------------------------------------ fleets on Redis

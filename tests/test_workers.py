@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
+from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, write_config
 
@@ -37,7 +40,10 @@ async def test_two_workers_share_listeners_and_metrics(
     tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
 ) -> None:
     ports = {app: server.port for app, server in upstreams.items()}
-    config, listen, admin = write_config(tmp_path, key_dir, ports)
+    # A store the workers share (each would keep its own memory:// store: refused).
+    config, listen, admin = write_config(
+        tmp_path, key_dir, ports, extra='\n[store]\nurl = "sqlite://tenants.db"\n'
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
         "--workers", "2", "--log-level", "WARNING",
@@ -71,3 +77,40 @@ async def test_two_workers_share_listeners_and_metrics(
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        pytest.param("", id="memory-by-default"),
+        pytest.param('\n[store]\nurl = "memory://"\n', id="memory"),
+        pytest.param('\n[store]\nurl = "sqlite:///:memory:"\n', id="sqlite-in-memory"),
+    ],
+)
+def test_several_workers_refuse_a_store_each_worker_would_keep_to_itself(
+    tmp_path: Path, key_dir: Path, store: str
+) -> None:
+    """Each worker would hold its own tenants: a replayed signed suspend applied once per
+    worker, a reinstate reaching one worker in N. Refused before any worker starts."""
+    config, _, _ = write_config(tmp_path, key_dir, dict.fromkeys(APP_NAMES, 1), extra=store)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # the supervisor stops its workers
+        process.communicate(timeout=30)
+        raise AssertionError("the gateway started its workers on a per-process store") from None
+    assert process.returncode == 1, stderr
+    assert "store.url" in stderr and "sqlite:///" in stderr and "redis://" in stderr, stderr
+
+
+def test_memory_and_sqlite_in_memory_are_the_per_process_stores(tmp_path: Path) -> None:
+    from gateway.store import per_process
+
+    assert per_process("memory://") and per_process("sqlite:///:memory:")
+    assert not per_process(f"sqlite:///{tmp_path}/t.db") and not per_process("redis://r:6379/0")

@@ -172,6 +172,18 @@ STORE_FACTORIES: dict[str, StoreFactory] = {
 }
 
 
+def per_process(url: str) -> bool:
+    """True for a store whose data lives inside one process (``memory://``, SQLite's
+    ``:memory:``): other processes (workers, the CLI) cannot see or change it."""
+    if url.startswith("memory://"):
+        return True
+    if url.startswith("sqlite://"):
+        from gateway.store.sqlite import sqlite_path
+
+        return sqlite_path(url) == ":memory:"
+    return False
+
+
 def open_store(url: str, keyring: KeyRing) -> TenantStore:
     """The engine for ``url``: ``memory://``, ``sqlite:///path``, ``redis://host:port/db``."""
     scheme = url.split("://", 1)[0]
