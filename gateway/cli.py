@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.config import Config, load_config
+from gateway.config import Config, config_warnings, load_config
 from gateway.decision import Decision, decide, expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
 from gateway.license import (
@@ -343,8 +343,8 @@ def _check(args: argparse.Namespace) -> int:
     unrouted = sorted(set(config.matrix.features) - gated)
     if unrouted:
         print(f"  note: features with no route: {', '.join(unrouted)}")
-    if not config.keyring.keys:
-        print("  warning: no public keys: every signed license will be refused")
+    for warning in config_warnings(config):
+        print(f"  warning: {warning}")
     return EXIT_OK
 
 

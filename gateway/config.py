@@ -20,7 +20,7 @@ from gateway.decision import Policy
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.license import DEFAULT_CLASSIC_PATTERN, ClassicKeys, KeyRing
 from gateway.matrix import APP_NAMES, AppName, TierMatrix, build_matrix
-from gateway.routes import RouteTable, build_routes
+from gateway.routes import PathCase, RouteTable, build_routes
 from gateway.tomlfile import TomlDocument
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -42,6 +42,9 @@ class AppSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_timeout: float = 60.0
     max_connections: int = 1000  # to the upstream; more requests queue
     queue_timeout: float = 5.0  # longest wait in that queue, then 503 + Retry-After
+    # "insensitive" when the upstream routes paths case-insensitively: routes then match
+    # case-folded, so /API/... cannot dodge a gated /api/... route.
+    path_case: PathCase = "sensitive"
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -278,7 +281,8 @@ def load_config(path: Path) -> Config:
     except ConfigError as exc:
         problems.extend(exc.problems)
     try:
-        routes = build_routes(TomlDocument.read(base / files.routes), matrix)
+        path_case = _path_case(settings) if settings is not None else None
+        routes = build_routes(TomlDocument.read(base / files.routes), matrix, path_case)
     except ConfigError as exc:
         problems.extend(exc.problems)
     try:
@@ -295,5 +299,27 @@ def load_rules(config: Config) -> tuple[TierMatrix, RouteTable]:
     base = config.path.parent
     files = config.settings.files
     matrix = build_matrix(TomlDocument.read(base / files.tier_matrix))
-    routes = build_routes(TomlDocument.read(base / files.routes), matrix)
+    routes = build_routes(
+        TomlDocument.read(base / files.routes), matrix, _path_case(config.settings)
+    )
     return matrix, routes
+
+
+def _path_case(settings: Settings) -> dict[AppName, PathCase]:
+    return {name: app.path_case for name, app in settings.apps.items()}
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What ``gateway check`` warns about: valid, but probably not what is meant."""
+    found: list[str] = []
+    for name in config.settings.apps:
+        if config.routes.apps[name].unmatched == "allow":
+            found.append(
+                f'apps.{name}: unmatched = "allow": unmapped paths, and case or suffix '
+                "variants of gated ones (/API/..., /x.json) a lenient upstream may route to "
+                'the gated handler, pass with any valid license; use "deny" or path_case '
+                "(docs/route-authoring.md#the-unmatched-policy)"
+            )
+    if not config.keyring.keys:
+        found.append("no public keys: every signed license will be refused")
+    return found

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from gateway.tomlfile import TomlDocument
 Role = Literal["owner", "admin", "standard", "dispatch_only"]
 ROLES: tuple[Role, ...] = ("owner", "admin", "standard", "dispatch_only")
 QuotaName = Literal["ops_users", "drivers"]
+PathCase = Literal["sensitive", "insensitive"]
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}$")
 _METHOD = re.compile(r"^[A-Z][A-Z-]*$")
@@ -101,13 +102,22 @@ class _Node:
 
 
 class AppRoutes:
-    """The compiled routes of one app and its policy for unmatched paths."""
+    """The compiled routes of one app and its policy for unmatched paths.
 
-    __slots__ = ("app", "unmatched", "routes", "_root")
+    Build one with ``app_routes(...)``: an app with ``path_case = "insensitive"`` gets the
+    subclass that folds the case, so the case-sensitive lookup pays nothing for it."""
 
-    def __init__(self, app: AppName, unmatched: Literal["allow", "deny"]) -> None:
+    __slots__ = ("app", "unmatched", "path_case", "routes", "_root")
+
+    def __init__(
+        self,
+        app: AppName,
+        unmatched: Literal["allow", "deny"],
+        path_case: PathCase = "sensitive",
+    ) -> None:
         self.app = app
         self.unmatched = unmatched
+        self.path_case = path_case
         self.routes: list[Route] = []
         self._root = _Node()
 
@@ -117,7 +127,12 @@ class AppRoutes:
         Depth-first in specificity order (literal child, then ``{name}``, then
         ``{name:path}``), so the first FULL match found is the most specific one and the
         first path match is the PARTIAL answer. Iterative, with a branch stack that only
-        grows where a node offers alternatives: no recursion, no per-level tuples."""
+        grows where a node offers alternatives: no recursion, no per-level tuples.
+
+        A ``{name:path}`` also takes the empty remainder (``/phi`` and ``/phi/`` for
+        ``/phi/{rest:path}``), after a route ending exactly there: upstream routers
+        (Starlette ``{x:path}``, Express ``/*``, Spring ``/**``) send those paths to the
+        catch-all's handler, so leaving them unmatched would forward them ungated."""
         if len(path) > 1 and path[-1] == "/":
             path = path[:-1]
         segments = path.split("/")
@@ -137,6 +152,7 @@ class AppRoutes:
                         return found
                     if partial is None:
                         partial = leaf.partial
+                catchall = node.catchall  # with the empty remainder, after the exact end
             else:
                 segment = segments[i]
                 if stage == 0:
@@ -157,13 +173,13 @@ class AppRoutes:
                         stage = 0
                         continue
                     stage = 2
-                catchall = node.catchall
-                if catchall is not None and segment:
-                    found = catchall.by_method.get(method) or catchall.any_method
-                    if found is not None:
-                        return found
-                    if partial is None:
-                        partial = catchall.partial
+                catchall = node.catchall if segment else None
+            if catchall is not None:
+                found = catchall.by_method.get(method) or catchall.any_method
+                if found is not None:
+                    return found
+                if partial is None:
+                    partial = catchall.partial
             if not branches:
                 return partial if partial is not None else NO_MATCH
             node, i, stage = branches.pop()
@@ -185,6 +201,8 @@ class AppRoutes:
                     node.param = _Node()
                 node = node.param
             else:
+                if self.path_case == "insensitive":
+                    segment = segment.lower()
                 node = node.literal.setdefault(segment, _Node())
         if leaf is None:
             if node.leaf is None:
@@ -209,6 +227,27 @@ class AppRoutes:
         return None
 
 
+class _CaseFoldedAppRoutes(AppRoutes):
+    """An app whose upstream routes paths case-insensitively (Express by default, ASP.NET
+    Core): literals are compiled lower-case and each path is looked up lower-cased, so
+    ``/API/v1/Itineraries`` is gated like ``/api/v1/itineraries``. Canonical paths are
+    ASCII (anything else arrives percent-encoded), so ``str.lower`` is the whole fold; the
+    upstream still receives the path as the client sent it."""
+
+    __slots__ = ()
+
+    def match(self, method: str, path: str) -> RouteMatch:
+        return AppRoutes.match(self, method, path.lower())
+
+
+def app_routes(
+    app: AppName, unmatched: Literal["allow", "deny"], path_case: PathCase = "sensitive"
+) -> AppRoutes:
+    """An empty compiled table for one app, case-folding when ``path_case`` says so."""
+    kind = _CaseFoldedAppRoutes if path_case == "insensitive" else AppRoutes
+    return kind(app, unmatched, path_case)
+
+
 class RouteTable:
     """All apps' compiled routes; ``sha`` identifies the file revision in events and metrics."""
 
@@ -231,9 +270,15 @@ def load_routes(path: Path, matrix: TierMatrix) -> RouteTable:
     return build_routes(TomlDocument.read(path), matrix)
 
 
-def build_routes(doc: TomlDocument, matrix: TierMatrix | None) -> RouteTable:
+def build_routes(
+    doc: TomlDocument,
+    matrix: TierMatrix | None,
+    path_case: Mapping[AppName, PathCase] | None = None,
+) -> RouteTable:
     """Compile ``routes.toml``. Without a matrix (it failed to load) features are not
-    checked, but everything else is, so ``gateway check`` lists all problems at once."""
+    checked, but everything else is, so ``gateway check`` lists all problems at once.
+    ``path_case`` comes from ``gateway.toml`` (``[apps.<name>] path_case``; default
+    case-sensitive)."""
     data = dict(doc.data)
     for unknown in sorted(set(data) - {"apps", "routes"}):
         doc.problem(
@@ -249,7 +294,8 @@ def build_routes(doc: TomlDocument, matrix: TierMatrix | None) -> RouteTable:
     for name in APP_NAMES:
         raw = raw_apps.get(name, {})
         policy = doc.convert(raw, AppPolicy, key=f"apps.{name}", header=f"[apps.{name}]")
-        apps[name] = AppRoutes(name, policy.unmatched if policy else "allow")
+        case = path_case.get(name, "sensitive") if path_case else "sensitive"
+        apps[name] = app_routes(name, policy.unmatched if policy else "allow", case)
     for name in sorted(set(raw_apps) - set(APP_NAMES)):
         doc.problem(
             f"apps.{name}",

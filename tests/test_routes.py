@@ -15,21 +15,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.config import load_config, load_rules
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.matrix import AppName, TierMatrix
-from gateway.routes import Match, RouteMatch, RouteTable, build_routes
+from gateway.routes import Match, PathCase, RouteMatch, RouteTable, build_routes
 from gateway.tomlfile import TomlDocument
 
 
-def compile_routes(folder: Path, text: str, matrix: TierMatrix) -> RouteTable:
+def compile_routes(
+    folder: Path, text: str, matrix: TierMatrix, path_case: dict[AppName, PathCase] | None = None
+) -> RouteTable:
     path = folder / "routes.toml"
     path.write_text(textwrap.dedent(text))
-    return build_routes(TomlDocument.read(path), matrix)
+    return build_routes(TomlDocument.read(path), matrix, path_case)
 
 
-def config_problems(folder: Path, text: str, matrix: TierMatrix) -> tuple[ConfigProblem, ...]:
+def config_problems(
+    folder: Path, text: str, matrix: TierMatrix, path_case: dict[AppName, PathCase] | None = None
+) -> tuple[ConfigProblem, ...]:
     with pytest.raises(ConfigError) as caught:
-        compile_routes(folder, text, matrix)
+        compile_routes(folder, text, matrix, path_case)
     return caught.value.problems
 
 
@@ -118,9 +123,11 @@ path = "/only/{rest:path}"
         pytest.param("/users/me/", 0, id="path-trailing-slash-not-significant"),
         pytest.param("/users/7/", 1, id="param-with-trailing-slash"),
         pytest.param("/only/x", 12, id="catchall-one-segment"),
-        pytest.param("/only", None, id="catchall-needs-one-segment"),
-        pytest.param("/only/", None, id="catchall-needs-one-segment-trailing-slash"),
-        pytest.param("/users", None, id="prefix-of-routes-is-no-match"),
+        pytest.param("/only", 12, id="catchall-takes-empty-remainder"),
+        pytest.param("/only/", 12, id="catchall-takes-empty-remainder-trailing-slash"),
+        pytest.param("/p", 5, id="catchall-empty-remainder-beats-later-param"),
+        pytest.param("/users", 2, id="catchall-takes-bare-prefix"),
+        pytest.param("/l/m", None, id="prefix-of-routes-is-no-match"),
         pytest.param("/case", None, id="case-sensitive"),
         pytest.param("/Case", 11, id="case-exact"),
         pytest.param("/nowhere/at/all", None, id="unknown"),
@@ -132,6 +139,139 @@ def test_precedence(tmp_path: Path, matrix: TierMatrix, path: str, expected: int
     found = table.match("operations", "GET", path)
     assert route_index(found) == expected
     assert found.kind is (Match.NONE if expected is None else Match.FULL)
+
+
+CATCHALL_ROUTES = """\
+[[routes]]  # 0
+app = "operations"
+path = "/phi/{rest:path}"
+feature = "ops.health_data_protection"
+
+[[routes]]  # 1
+app = "operations"
+methods = ["GET"]
+path = "/docs"
+
+[[routes]]  # 2
+app = "operations"
+path = "/docs/{rest:path}"
+feature = "ops.on_demand"
+
+[[routes]]  # 3
+app = "operations"
+path = "/{section}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        pytest.param("GET", "/phi", 0, id="bare-prefix"),
+        pytest.param("DELETE", "/phi/", 0, id="prefix-with-slash"),
+        pytest.param("GET", "/phi/x/y", 0, id="deeper"),
+        pytest.param("GET", "/docs", 1, id="literal-route-ending-there-wins"),
+        pytest.param("HEAD", "/docs/", 1, id="literal-route-ending-there-wins-slash"),
+        pytest.param("POST", "/docs", 2, id="literal-lacks-method-catchall-takes-it"),
+        pytest.param("GET", "/other", 3, id="no-catchall-prefix"),
+    ],
+)
+def test_catchall_route_also_covers_its_empty_remainder(
+    tmp_path: Path, matrix: TierMatrix, method: str, path: str, expected: int
+) -> None:
+    """``/phi/{rest:path}`` gates ``/phi`` and ``/phi/`` too, as the upstream routers that
+    send those to the catch-all's handler do; a route ending exactly there is more
+    specific, and ``/phi`` beats ``/{section}`` on its first segment (literal > param)."""
+    table = compile_routes(tmp_path, CATCHALL_ROUTES, matrix)
+    found = table.match("operations", method, path)
+    assert (found.kind, route_index(found)) == (Match.FULL, expected)
+
+
+@pytest.mark.parametrize(
+    ("app", "prefix", "feature"),
+    [
+        ("operations", "/api/v1/phi", "ops.health_data_protection"),
+        ("operations", "/api/v1/distribution", "ops.route_distribution"),
+        ("operations", "/api/v1/sms/templates", "ops.sms_messaging"),
+        ("client_portal", "/api/v1/branding", "portal.white_labeling"),
+        ("client_portal", "/api/v1/chat", "portal.chat_widget"),
+        ("driver_app", "/api/v1/routes/7/stops", "driver.route_distribution"),
+    ],
+)
+def test_shipped_catchall_routes_gate_their_bare_prefix(
+    route_table: RouteTable, app: AppName, prefix: str, feature: str
+) -> None:
+    for path in (prefix, prefix + "/"):
+        for method in ("GET", "POST", "DELETE"):
+            found = route_table.match(app, method, path)
+            assert found.kind is Match.FULL, (method, path)
+            assert found.route is not None and found.route.feature == feature, (method, path)
+
+
+CASE_ROUTES = """\
+[[routes]]  # 0
+app = "operations"
+path = "/api/v1/Itineraries/{id}"
+feature = "ops.advanced_shipment_optimization"
+
+[[routes]]  # 1
+app = "operations"
+path = "/api/v1/phi/{rest:path}"
+feature = "ops.health_data_protection"
+
+[[routes]]  # 2
+app = "client_portal"
+path = "/api/v1/orders"
+"""
+
+
+@pytest.mark.parametrize(
+    ("app", "path", "expected"),
+    [
+        pytest.param("operations", "/api/v1/itineraries/7", 0, id="pattern-case-folded"),
+        pytest.param("operations", "/API/V1/ITINERARIES/Ab", 0, id="path-case-folded"),
+        pytest.param("operations", "/Api/v1/PHI", 1, id="catchall-bare-prefix-folded"),
+        pytest.param("operations", "/api/v1/phi/X/Y", 1, id="catchall-folded"),
+        pytest.param("operations", "/api/v1/phi%C3%A9", None, id="encoded-stays-encoded"),
+        pytest.param("client_portal", "/api/v1/orders", 2, id="other-app-exact"),
+        pytest.param("client_portal", "/API/v1/orders", None, id="other-app-stays-sensitive"),
+    ],
+)
+def test_path_case_insensitive_matches_case_folded(
+    tmp_path: Path, matrix: TierMatrix, app: AppName, path: str, expected: int | None
+) -> None:
+    table = compile_routes(tmp_path, CASE_ROUTES, matrix, {"operations": "insensitive"})
+    assert table.apps["operations"].path_case == "insensitive"
+    assert table.apps["client_portal"].path_case == "sensitive"
+    assert route_index(table.match(app, "GET", path)) == expected
+
+
+def test_path_case_insensitive_makes_case_spellings_ambiguous(
+    tmp_path: Path, matrix: TierMatrix
+) -> None:
+    text = RO + 'path = "/Users"\n\n' + RO + 'path = "/users"\n'
+    compile_routes(tmp_path, text, matrix)  # two paths when case matters
+    problems = config_problems(tmp_path, text, matrix, {"operations": "insensitive"})
+    assert [(p.key, p.line) for p in problems] == [("routes[1].path", 5)]
+    assert "ambiguous" in problems[0].message
+
+
+def test_path_case_comes_from_gateway_toml(config_dir: Path) -> None:
+    path = config_dir / "gateway.toml"
+    text = path.read_text()
+    marker = "[apps.operations]\n"
+    path.write_text(text.replace(marker, marker + 'path_case = "insensitive"\n'))
+    config = load_config(path)
+    assert config.routes.match("operations", "GET", "/API/V1/PHI").kind is Match.FULL
+    assert config.routes.match("client_portal", "GET", "/API/V1/ORDERS").kind is Match.NONE
+    _, reloaded = load_rules(config)
+    assert reloaded.apps["operations"].path_case == "insensitive"
+
+    path.write_text(text.replace(marker, marker + 'path_case = "folded"\n'))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (problem,) = caught.value.problems
+    assert problem.key == "apps.operations.path_case" and "'folded'" in problem.message
+    assert problem.line == text.splitlines().index("[apps.operations]") + 1
 
 
 def test_apps_have_separate_tables(tmp_path: Path, matrix: TierMatrix) -> None:
@@ -626,7 +766,7 @@ class RefRoute:
         kinds = self.specificity
         if kinds and kinds[-1] == 2:
             fixed = len(kinds) - 1
-            if len(path) <= fixed:  # a catch-all takes one or more segments
+            if len(path) < fixed:  # a catch-all takes zero or more segments
                 return False
         elif len(path) != len(kinds):
             return False
@@ -749,8 +889,13 @@ def test_matches_brute_force_reference(
         assert problems and all("ambiguous" in p.message for p in problems)
         return
     table = compile_routes(scratch, text, matrix)
-    # Every literal the table knows, plus the requests drawn, so matches are not rare.
+    # Every literal the table knows, plus the requests drawn, so matches are not rare; and
+    # each catch-all's bare prefix, with and without the slash (its empty remainder).
     probes = list(requests) + [(m, r.pattern) for r in routes for m in ("GET", "PUT")]
+    for route in routes:
+        if route.specificity and route.specificity[-1] == 2:
+            bare = "/" + "/".join(route.segments[:-1])
+            probes += [("GET", bare), ("POST", bare.rstrip("/") + "/")]
     for method, path in probes:
         found = table.match("operations", method, path)
         assert (found.kind, route_index(found)) == reference_match(routes, method, path), (
