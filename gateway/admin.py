@@ -1,4 +1,5 @@
-"""The admin listener (default 127.0.0.1:9900): ``/metrics``, ``/healthz``, ``/readyz``.
+"""The admin listener (default 127.0.0.1:9900): ``/metrics``, ``/healthz``, ``/readyz``,
+``/admin/config`` and the billing hook ``/admin/provision``.
 
 Plain aiohttp: nothing here is on the request hot path. It never listens on a tenant-facing
 address unless an operator configures it to.
@@ -8,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import __version__
 from gateway.enforcer import PROBLEM_TYPE
-from gateway.metrics import multiprocess_dir
+from gateway.metrics import multiprocess_dir, multiprocess_registry
 from gateway.provision import (
     MAX_BODY_BYTES,
     ProvisionError,
@@ -44,8 +49,7 @@ async def metrics(request: web.Request) -> web.Response:
     runtime.metrics.flush()
     registry = runtime.metrics.registry
     if multiprocess_dir() is not None:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry = multiprocess_registry()
     body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -145,11 +149,105 @@ async def provision(request: web.Request) -> web.Response:
     return web.json_response({"applied": applied})
 
 
+async def config(request: web.Request) -> web.Response:
+    """What this process has loaded, for an operator comparing pods (small, like Envoy's
+    ``config_dump``): revisions, key ids with fingerprints, apps, store and events. Never a
+    secret: the store URL's password is masked, the provisioning secret only said to be set."""
+    runtime = request.app[RUNTIME]
+    # runtime.py imports this module; its path helpers are needed only at request time
+    from gateway.runtime import events_sink, store_url
+
+    cfg = runtime.config
+    settings = cfg.settings
+    rules = runtime.shared.rules
+    keyring = runtime.shared.licenses.keyring
+    apps: dict[str, Any] = {}
+    for name, app in settings.apps.items():
+        apps[name] = {
+            **msgspec.structs.asdict(app),
+            "unmatched": rules.routes.apps[name].unmatched,
+        }
+    body = {
+        "version": __version__,
+        "config_file": str(cfg.path),
+        "revisions": {"routes": rules.routes.sha, "matrix": rules.matrix.sha},
+        "files": {
+            "routes": str(cfg.resolve(settings.files.routes)),
+            "tier_matrix": str(cfg.resolve(settings.files.tier_matrix)),
+        },
+        "public_keys": {
+            "folder": str(cfg.resolve(settings.license.public_keys)),
+            "keys": [
+                {"kid": kid, "fingerprint": public_key_fingerprint(key)}
+                for kid, key in sorted(keyring.keys.items())
+            ],
+        },
+        "apps": apps,
+        "store": {
+            "url": redact_url(store_url(cfg)),
+            "required_for_ready": settings.store.required_for_ready,
+            "seed": settings.store.seed,
+        },
+        "events": {
+            "sink": events_sink(cfg),
+            "max_queue": settings.events.max_queue,
+            "license_invalid_per_second": settings.events.license_invalid_per_second,
+        },
+        "admin": {
+            "listen": settings.admin.listen,
+            "provision_secret_env": settings.admin.provision_secret_env,
+            "provisioning_enabled": bool(os.environ.get(settings.admin.provision_secret_env)),
+        },
+        # No [identity] section exists yet: tenant and role headers are trusted from any peer.
+        "identity": None,
+    }
+    return web.json_response(body)
+
+
+def public_key_fingerprint(key: Ed25519PublicKey) -> str:
+    """``sha256:`` and the hex SHA-256 of the key's DER SubjectPublicKeyInfo, the same as
+    ``openssl pkey -pubin -in KID.pub -outform DER | sha256sum``."""
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+_SECRET_QUERY_KEYS = ("password", "secret", "token")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part and any password-like query value
+    replaced by ``***`` (redis-py also takes ``?password=``). Edited as text: urllib's
+    split and re-join would rewrite ``sqlite:////abs/path`` and ``memory://``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # up to the last "@" before the query: a password may hold an unescaped "/" or "@"
+    head, qmark, query = rest.partition("?")
+    if "@" in head:
+        userinfo, host = head.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            head = f"{user}:***@{host}"
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        pairs = []
+        for pair in query.split("&"):
+            key, equals, _ = pair.partition("=")
+            if equals and any(word in key.lower() for word in _SECRET_QUERY_KEYS):
+                pair = f"{key}=***"
+            pairs.append(pair)
+        head = f"{head}?{'&'.join(pairs)}{hash_}{fragment}"
+    return f"{scheme}://{head}"
+
+
 def admin_app(runtime: Runtime) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
     app[RUNTIME] = runtime
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/config", config)
     app.router.add_post("/admin/provision", provision)
     return app

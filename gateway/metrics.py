@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN §6, with label children bound once.
+"""Prometheus metrics (the README's Metrics section), with label children bound once.
 
 The hot path never calls ``.labels()``: ``AppMetrics`` holds the children of one app, and
 feature-block children are made per (feature, tier) when a config is loaded. No tenant id
@@ -18,11 +18,23 @@ exact and, with ``--workers``, the multiprocess files are at most a quarter seco
 from __future__ import annotations
 
 import os
+import platform
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway import __version__
 from gateway.matrix import APP_NAMES, AppName, TierMatrix
 
 
@@ -31,6 +43,7 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
+STORE_OPS = ("get", "classic_key", "provision")
 OUTCOMES = ("allowed", "blocked", "classic", "public", "unlicensed", "rejected", "upstream_error")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "bad_response", "overloaded")
 LICENSE_RESULTS = (
@@ -198,6 +211,10 @@ class Metrics:
         self.store_errors = Counter(
             "gateway_store_errors", "Tenant store failures by operation", ["op"], registry=r
         )
+        for op in STORE_OPS:  # a series at 0 from the start, so rate() has a baseline
+            self.store_errors.labels(op=op)
+        ProcessCollector(registry=r)
+        r.register(BuildInfoCollector())
         self.license_result = {
             result: self.tally(self.license_checks.labels(result=result))
             for result in LICENSE_RESULTS
@@ -248,3 +265,87 @@ class Metrics:
         self.config_info.labels(*labels).set(1)
         for app, children in self._apps.items():
             children.bind_features(app, matrix)
+
+
+class BuildInfoCollector:
+    """``gateway_build_info{version, python} 1``: which release runs where. A collector,
+    not a Gauge, so that with ``--workers`` it is one series, not one per worker file."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_build_info",
+            "The gateway's version and the Python version running it (always 1)",
+            labels=["version", "python"],
+        )
+        family.add_metric([__version__, platform.python_version()], 1)
+        yield family
+
+
+class WorkerProcessesCollector:
+    """``process_*`` of a ``gateway serve --workers N`` as one figure for the whole gateway:
+    whichever worker answers a scrape reports the supervisor and every worker, as the
+    ``gateway_*`` counters are summed over the workers.
+
+    CPU seconds, memory and open files add up; ``process_start_time_seconds`` is the latest
+    start of any of them (a restarted worker shows, like the counter reset it causes), and
+    ``process_max_fds`` is the lowest limit."""
+
+    _COMBINE = {"process_start_time_seconds": max, "process_max_fds": min}
+
+    def __init__(self, supervisor: int, proc: str = "/proc") -> None:
+        self.supervisor = supervisor
+        self.proc = proc
+
+    def pids(self) -> list[int]:
+        """The supervisor and its children: read from every ``/proc/<pid>/stat``, which
+        needs no kernel option (``/proc/<pid>/task/<tid>/children`` does)."""
+        found = [self.supervisor]
+        with os.scandir(self.proc) as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    with open(os.path.join(entry.path, "stat"), "rb") as stat:
+                        ppid = int(stat.read().rsplit(b")", 1)[-1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue  # gone meanwhile, or not ours to read
+                if ppid == self.supervisor:
+                    found.append(int(entry.name))
+        return found
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, tuple[str, str, float]] = {}  # name -> (type, help, value)
+        for pid in self.pids():
+            one = ProcessCollector(pid=_constant(pid), proc=self.proc, registry=None)
+            for family in one.collect():
+                value = family.samples[0].value
+                seen = totals.get(family.name)
+                if seen is not None:
+                    value = self._COMBINE.get(family.name, _add)(seen[2], value)
+                totals[family.name] = (family.type, family.documentation, value)
+        for name, (kind, documentation, value) in totals.items():
+            if kind == "counter":
+                yield CounterMetricFamily(name, documentation, value=value)
+            else:
+                yield GaugeMetricFamily(name, documentation, value=value)
+
+
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+def multiprocess_registry() -> CollectorRegistry:
+    """What ``/metrics`` exposes with ``--workers``: the ``gateway_*`` series summed over
+    every worker's files, the build info once, and the processes of the whole gateway."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(BuildInfoCollector())
+    if "GATEWAY_WORKER" in os.environ:  # started by the supervisor (gateway.runtime)
+        registry.register(WorkerProcessesCollector(os.getppid()))
+    else:
+        ProcessCollector(registry=registry)
+    return registry

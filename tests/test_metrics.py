@@ -1,11 +1,14 @@
 """The admin listener's ``/metrics``, ``/healthz`` and ``/readyz`` after real traffic
-through a real gateway (DESIGN §6): every metric name, counts by outcome, no tenant ids,
-and an exposition that ``promtool check metrics`` accepts."""
+through a real gateway (README, Metrics): every metric name, counts by outcome, no tenant
+ids, build info and process metrics, and an exposition that ``promtool check metrics``
+accepts."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import platform
 import shutil
 import subprocess
 from collections import Counter
@@ -16,7 +19,9 @@ import aiohttp
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import __version__
 from gateway.matrix import APP_NAMES
+from gateway.metrics import WorkerProcessesCollector
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, free_port, running_gateway
 
@@ -33,6 +38,13 @@ METRIC_NAMES = (
     "gateway_config_info",
     "gateway_events_dropped_total",
     "gateway_store_errors_total",
+    "gateway_build_info",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_start_time_seconds",
+    "process_open_fds",
+    "process_max_fds",
 )
 OUTCOMES = ("allowed", "blocked", "classic", "public", "unlicensed", "rejected", "upstream_error")
 CLASSIC_KEY = "ABCDE-12345-FGHIJ-67890-KLMNO"
@@ -268,7 +280,62 @@ async def test_metrics_of_a_fresh_gateway_pass_promtool(
     text = await metrics_text(client, gateway)
     for name in METRIC_NAMES:
         assert f"# TYPE {name} " in text, name
+    parsed = parse(text)
+    assert parsed["gateway_build_info"] == {
+        (("python", platform.python_version()), ("version", __version__)): 1.0
+    }
+    assert value(parsed, "process_resident_memory_bytes") > 0
+    assert value(parsed, "process_open_fds") > 0
+    assert set(parsed["gateway_store_errors_total"]) == {
+        (("op", op),) for op in ("get", "classic_key", "provision")
+    }
     promtool_check(text)
+
+
+def _fake_process(proc: Path, pid: int, ppid: int, *, cpu_ticks: int, rss_pages: int,
+                  vsize: int, start_ticks: int, fds: int, max_fds: int) -> None:  # fmt: skip
+    folder = proc / str(pid)
+    (folder / "fd").mkdir(parents=True)
+    for fd in range(fds):
+        (folder / "fd" / str(fd)).touch()
+    # /proc/<pid>/stat after the ")": state ppid ... utime(11) stime(12) ... starttime(19)
+    # vsize(20) rss(21); a command name with ") " in it must not shift the fields.
+    fields = ["S", str(ppid), *["0"] * 9, str(cpu_ticks), "0", *["0"] * 6, str(start_ticks)]
+    fields += [str(vsize), str(rss_pages), "0"]
+    (folder / "stat").write_text(f"{pid} (gate way) x) {' '.join(fields)}\n")
+    (folder / "limits").write_text(
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        f"Max open files            {max_fds}                 {max_fds}                 files\n"
+    )
+
+
+def test_worker_processes_are_reported_as_one_gateway(tmp_path: Path) -> None:
+    """``--workers N``: process_* of the supervisor and its workers, combined."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "stat").write_text("cpu  1 2 3\nbtime 1700000000\n")
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    common = {"vsize": 1000, "max_fds": 1024}
+    _fake_process(proc, 100, 1, cpu_ticks=ticks, rss_pages=10, start_ticks=0, fds=3, **common)
+    _fake_process(proc, 101, 100, cpu_ticks=2 * ticks, rss_pages=20, start_ticks=5 * ticks,
+                  fds=4, vsize=2000, max_fds=512)  # fmt: skip
+    _fake_process(proc, 102, 100, cpu_ticks=3 * ticks, rss_pages=30, start_ticks=9 * ticks,
+                  fds=5, **common)  # fmt: skip
+    _fake_process(proc, 200, 1, cpu_ticks=99 * ticks, rss_pages=99, start_ticks=0, fds=9, **common)
+    (proc / "self").mkdir()  # not a pid: ignored
+
+    collector = WorkerProcessesCollector(100, proc=str(proc))
+    assert sorted(collector.pids()) == [100, 101, 102]
+    got = {family.samples[0].name: family.samples[0].value for family in collector.collect()}
+    assert got == {
+        "process_cpu_seconds_total": 6.0,
+        "process_resident_memory_bytes": 60.0 * page,
+        "process_virtual_memory_bytes": 4000.0,
+        "process_start_time_seconds": 1700000009.0,  # the latest (re)start
+        "process_open_fds": 12.0,
+        "process_max_fds": 512.0,  # the tightest limit
+    }
 
 
 # --------------------------------------------------------------------------- health

@@ -15,6 +15,7 @@ import pytest
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, write_config
+from tests.test_metrics import promtool_check
 
 
 async def _wait_ready(session: aiohttp.ClientSession, url: str) -> None:
@@ -73,7 +74,13 @@ async def test_two_workers_share_listeners_and_metrics(
             assert seen == sent
             for _ in range(6):
                 async with session.get(url) as response:
-                    assert _allowed(await response.text()) == sent
+                    text = await response.text()
+                    assert _allowed(text) == sent
+                # once each, for the whole gateway, not once per worker
+                for name in ("gateway_build_info", "process_cpu_seconds_total",
+                             "process_resident_memory_bytes", "process_open_fds"):  # fmt: skip
+                    assert len(re.findall(rf"^{name}\b", text, re.M)) == 1, name
+            promtool_check(text)
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
