@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import report_cli
 from gateway.config import Config, config_warnings, load_config
 from gateway.decision import Decision, decide, expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
@@ -154,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--addon", action="append", default=[], metavar="NAME")
     explain.add_argument("--role", choices=ROLES)
     explain.add_argument("--json", action="store_true")
+    report_cli.add_parsers(commands)
     return parser
 
 
@@ -166,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "explain": _explain,
         "serve": _serve,
         "tenant": _tenant,
+        "report": report_cli.run,
     }
     try:
         return handlers[args.command](args)

@@ -21,6 +21,7 @@ from gateway.errors import ConfigError, ConfigProblem
 from gateway.license import DEFAULT_CLASSIC_PATTERN, ClassicKeys, KeyRing
 from gateway.matrix import APP_NAMES, AppName, TierMatrix, build_matrix
 from gateway.routes import PathCase, RouteTable, build_routes
+from gateway.sinks import sink_problem
 from gateway.tomlfile import TomlDocument
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -74,9 +75,26 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class EventSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    sink: str = "stdout:"
+    sink: str = "stdout:"  # or file:///path, file://relative, http(s)://collector/path
     max_queue: int = 10_000
     license_invalid_per_second: float = 50.0  # sampled: a key flood is one incident
+    feature_blocks_per_interval: int = 10  # per (tenant, feature, tier); the rest counted
+    summary_interval: float = 60.0  # seconds; feature_block_summary at each end
+    batch_size: int = 1000  # events per write or POST
+    max_bytes: int = 0  # file sink: rotate when a write would pass this size (0: never)
+    backups: int = 5  # rotated files kept: events.jsonl.1 ... .5
+    http_timeout: float = 5.0  # per POST to the collector
+    retry_max_backoff: float = 30.0  # seconds between retries at most
+    flush_deadline: float = 5.0  # at shutdown, for what is still queued
+
+
+class AccessLogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    sink: str = "stdout:"  # or file:///path, file://relative (an HTTP collector works too)
+    sample_allowed: float = 1.0  # share of forwarded requests logged; refusals always are
+    max_queue: int = 10_000
+    max_bytes: int = 0
+    backups: int = 5
 
 
 class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -101,6 +119,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     license: LicenseSettings = LicenseSettings()
     store: StoreSettings = StoreSettings()
     events: EventSettings = EventSettings()
+    access_log: AccessLogSettings = AccessLogSettings()
     entitlements: EntitlementsApi = EntitlementsApi()
     server: ServerSettings = ServerSettings()
 
@@ -142,6 +161,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "license": LicenseSettings,
     "store": StoreSettings,
     "events": EventSettings,
+    "access_log": AccessLogSettings,
     "entitlements": EntitlementsApi,
     "server": ServerSettings,
 }
@@ -253,12 +273,30 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
             "expected memory://, sqlite:///path, redis://host:port/db or rediss:// (TLS)",
             header="[store]",
         )
-    if not settings.events.sink.startswith(("stdout:", "file://")):
-        doc.problem(
-            "events.sink",
-            "expected stdout: or file:///path (an HTTP collector sink is not available yet)",
-            header="[events]",
-        )
+    _check_spools(doc, settings)
+
+
+def _check_spools(doc: TomlDocument, settings: Settings) -> None:
+    """``[events]`` and ``[access_log]``: where their lines go and the bounds on them."""
+    events, access = settings.events, settings.access_log
+    checks: list[tuple[str, bool, str]] = [
+        ("events.feature_blocks_per_interval", events.feature_blocks_per_interval >= 0, ">= 0"),
+        ("events.license_invalid_per_second", events.license_invalid_per_second >= 0, ">= 0"),
+        ("access_log.sample_allowed", 0 <= access.sample_allowed <= 1, "between 0 and 1"),
+    ]
+    for key in ("batch_size", "summary_interval", "http_timeout", "retry_max_backoff"):
+        checks.append((f"events.{key}", getattr(events, key) > 0, "> 0"))
+    checks.append(("events.flush_deadline", events.flush_deadline >= 0, ">= 0"))
+    for section, spool in (("events", events), ("access_log", access)):
+        problem = sink_problem(spool.sink)
+        if problem is not None:
+            doc.problem(f"{section}.sink", problem, header=f"[{section}]")
+        checks.append((f"{section}.max_queue", spool.max_queue > 0, "> 0"))
+        checks.append((f"{section}.max_bytes", spool.max_bytes >= 0, ">= 0 (0: never rotate)"))
+        checks.append((f"{section}.backups", spool.backups >= 1, ">= 1"))
+    for key, ok, expected in checks:
+        if not ok:
+            doc.problem(key, f"must be {expected}", header=f"[{key.split('.')[0]}]")
 
 
 def load_config(path: Path) -> Config:

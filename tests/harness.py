@@ -207,7 +207,7 @@ class Gateway:
     def events(self) -> list[dict[str, Any]]:
         import json
 
-        self.runtime.events._flush()
+        self.runtime.events.flush_now()
         path = self.folder / "events.jsonl"
         if not path.exists():
             return []
