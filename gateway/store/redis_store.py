@@ -120,7 +120,6 @@ class RedisStore(TenantStore):
     ) -> None:
         self.url = url
         self._where = redacted(url)
-        self._keyring = keyring
         self._prefix = prefix
         self._channel = f"{prefix}changes"
         self._tenants_key = f"{prefix}tenants"
@@ -140,7 +139,7 @@ class RedisStore(TenantStore):
         self._revoke = self._redis.register_script(REVOKE)
         self._set_usage = self._redis.register_script(SET_USAGE)
         self._closed = asyncio.Event()
-        self._keys = StoredKeys(keyring, "redis")
+        self.keys = StoredKeys(keyring, "redis")
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self._prefix}{kind}:{name}"
@@ -173,7 +172,7 @@ class RedisStore(TenantStore):
             tenant,
             suspended=state.get("suspended") == "1",
             revoked=frozenset(revoked),
-            licenses=self._keys.licenses(tenant, tokens),
+            licenses=self.keys.licenses(tenant, tokens),
             usage=_usage(state),
         )
 
@@ -196,7 +195,7 @@ class RedisStore(TenantStore):
     # -- writes -----------------------------------------------------------------------------
 
     async def put_license(self, token: str) -> License | None:
-        lic = self._keyring.verify(token)  # LicenseError before anything is stored
+        lic = self.keys.verify(token)  # LicenseError before anything is stored
         tenant = lic.claims.sub
         with self._errors("put_license"):
             stored: int = await self._put_license(
