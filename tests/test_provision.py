@@ -211,6 +211,33 @@ async def test_provisioning_applies_once_and_upgrades_at_once(
         assert upgrades[0]["tenant"] == "acme" and upgrades[0]["tier"] == "fleet"
 
 
+async def test_upgrade_complete_names_the_tier_the_decision_was_serving(
+    gateway: Gateway, client: aiohttp.ClientSession, issue_key: IssueKey
+) -> None:
+    """The Fleet license is revoked, so the tenant is served Core: a new Fleet license is
+    an upgrade from Core (the decision's current license), not "no change" from the
+    revoked Fleet one that happens to be stored."""
+    core = issue_key(sub="acme", tier="core", serial=1)
+    fleet = issue_key(sub="acme", tier="fleet", serial=2)
+    fleet_id = json.loads(base64.urlsafe_b64decode(fleet.split(".")[1] + "=="))["jti"]
+    for change in (
+        event("license", key=core),
+        event("license", key=fleet),
+        event("revoke", license_id=fleet_id),
+    ):
+        assert await provision(client, gateway, change) == (200, {"applied": True})
+    assert await status_of(client, gateway, {"X-Tenant-Id": "acme"}) == 403  # Core now
+    renewed = event("license", key=issue_key(sub="acme", tier="fleet", serial=3))
+    assert await provision(client, gateway, renewed) == (200, {"applied": True})
+    assert await status_of(client, gateway, {"X-Tenant-Id": "acme"}) == 200
+    upgrades = [
+        (e["previous_tier"], e["tier"])
+        for e in gateway.events()
+        if e["event"] == "upgrade_complete"
+    ]
+    assert upgrades == [(None, "core"), ("core", "fleet"), ("core", "fleet")]
+
+
 async def test_provisioning_refusals(
     tmp_path: Path,
     key_dir: Path,
