@@ -385,6 +385,43 @@ async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
             await asyncio.sleep(0.02)
 
 
+async def test_after_a_redis_restart_an_upgrade_reaches_the_other_instance_promptly(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    redis: RedisServer,
+) -> None:
+    """B caches the tenant for an hour, so only its subscription can tell it of the
+    upgrade A applies after Redis comes back. A reconnect backoff that grew during the
+    outage (it reached 5 s) kept B deaf for seconds after Redis was back."""
+    core = issue_key(sub="acme", tier="core", serial=1)
+    store = f'\n[store]\nurl = "{redis.url}"\n'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ports = ports_of(upstreams)
+    async with (
+        running_gateway(tmp_path / "a", key_dir, ports, extra=store) as a,
+        running_gateway(tmp_path / "b", key_dir, ports, extra=store) as b,
+        aiohttp.ClientSession() as session,
+    ):
+        b.runtime.shared.tenants.ttl = 3600.0
+        assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
+        assert await status_of(session, b, {"X-Tenant-Id": "acme"}) == 403  # Core, cached
+
+        redis.stop()
+        await asyncio.sleep(7.5)  # a long outage: long enough for a growing backoff to grow
+        redis.restart()  # empty: nothing was persisted
+        restarted = time.monotonic()
+        fleet = event("license", key=issue_key(sub="acme", tier="fleet", serial=2))
+        while (await provision(session, a, fleet))[0] != 200:
+            assert time.monotonic() < restarted + 10, "instance A never reached Redis again"
+            await asyncio.sleep(0.05)
+        while await status_of(session, b, {"X-Tenant-Id": "acme"}) != 200:
+            assert time.monotonic() < restarted + 3.0, "instance B still enforces Core"
+            await asyncio.sleep(0.05)
+
+
 async def test_redis_outage_keeps_traffic_flowing_then_recovers(
     tmp_path: Path,
     key_dir: Path,

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.errors import LicenseError
@@ -625,6 +626,34 @@ async def test_redis_change_through_one_instance_reaches_another(
     finally:
         await one.close()
         await two.close()
+
+
+async def connections_received(client: redis.asyncio.Redis) -> int:
+    stats = await client.info("stats")
+    return int(stats["total_connections_received"])
+
+
+async def test_a_quiet_redis_subscription_is_kept_not_renewed(
+    redis_server: RedisServer, keyring: KeyRing
+) -> None:
+    """Heartbeats on a quiet channel must be answered and seen: a subscription renewed
+    after each unanswered PING re-read every tenant (emptying every gateway's tenant
+    cache) and lost the changes published meanwhile."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    store = RedisStore(redis_server.url, keyring, prefix=prefix, heartbeat=0.2)
+    probe = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await store.set_usage("acme", 1, 1)  # a tenant a re-read would name
+        async with watching(store) as changes:
+            before = await connections_received(probe)
+            await asyncio.sleep(3.0)  # fifteen heartbeat intervals of silence
+            assert changes.queue.empty(), "the subscription was renewed and re-read"
+            assert await connections_received(probe) == before, "a new connection was made"
+            await store.set_usage("globex", 1, 1)
+            assert await changes.next() == "globex"  # and it still hears changes
+    finally:
+        await probe.aclose()
+        await store.close()
 
 
 async def test_redis_prefixes_keep_stores_apart(
