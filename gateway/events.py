@@ -26,15 +26,6 @@ from gateway.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
-EVENT_KINDS = (
-    "feature_block",
-    "upgrade_click",
-    "upgrade_complete",
-    "license_invalid",
-    "seat_overage",
-    "license_expiring",
-)
-
 _encoder = msgspec.json.Encoder()
 
 
