@@ -9,7 +9,8 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -357,14 +358,11 @@ async def test_the_body_cap_holds_for_a_body_in_pieces(gateway: Gateway, chunked
 # ------------------------------------------------------------------ fleets on Redis
 
 
-async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
-    tmp_path: Path,
-    key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
-    issue_key: IssueKey,
-    redis: RedisServer,
-) -> None:
-    core = issue_key(sub="acme", tier="core", serial=1)
+@asynccontextmanager
+async def two_instances(
+    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], redis: RedisServer
+) -> AsyncIterator[tuple[Gateway, Gateway, aiohttp.ClientSession]]:
+    """Two gateways sharing one Redis store, and a client session."""
     store = f'\n[store]\nurl = "{redis.url}"\n'
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -374,6 +372,18 @@ async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
         running_gateway(tmp_path / "b", key_dir, ports, extra=store) as b,
         aiohttp.ClientSession() as session,
     ):
+        yield a, b, session
+
+
+async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    redis: RedisServer,
+) -> None:
+    core = issue_key(sub="acme", tier="core", serial=1)
+    async with two_instances(tmp_path, key_dir, upstreams, redis) as (a, b, session):
         assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
         # B has looked the tenant up and cached it: Core, blocked.
         assert await status_of(session, b, {"X-License-Key": core}) == 403
@@ -396,15 +406,7 @@ async def test_after_a_redis_restart_an_upgrade_reaches_the_other_instance_promp
     upgrade A applies after Redis comes back. A reconnect backoff that grew during the
     outage (it reached 5 s) kept B deaf for seconds after Redis was back."""
     core = issue_key(sub="acme", tier="core", serial=1)
-    store = f'\n[store]\nurl = "{redis.url}"\n'
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    ports = ports_of(upstreams)
-    async with (
-        running_gateway(tmp_path / "a", key_dir, ports, extra=store) as a,
-        running_gateway(tmp_path / "b", key_dir, ports, extra=store) as b,
-        aiohttp.ClientSession() as session,
-    ):
+    async with two_instances(tmp_path, key_dir, upstreams, redis) as (a, b, session):
         b.runtime.shared.tenants.ttl = 3600.0
         assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
         assert await status_of(session, b, {"X-Tenant-Id": "acme"}) == 403  # Core, cached
