@@ -122,7 +122,7 @@ async def provision(request: web.Request) -> web.Response:
                 event,
                 runtime.store,
                 shared.licenses.keyring,
-                shared.rules.matrix,
+                shared.rules.policy,
                 runtime.events,
                 shared.rules.revision,
             )

@@ -10,6 +10,7 @@ all files and raises one ``ConfigError`` listing every problem it found in any o
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -236,7 +237,7 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
                     header=header,
                 )
         for key in ("connect_timeout", "read_timeout", "queue_timeout", "max_connections"):
-            if getattr(app, key) <= 0:
+            if not _positive(getattr(app, key)):
                 doc.problem(f"apps.{name}.{key}", "must be positive", header=header)
         if app.listen in listens:
             doc.problem(
@@ -245,6 +246,12 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
                 header=header,
             )
         listens[app.listen] = name
+    # Every [server] setting is a timeout or a limit: zero or less would spin a watchdog
+    # (a zero header timeout fires at once, over and over), refuse every request or never
+    # drain. nan passes "<= 0" (TOML has nan and inf), hence the explicit check.
+    for field in msgspec.structs.fields(ServerSettings):
+        if not _positive(getattr(settings.server, field.name)):
+            doc.problem(f"server.{field.name}", "must be positive", header="[server]")
     if not _HOST_PORT.match(settings.admin.listen):
         doc.problem("admin.listen", f"{settings.admin.listen!r} is not host:port", header="[admin]")
     elif settings.admin.listen in listens:
@@ -297,6 +304,11 @@ def _check_spools(doc: TomlDocument, settings: Settings) -> None:
     for key, ok, expected in checks:
         if not ok:
             doc.problem(key, f"must be {expected}", header=f"[{key.split('.')[0]}]")
+
+
+def _positive(value: float) -> bool:
+    """Above zero and finite (``nan`` compares false with everything)."""
+    return value > 0 and math.isfinite(value)
 
 
 def load_config(path: Path) -> Config:

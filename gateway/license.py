@@ -123,10 +123,19 @@ def _b64encode(data: bytes) -> str:
 class KeyRing:
     """Public keys by ``kid``. ``verify`` is the only way a key becomes trusted."""
 
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "_material")
 
     def __init__(self, keys: dict[str, Ed25519PublicKey]) -> None:
         self.keys = keys
+        self._material = {
+            kid: key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            for kid, key in keys.items()
+        }
+
+    def same_keys(self, other: KeyRing) -> bool:
+        """The same key ids *and* the same key behind each: a key replaced under its old
+        kid (rotated out, or compromised) is a different ring."""
+        return self._material == other._material
 
     @classmethod
     def load(cls, folder: Path) -> KeyRing:

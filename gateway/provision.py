@@ -10,7 +10,7 @@ key is verified before anything is stored, and an older serial never replaces a 
     body = await read_body(request.content)       # the whole body; ProvisionError(413)
     verify_signature(secret, header, body, now)   # raises ProvisionError(401)
     event = parse_event(body)                     # raises ProvisionError(400, field)
-    applied = await apply_event(event, store, keyring, matrix, events, revision)
+    applied = await apply_event(event, store, keyring, policy, events, revision)
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import hashlib
 import hmac
 import re
 import time
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
+from gateway.decision import Policy, TenantRecord, current_license, expiry_state
 from gateway.errors import LicenseError
 from gateway.events import EventLog
 from gateway.license import KeyRing, License
-from gateway.matrix import TierMatrix
 from gateway.store import StoreError, TenantStore
 
 TOLERANCE_SECONDS = 300
@@ -142,7 +142,7 @@ async def apply_event(
     event: ProvisionEvent,
     store: TenantStore,
     keyring: KeyRing,
-    matrix: TierMatrix,
+    policy: Policy,
     events: EventLog,
     revision: str,
 ) -> bool:
@@ -152,7 +152,7 @@ async def apply_event(
     if not await store.claim_event(event.event_id):
         return False
     try:
-        return await _apply(event, store, keyring, matrix, events, revision)
+        return await _apply(event, store, keyring, policy, events, revision)
     except BaseException:
         # If the store is down this fails too; the original error is the one to report.
         with contextlib.suppress(StoreError):
@@ -164,7 +164,7 @@ async def _apply(
     event: ProvisionEvent,
     store: TenantStore,
     keyring: KeyRing,
-    matrix: TierMatrix,
+    policy: Policy,
     events: EventLog,
     revision: str,
 ) -> bool:
@@ -182,40 +182,60 @@ async def _apply(
         raise ProvisionError(400, exc.reason, exc.detail, "key") from exc
     if new.claims.sub != event.tenant:
         raise ProvisionError(400, "bad_body", f"the key is for tenant {new.claims.sub!r}", "key")
-    if new.claims.tier not in matrix.tiers:
+    if new.claims.tier not in policy.matrix.tiers:
         raise ProvisionError(400, "bad_body", f"unknown tier {new.claims.tier!r}", "key")
     before = await store.get(event.tenant)
     stored = await store.put_license(event.key)
     if stored is None:
         return False
-    _maybe_upgrade(before.licenses if before else (), stored, matrix, events, revision)
+    _maybe_upgrade(before, stored, policy, events, revision)
     return True
 
 
+class Plan(NamedTuple):
+    """What a tenant is served: a tier and its add-ons."""
+
+    tier: str
+    addons: frozenset[str]
+
+
+def _plan_in_force(record: TenantRecord | None, policy: Policy, now: float) -> Plan | None:
+    """The tier and add-ons the tenant is served now, from the license the decision
+    itself would pick (``current_license``: revocations, serial order, minimum serial);
+    None when there is none, or it is refused as expired."""
+    current = current_license(None, record, now, policy.clock_skew_seconds)
+    if current is None:
+        return None
+    state, _ = expiry_state(current.claims, now, policy.grace_seconds)
+    if state == "expired":
+        return None
+    if state == "restricted":
+        return Plan(policy.matrix.lowest_tier.name, frozenset())
+    return Plan(current.claims.tier, frozenset(current.claims.addons))
+
+
 def _maybe_upgrade(
-    held: tuple[License, ...],
+    before: TenantRecord | None,
     new: License,
-    matrix: TierMatrix,
+    policy: Policy,
     events: EventLog,
     revision: str,
 ) -> None:
     """``upgrade_complete`` when the new license raises the tier or adds add-ons."""
     now = time.time()
-    if new.claims.nbf > now:
+    if new.claims.nbf > now + policy.clock_skew_seconds:
         return  # scheduled (a downgrade at the period's end, typically)
-    current = next((lic for lic in held if lic.claims.nbf <= now < lic.claims.exp), None)
-    old_tier = current.claims.tier if current else None
-    old_addons = set(current.claims.addons) if current else set()
-    ranks = {name: tier.rank for name, tier in matrix.tiers.items()}
-    raised = old_tier is None or ranks.get(new.claims.tier, 0) > ranks.get(old_tier, 0)
-    added = sorted(set(new.claims.addons) - old_addons)
-    if current is not None and not raised and not added:
+    previous = _plan_in_force(before, policy, now)
+    ranks = {name: tier.rank for name, tier in policy.matrix.tiers.items()}
+    raised = previous is None or ranks.get(new.claims.tier, 0) > ranks.get(previous.tier, 0)
+    added = sorted(set(new.claims.addons) - (previous.addons if previous else frozenset()))
+    if not raised and not added:
         return
     events.emit(
         "upgrade_complete",
         tenant=new.claims.sub,
         tier=new.claims.tier,
-        previous_tier=old_tier,
+        previous_tier=previous.tier if previous else None,
         addons=list(new.claims.addons),
         addons_added=added,
         license_id=new.claims.jti,

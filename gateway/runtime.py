@@ -252,12 +252,22 @@ class Runtime:
                 )
                 return False
             self.shared.swap_rules(matrix, routes)
-            if set(keyring.keys) != set(self.shared.licenses.keyring.keys):
-                self.shared.licenses.keyring = keyring
-                self.shared.licenses.clear()
+            if not keyring.same_keys(self.shared.licenses.keyring):
+                self._swap_keyring(keyring)
             self.metrics.reload_ok.inc()
             log.info("reload (%s): routes %s, matrix %s", why, routes.sha, matrix.sha)
             return True
+
+    def _swap_keyring(self, keyring: KeyRing) -> None:
+        """Every verdict earned under the old ring goes: verified header keys, the store's
+        verified stored keys, and cached tenant records (they hold licenses verified with
+        the old ring). A key replaced under its kid (rotated out, compromised) stops
+        verifying at once."""
+        self.shared.licenses.keyring = keyring
+        self.shared.licenses.clear()
+        self.store.use_keyring(keyring)
+        self.shared.tenants.invalidate()
+        log.info("reload: key ring now %s", ", ".join(sorted(keyring.keys)) or "empty")
 
     # ------------------------------------------------------------------ stop
     async def stop(self, deadline: float | None = None) -> None:

@@ -773,7 +773,7 @@ class Bench:
             )
 
 
-def start_servers(bench: Bench, keys: dict[str, str]) -> None:
+def start_servers(bench: Bench) -> None:
     tmp, procs, ports = bench.tmp, bench.procs, bench.ports
     needed = {name for t in bench.targets for name in (t.server, *t.under_test)}
     nginx = nginx_binary()
@@ -1342,7 +1342,7 @@ def main() -> int:
             keys = issue_keys(tmp)
             targets = [t for t in make_targets(keys) if t.name in names]
             bench = Bench(args, tmp, procs, targets, wrk=wrk)
-            start_servers(bench, keys)
+            start_servers(bench)
             run_matrix(bench, args.connections, args.duration, args.reps, started)
             bench.counters = gateway_counters(bench)
             procs.stop_all()

@@ -267,6 +267,33 @@ def test_bad_values_name_key_and_line(
     assert fragment in problem.message
 
 
+SERVER_TIMEOUTS = [
+    "shutdown_deadline",
+    "keepalive_timeout",
+    "header_timeout",
+    "body_timeout",
+    "reload_poll_interval",
+]
+SERVER_LIMITS = ["max_header_bytes", "max_headers", "max_body_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(key, value) for key in SERVER_TIMEOUTS for value in ("0", "-1.5", "nan", "inf")]
+    + [(key, value) for key in SERVER_LIMITS for value in ("0", "-1")],
+)
+def test_check_refuses_server_timeouts_and_limits_that_are_not_positive(
+    config_dir: Path, capsys: pytest.CaptureFixture[str], key: str, value: str
+) -> None:
+    """A zero header timeout made every connection's watchdog spin; nothing below zero
+    (or not a finite number) means anything for a timeout or a limit either."""
+    path = edit(config_dir, "gateway.toml", "", f"\n[server]\n{key} = {value}\n")
+    assert main(["check", "--config", str(path)]) == 1
+    assert f"[server.{key}]: must be positive" in capsys.readouterr().err
+    (problem,) = config_problems(path)
+    assert (problem.key, problem.line) == (f"server.{key}", line_of(path, "[server]"))
+
+
 @pytest.mark.parametrize(
     ("old", "new", "key"),
     [

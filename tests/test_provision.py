@@ -9,7 +9,8 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,33 @@ async def test_provisioning_applies_once_and_upgrades_at_once(
         assert upgrades[0]["tenant"] == "acme" and upgrades[0]["tier"] == "fleet"
 
 
+async def test_upgrade_complete_names_the_tier_the_decision_was_serving(
+    gateway: Gateway, client: aiohttp.ClientSession, issue_key: IssueKey
+) -> None:
+    """The Fleet license is revoked, so the tenant is served Core: a new Fleet license is
+    an upgrade from Core (the decision's current license), not "no change" from the
+    revoked Fleet one that happens to be stored."""
+    core = issue_key(sub="acme", tier="core", serial=1)
+    fleet = issue_key(sub="acme", tier="fleet", serial=2)
+    fleet_id = json.loads(base64.urlsafe_b64decode(fleet.split(".")[1] + "=="))["jti"]
+    for change in (
+        event("license", key=core),
+        event("license", key=fleet),
+        event("revoke", license_id=fleet_id),
+    ):
+        assert await provision(client, gateway, change) == (200, {"applied": True})
+    assert await status_of(client, gateway, {"X-Tenant-Id": "acme"}) == 403  # Core now
+    renewed = event("license", key=issue_key(sub="acme", tier="fleet", serial=3))
+    assert await provision(client, gateway, renewed) == (200, {"applied": True})
+    assert await status_of(client, gateway, {"X-Tenant-Id": "acme"}) == 200
+    upgrades = [
+        (e["previous_tier"], e["tier"])
+        for e in gateway.events()
+        if e["event"] == "upgrade_complete"
+    ]
+    assert upgrades == [(None, "core"), ("core", "fleet"), ("core", "fleet")]
+
+
 async def test_provisioning_refusals(
     tmp_path: Path,
     key_dir: Path,
@@ -330,14 +358,11 @@ async def test_the_body_cap_holds_for_a_body_in_pieces(gateway: Gateway, chunked
 # ------------------------------------------------------------------ fleets on Redis
 
 
-async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
-    tmp_path: Path,
-    key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
-    issue_key: IssueKey,
-    redis: RedisServer,
-) -> None:
-    core = issue_key(sub="acme", tier="core", serial=1)
+@asynccontextmanager
+async def two_instances(
+    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], redis: RedisServer
+) -> AsyncIterator[tuple[Gateway, Gateway, aiohttp.ClientSession]]:
+    """Two gateways sharing one Redis store, and a client session."""
     store = f'\n[store]\nurl = "{redis.url}"\n'
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -347,6 +372,18 @@ async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
         running_gateway(tmp_path / "b", key_dir, ports, extra=store) as b,
         aiohttp.ClientSession() as session,
     ):
+        yield a, b, session
+
+
+async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    redis: RedisServer,
+) -> None:
+    core = issue_key(sub="acme", tier="core", serial=1)
+    async with two_instances(tmp_path, key_dir, upstreams, redis) as (a, b, session):
         assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
         # B has looked the tenant up and cached it: Core, blocked.
         assert await status_of(session, b, {"X-License-Key": core}) == 403
@@ -356,6 +393,35 @@ async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
         while await status_of(session, b, {"X-License-Key": core}) != 200:
             assert time.monotonic() < deadline, "instance B still enforces the old license"
             await asyncio.sleep(0.02)
+
+
+async def test_after_a_redis_restart_an_upgrade_reaches_the_other_instance_promptly(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    redis: RedisServer,
+) -> None:
+    """B caches the tenant for an hour, so only its subscription can tell it of the
+    upgrade A applies after Redis comes back. A reconnect backoff that grew during the
+    outage (it reached 5 s) kept B deaf for seconds after Redis was back."""
+    core = issue_key(sub="acme", tier="core", serial=1)
+    async with two_instances(tmp_path, key_dir, upstreams, redis) as (a, b, session):
+        b.runtime.shared.tenants.ttl = 3600.0
+        assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
+        assert await status_of(session, b, {"X-Tenant-Id": "acme"}) == 403  # Core, cached
+
+        redis.stop()
+        await asyncio.sleep(7.5)  # a long outage: long enough for a growing backoff to grow
+        redis.restart()  # empty: nothing was persisted
+        restarted = time.monotonic()
+        fleet = event("license", key=issue_key(sub="acme", tier="fleet", serial=2))
+        while (await provision(session, a, fleet))[0] != 200:
+            assert time.monotonic() < restarted + 10, "instance A never reached Redis again"
+            await asyncio.sleep(0.05)
+        while await status_of(session, b, {"X-Tenant-Id": "acme"}) != 200:
+            assert time.monotonic() < restarted + 3.0, "instance B still enforces Core"
+            await asyncio.sleep(0.05)
 
 
 async def test_redis_outage_keeps_traffic_flowing_then_recovers(

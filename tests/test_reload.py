@@ -18,8 +18,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.license import generate_keypair, load_signing_key
 from gateway.matrix import APP_NAMES
-from tests.conftest import IssueKey
+from tests.conftest import IssueKey, sign_key
 from tests.harness import REPO, EchoUpstream, running_gateway, write_config
 
 OPTIMIZE = "/api/v1/shipments/1/optimize"
@@ -259,6 +260,36 @@ async def test_broken_file_keeps_the_last_good_rules(
         fixed = await metrics_text(client, gw.admin_url("/metrics"))
     assert reloads(fixed, "success") == 1
     assert reloads(fixed, "failure") == 1
+
+
+async def test_a_public_key_replaced_under_the_same_kid_stops_verifying_on_reload(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+) -> None:
+    """The ``test`` key is rotated out (or compromised) and its file replaced by a new key
+    under the same kid: keys signed by the old one must stop counting at once, whether
+    presented in a header (verified-key cache) or held by the store (tenant look-up)."""
+    old_header_key = issue_key(tier="fleet", sub="header-tenant")
+    old_stored_key = issue_key(tier="fleet", sub="stored-tenant")
+    async with running_gateway(tmp_path, key_dir, upstream_ports, extra=NO_WATCH) as gw:
+        url = gw.url("operations", OPTIMIZE)
+        assert await gw.runtime.store.put_license(old_stored_key) is not None
+        assert await status_of(client, url, {"X-License-Key": old_header_key}) == 200
+        assert await status_of(client, url, {"X-Tenant-Id": "stored-tenant"}) == 200
+
+        replacement = tmp_path / "replacement"
+        generate_keypair(replacement, "test")
+        replace_file(gw.folder / "keys" / "test.pub", (replacement / "test.pub").read_text())
+        assert await gw.runtime.reload("test") is True
+
+        assert await status_of(client, url, {"X-License-Key": old_header_key}) == 401
+        assert await status_of(client, url, {"X-Tenant-Id": "stored-tenant"}) != 200
+        new_key, _ = load_signing_key(replacement / "test.key")
+        fresh = sign_key(new_key, "test", tier="fleet", sub="header-tenant", serial=2)
+        assert await status_of(client, url, {"X-License-Key": fresh}) == 200
 
 
 async def test_file_change_is_picked_up_by_the_watcher(

@@ -728,7 +728,7 @@ def test_not_ambiguous(tmp_path: Path, matrix: TierMatrix, text: str) -> None:
     compile_routes(tmp_path, text, matrix)
 
 
-def test_toml_syntax_error_names_the_line(tmp_path: Path, matrix: TierMatrix) -> None:
+def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "routes.toml"
     path.write_text(RO + 'path = "/a"\n\n[[routes]\n')
     with pytest.raises(ConfigError) as caught:

@@ -16,11 +16,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.errors import LicenseError
-from gateway.license import KeyRing, Seats
-from gateway.store import StoreError, TenantStore, open_store
+from gateway.license import KeyRing, License, Seats
+from gateway.store import StoredKeys, StoreError, TenantStore, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis_store import RedisStore, redacted
 from gateway.store.sqlite import SqliteStore, sqlite_path
@@ -439,6 +440,55 @@ async def test_stored_keys_that_no_longer_verify_are_skipped_and_logged_once(
     assert await after_rotation.put_license(issue_key(sub="acme", serial=1)) is None
 
 
+class CountingKeyRing(KeyRing):
+    """The real key ring, counting its signature checks."""
+
+    __slots__ = ("checks",)
+
+    def __init__(self, ring: KeyRing) -> None:
+        super().__init__(ring.keys)
+        self.checks = 0
+
+    def verify(self, token: str) -> License:
+        self.checks += 1
+        return super().verify(token)
+
+
+async def test_each_stored_key_is_verified_once_not_on_every_read(
+    backend: Backend, keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    """A store read used to pay one Ed25519 check per stored key, outside the proxy's
+    verification budget; now once per key (and key ring)."""
+    counting = CountingKeyRing(keyring)
+    store = backend.open(counting)
+    for serial in (1, 2, 3):
+        assert await store.put_license(issue_key(sub="acme", serial=serial)) is not None
+    retired = sign_key(Ed25519PrivateKey.generate(), "test", sub="acme", serial=9)
+    with pytest.raises(LicenseError):
+        await store.put_license(retired)
+    for _ in range(5):
+        record = await store.get("acme")
+        assert record is not None and len(record.licenses) == 3
+    assert counting.checks == 4
+    store.use_keyring(counting)  # a new ring (a reload): every verdict is earned again
+    assert await store.get("acme") is not None
+    assert counting.checks == 7
+
+
+async def test_stored_key_verdicts_and_warnings_are_bounded(
+    keyring: KeyRing, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = StoredKeys(keyring, "test", size=8)
+    stranger = Ed25519PrivateKey.generate()
+    tokens = [sign_key(stranger, "test", sub="acme", serial=n) for n in range(50)]
+    with caplog.at_level(logging.WARNING, logger="gateway.store"):
+        assert keys.licenses("acme", tokens) == ()
+        assert len(keys) == 8
+        assert keys.licenses("acme", tokens[-8:]) == ()  # remembered: no second warning
+    warnings = [r for r in caplog.records if "no longer verifies" in r.getMessage()]
+    assert len(warnings) == 50
+
+
 # -- SQLite -------------------------------------------------------------------------------------
 
 
@@ -576,6 +626,34 @@ async def test_redis_change_through_one_instance_reaches_another(
     finally:
         await one.close()
         await two.close()
+
+
+async def connections_received(client: redis.asyncio.Redis) -> int:
+    stats = await client.info("stats")
+    return int(stats["total_connections_received"])
+
+
+async def test_a_quiet_redis_subscription_is_kept_not_renewed(
+    redis_server: RedisServer, keyring: KeyRing
+) -> None:
+    """Heartbeats on a quiet channel must be answered and seen: a subscription renewed
+    after each unanswered PING re-read every tenant (emptying every gateway's tenant
+    cache) and lost the changes published meanwhile."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    store = RedisStore(redis_server.url, keyring, prefix=prefix, heartbeat=0.2)
+    probe = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await store.set_usage("acme", 1, 1)  # a tenant a re-read would name
+        async with watching(store) as changes:
+            before = await connections_received(probe)
+            await asyncio.sleep(3.0)  # fifteen heartbeat intervals of silence
+            assert changes.queue.empty(), "the subscription was renewed and re-read"
+            assert await connections_received(probe) == before, "a new connection was made"
+            await store.set_usage("globex", 1, 1)
+            assert await changes.next() == "globex"  # and it still hears changes
+    finally:
+        await probe.aclose()
+        await store.close()
 
 
 async def test_redis_prefixes_keep_stores_apart(

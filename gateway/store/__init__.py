@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
+
+import cachetools
 
 from gateway.decision import TenantRecord
 from gateway.errors import LicenseError
 from gateway.license import KeyRing, License
 
 log = logging.getLogger(__name__)
+
+VERDICTS_SIZE = 100_000  # stored keys whose verdict is remembered (like the tenant cache)
 
 
 class StoreError(Exception):
@@ -38,6 +43,11 @@ class TenantStore(abc.ABC):
     Engines raise ``StoreError`` (and only that) when the backend cannot answer."""
 
     url: str
+    keys: StoredKeys  # verifies what is written and what is read, with the current ring
+
+    def use_keyring(self, keyring: KeyRing) -> None:
+        """Verify with ``keyring`` from now on (a reload replaced a public key)."""
+        self.keys.use(keyring)
 
     @abc.abstractmethod
     async def get(self, tenant: str) -> TenantRecord | None:
@@ -93,30 +103,67 @@ class TenantStore(abc.ABC):
 
 
 class StoredKeys:
-    """Stored tokens back to verified licenses, newest serial first. A stored key that no
-    longer verifies (its signing key was rotated out) is skipped and logged once."""
+    """Stored tokens back to verified licenses, newest serial first.
 
-    def __init__(self, keyring: KeyRing, engine: str) -> None:
+    Each stored key is verified once per key ring and the verdict (license or error) kept
+    by key digest in a bounded LRU: a store read otherwise paid one Ed25519 check per
+    stored key, outside the proxy's per-second verification budget. A stored key that no
+    longer verifies (its signing key was rotated out) is skipped, and logged when its
+    verdict is first reached, so at most once per key while the cache holds it. Used from
+    the event loop only."""
+
+    def __init__(self, keyring: KeyRing, engine: str, size: int = VERDICTS_SIZE) -> None:
         self.keyring = keyring
         self._engine = engine
-        self._warned: set[str] = set()
+        self._verdicts: cachetools.LRUCache[bytes, License | LicenseError] = cachetools.LRUCache(
+            size
+        )
+
+    def __len__(self) -> int:
+        """How many verdicts are remembered (at most ``size``)."""
+        return len(self._verdicts)
+
+    def use(self, keyring: KeyRing) -> None:
+        """A new key ring (reload): every verdict is re-earned against it."""
+        self.keyring = keyring
+        self._verdicts.clear()
+
+    def verify(self, token: str) -> License:
+        """``KeyRing.verify``, remembered: raises ``LicenseError``."""
+        verdict, _ = self._verdict(token)
+        if isinstance(verdict, LicenseError):
+            raise LicenseError(verdict.reason, verdict.detail)
+        return verdict
 
     def licenses(self, tenant: str, tokens: Iterable[str]) -> tuple[License, ...]:
         licenses: list[License] = []
         for token in tokens:
-            try:
-                licenses.append(self.keyring.verify(token))
-            except LicenseError as exc:
-                if token not in self._warned:
-                    self._warned.add(token)
-                    log.warning(
-                        "%s store: a stored key of tenant %r no longer verifies (%s); ignored",
-                        self._engine,
-                        tenant,
-                        exc,
-                    )
+            verdict, fresh = self._verdict(token)
+            if not isinstance(verdict, LicenseError):
+                licenses.append(verdict)
+            elif fresh:
+                log.warning(
+                    "%s store: a stored key of tenant %r no longer verifies (%s); ignored",
+                    self._engine,
+                    tenant,
+                    verdict,
+                )
         licenses.sort(key=lambda lic: -lic.claims.serial)
         return tuple(licenses)
+
+    def _verdict(self, token: str) -> tuple[License | LicenseError, bool]:
+        """The verdict on ``token`` and whether it was reached just now."""
+        digest = hashlib.blake2b(token.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        verdict = self._verdicts.get(digest)
+        if verdict is not None:
+            return verdict, False
+        try:
+            verdict = self.keyring.verify(token)
+        except LicenseError as exc:
+            # Only the reason: the raised error holds a traceback and its chained cause.
+            verdict = LicenseError(exc.reason, exc.detail)
+        self._verdicts[digest] = verdict
+        return verdict, True
 
 
 class LocalChanges:

@@ -11,14 +11,17 @@ import msgspec
 
 from gateway.decision import TenantRecord
 from gateway.license import KeyRing, License, Seats
-from gateway.store import LocalChanges, TenantStore
+from gateway.store import LocalChanges, StoredKeys, TenantStore
 
 
 class MemoryStore(TenantStore):
     def __init__(self, url: str, keyring: KeyRing) -> None:
         self.url = url
-        self._keyring = keyring
+        self.keys = StoredKeys(keyring, "memory")
+        # Records without their licenses; the raw keys beside them, newest serial first,
+        # verified on read like the other engines' (so a swapped key ring counts here too).
         self._records: dict[str, TenantRecord] = {}
+        self._tokens: dict[str, list[tuple[int, str]]] = {}
         self._events: set[str] = set()
         self._classic: dict[str, str] = {}
         self._changes = LocalChanges()
@@ -31,15 +34,20 @@ class MemoryStore(TenantStore):
         self._changes.publish(record.tenant)
 
     async def get(self, tenant: str) -> TenantRecord | None:
-        return self._records.get(tenant)
+        record = self._records.get(tenant)
+        if record is None:
+            return None
+        tokens = [token for _, token in self._tokens.get(tenant, ())]
+        return msgspec.structs.replace(record, licenses=self.keys.licenses(tenant, tokens))
 
     async def put_license(self, token: str) -> License | None:
-        lic = self._keyring.verify(token)
-        record = self._record(lic.claims.sub)
-        if any(held.claims.serial >= lic.claims.serial for held in record.licenses):
+        lic = self.keys.verify(token)
+        tenant, serial = lic.claims.sub, lic.claims.serial
+        held = self._tokens.setdefault(tenant, [])
+        if held and held[0][0] >= serial:
             return None
-        licenses = sorted((*record.licenses, lic), key=by_serial_desc)
-        self._save(msgspec.structs.replace(record, licenses=tuple(licenses)))
+        held.insert(0, (serial, token))
+        self._save(self._record(tenant))
         return lic
 
     async def set_suspended(self, tenant: str, suspended: bool) -> bool:
@@ -80,8 +88,3 @@ class MemoryStore(TenantStore):
 
     def changes(self) -> AsyncIterator[str]:
         return self._changes.subscribe()
-
-
-def by_serial_desc(lic: License) -> int:
-    """Sort key: newest license (highest serial) first."""
-    return -lic.claims.serial

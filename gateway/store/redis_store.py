@@ -16,9 +16,10 @@
 Writes are Lua scripts, so each is atomic against every other instance (an older serial never
 replaces a newer one however two writers interleave) and publishes the tenant id on the
 channel in the same step. ``changes()`` subscribes to that channel: a change made through any
-instance reaches every instance's cache at once. When Redis goes away the iterator reconnects
-with backoff and, once back, names every known tenant, since changes published while it was
-away are lost.
+instance reaches every instance's cache at once. A quiet subscription is PINGed every
+``HEARTBEAT_SECONDS`` and dropped only when nothing at all comes back. When Redis goes away
+the iterator reconnects at once, then with a short backoff (at most half a second) and, once
+back, names every known tenant, since changes published while it was away are lost.
 
 Short socket timeouts (connect 1 s, command 2 s, one retry on a fresh connection) make an
 outage a ``StoreError`` within seconds, never a hang; the caller keeps serving from its cache.
@@ -29,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,10 +52,10 @@ DEFAULT_PREFIX = "gw:"
 EVENT_TTL_SECONDS = 30 * 86400
 CONNECT_TIMEOUT = 1.0
 COMMAND_TIMEOUT = 2.0
-BACKOFF_START = 0.1
-BACKOFF_MAX = 5.0
+BACKOFF_START = 0.05  # the subscription's reconnect backoff, after a first retry at once
+BACKOFF_MAX = 0.5
 HEARTBEAT_SECONDS = 5.0  # a silent subscription is PINGed; no answer within this → reconnect
-POLL_SECONDS = 1.0  # how often a waiting changes() iterator looks at the clock and close()
+POLL_SECONDS = 0.5  # how often a waiting changes() iterator looks at the clock and close()
 
 # KEYS: licenses, tenants. ARGV: serial, token, tenant, channel.
 PUT_LICENSE = """
@@ -117,10 +120,11 @@ class RedisStore(TenantStore):
         prefix: str = DEFAULT_PREFIX,
         connect_timeout: float = CONNECT_TIMEOUT,
         command_timeout: float = COMMAND_TIMEOUT,
+        heartbeat: float = HEARTBEAT_SECONDS,
     ) -> None:
         self.url = url
+        self._heartbeat = heartbeat
         self._where = redacted(url)
-        self._keyring = keyring
         self._prefix = prefix
         self._channel = f"{prefix}changes"
         self._tenants_key = f"{prefix}tenants"
@@ -140,7 +144,7 @@ class RedisStore(TenantStore):
         self._revoke = self._redis.register_script(REVOKE)
         self._set_usage = self._redis.register_script(SET_USAGE)
         self._closed = asyncio.Event()
-        self._keys = StoredKeys(keyring, "redis")
+        self.keys = StoredKeys(keyring, "redis")
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self._prefix}{kind}:{name}"
@@ -173,7 +177,7 @@ class RedisStore(TenantStore):
             tenant,
             suspended=state.get("suspended") == "1",
             revoked=frozenset(revoked),
-            licenses=self._keys.licenses(tenant, tokens),
+            licenses=self.keys.licenses(tenant, tokens),
             usage=_usage(state),
         )
 
@@ -196,7 +200,7 @@ class RedisStore(TenantStore):
     # -- writes -----------------------------------------------------------------------------
 
     async def put_license(self, token: str) -> License | None:
-        lic = self._keyring.verify(token)  # LicenseError before anything is stored
+        lic = self.keys.verify(token)  # LicenseError before anything is stored
         tenant = lic.claims.sub
         with self._errors("put_license"):
             stored: int = await self._put_license(
@@ -250,36 +254,31 @@ class RedisStore(TenantStore):
 
     async def _listen(self) -> AsyncIterator[str]:
         """Tenant ids published by every instance; survives outages, ends on ``close()``."""
-        loop = asyncio.get_running_loop()
-        delay = BACKOFF_START
-        failed = False
+        missed = False  # changes may have been published while we were not listening
+        attempt = 0
         while not self._closed.is_set():
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                if failed:
-                    # Whatever was published while we were away is lost: name every tenant.
-                    log.info("redis store %s: subscribed again to %s", self._where, self._channel)
-                    for tenant in sorted(await self._redis.smembers(self._tenants_key)):
-                        yield str(tenant)
-                failed, delay = False, BACKOFF_START
-                last_heard, pinged = loop.time(), False
-                while not self._closed.is_set():
-                    message: dict[str, Any] | None = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=POLL_SECONDS
-                    )
-                    now = loop.time()
-                    if message is not None:
-                        last_heard, pinged = now, False
-                        if message["type"] == "message":
-                            yield str(message["data"])
-                    elif now - last_heard > HEARTBEAT_SECONDS:
-                        if pinged:
-                            raise RedisConnectionError("no answer to PING on the subscription")
-                        await pubsub.ping()
-                        last_heard, pinged = now, True
+                confirmed = False
+                async for kind, data in self._frames(pubsub):
+                    if kind == "message":
+                        yield data
+                        continue
+                    if kind != "subscribe":
+                        continue
+                    if confirmed:  # redis-py reconnected and re-subscribed inside a read
+                        missed = True
+                    confirmed, attempt = True, 0
+                    if missed:
+                        # Whatever was published while we were away is lost: name every
+                        # tenant, so the caches drop what may have changed meanwhile.
+                        log.info("redis store %s: subscribed again", self._where)
+                        for tenant in sorted(await self._redis.smembers(self._tenants_key)):
+                            yield str(tenant)
+                        missed = False
             except (RedisError, OSError) as exc:
-                if not failed:
+                if not missed:
                     log.warning(
                         "redis store %s: subscription to %s lost (%s: %s); reconnecting",
                         self._where,
@@ -287,16 +286,46 @@ class RedisStore(TenantStore):
                         type(exc).__name__,
                         exc,
                     )
-                failed = True
+                missed = True
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     # PubSub.aclose is not annotated in redis-py.
                     await cast("Callable[[], Awaitable[None]]", pubsub.aclose)()
-            if self._closed.is_set():
-                return
+            # The first retry at once (a restarted Redis is usually back), then a short,
+            # jittered backoff: a change published before we are back is learnt only from
+            # the re-read, so every second of waiting delays upgrades by a second.
+            delay = min(BACKOFF_START * 2**attempt, BACKOFF_MAX) if attempt else 0.0
+            attempt += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+                await asyncio.wait_for(self._closed.wait(), delay * (0.5 + random.random() / 2))
+
+    async def _frames(self, pubsub: PubSub) -> AsyncIterator[tuple[str, str]]:
+        """``(kind, data)`` of each pub/sub frame until ``close()``; raises
+        ``RedisConnectionError`` when a PING of a quiet subscription gets no answer.
+
+        Frames are read raw (``PubSub.parse_response``), not through ``get_message``:
+        whether redis-py hands the PONG of a subscribed connection to ``get_message``
+        depends on the protocol and decoding (under RESP3 with ``decode_responses`` it is
+        read and dropped), and a heartbeat whose answer cannot be seen dropped a healthy
+        subscription every other interval. Here any frame at all proves the connection
+        alive."""
+        loop = asyncio.get_running_loop()
+        last_heard, pinged_at = loop.time(), None
+        while not self._closed.is_set():
+            frame = await pubsub.parse_response(block=False, timeout=POLL_SECONDS)
+            if self._closed.is_set():
+                return  # close() ran while we read (redis-py may even have reconnected)
+            now = loop.time()
+            if frame is not None:
+                last_heard, pinged_at = now, None
+                if isinstance(frame, list) and len(frame) == 3:
+                    yield str(frame[0]), str(frame[2])
+            elif pinged_at is not None:
+                if now - pinged_at > self._heartbeat:
+                    raise RedisConnectionError("no answer to PING on the subscription")
+            elif now - last_heard > self._heartbeat:
+                await pubsub.ping()
+                pinged_at = now
 
     async def close(self) -> None:
         if self._closed.is_set():

@@ -12,8 +12,9 @@ a crash of the process (a power loss may drop the last transactions, never corru
 Every write is one ``BEGIN IMMEDIATE`` transaction, so a crash never leaves half a change and
 two stores on the same file (two processes) serialise their writes.
 
-Keys are stored raw; ``get`` verifies them with the key ring each time, so a key whose signing
-key was removed from the ring stops counting at once (logged once per key).
+Keys are stored raw; ``get`` hands them to ``StoredKeys``, which verifies each once per key
+ring, so a key whose signing key was removed from the ring stops counting as soon as the ring
+is swapped (logged once per key).
 
 ``changes()`` names the tenants changed through this store object only: processes sharing a
 file do not see each other's changes (their caches expire them; Redis is the engine for fleets).
@@ -29,6 +30,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+import msgspec
 
 from gateway.decision import TenantRecord
 from gateway.license import KeyRing, License, Seats
@@ -90,13 +93,12 @@ class SqliteStore(TenantStore):
     def __init__(self, url: str, keyring: KeyRing) -> None:
         self.url = url
         self.path = sqlite_path(url)
-        self._keyring = keyring
         self._changes = LocalChanges()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._closed = False
         # Touched on the worker thread only.
         self._conn: sqlite3.Connection | None = None
-        self._keys = StoredKeys(keyring, "sqlite")
+        self.keys = StoredKeys(keyring, "sqlite")
 
     # -- the worker thread ------------------------------------------------------------------
 
@@ -187,9 +189,16 @@ class SqliteStore(TenantStore):
     # -- reads ------------------------------------------------------------------------------
 
     async def get(self, tenant: str) -> TenantRecord | None:
-        return await self._run("get", lambda conn: self._get(conn, tenant))
+        row = await self._run("get", lambda conn: self._get(conn, tenant))
+        if row is None:
+            return None
+        # Verified here, on the event loop, not on the worker thread: the verdict cache
+        # of ``self.keys`` is used from the loop only.
+        record, tokens = row
+        return msgspec.structs.replace(record, licenses=self.keys.licenses(tenant, tokens))
 
-    def _get(self, conn: sqlite3.Connection, tenant: str) -> TenantRecord | None:
+    def _get(self, conn: sqlite3.Connection, tenant: str) -> tuple[TenantRecord, list[str]] | None:
+        """The record without its licenses, and the stored keys, newest first."""
         with _transaction(conn, "BEGIN"):
             row = conn.execute(
                 "SELECT suspended, ops_users, drivers FROM tenants WHERE tenant = ?", (tenant,)
@@ -210,13 +219,7 @@ class SqliteStore(TenantStore):
                 )
             )
         usage = None if ops_users is None or drivers is None else Seats(ops_users, drivers)
-        return TenantRecord(
-            tenant,
-            suspended=bool(suspended),
-            revoked=revoked,
-            licenses=self._keys.licenses(tenant, tokens),
-            usage=usage,
-        )
+        return TenantRecord(tenant, suspended=bool(suspended), revoked=revoked, usage=usage), tokens
 
     async def is_classic_key(self, key: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -242,7 +245,7 @@ class SqliteStore(TenantStore):
     # -- writes -----------------------------------------------------------------------------
 
     async def put_license(self, token: str) -> License | None:
-        lic = self._keyring.verify(token)  # LicenseError before anything is stored
+        lic = self.keys.verify(token)  # LicenseError before anything is stored
         claims = lic.claims
 
         def job(conn: sqlite3.Connection) -> bool:
