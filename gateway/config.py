@@ -42,6 +42,9 @@ class AppSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_timeout: float = 60.0
     max_connections: int = 1000  # to the upstream; more requests queue
     queue_timeout: float = 5.0  # longest wait in that queue, then 503 + Retry-After
+    # Features the plan lacks, for this app's UIs (GET {prefix}): "hide" (phase 1) or
+    # "tag" (phase 2: shown locked, with the tier that unlocks them).
+    upsell: Literal["hide", "tag"] = "hide"
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
