@@ -47,6 +47,9 @@ class AppSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # "insensitive" when the upstream routes paths case-insensitively: routes then match
     # case-folded, so /API/... cannot dodge a gated /api/... route.
     path_case: PathCase = "sensitive"
+    # Features the plan lacks, for this app's UIs (GET {prefix}): "hide" (phase 1) or
+    # "tag" (phase 2: shown locked, with the tier that unlocks them).
+    upsell: Literal["hide", "tag"] = "hide"
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

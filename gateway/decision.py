@@ -209,15 +209,13 @@ def decide(
     feature = route.feature if route is not None else None
     upsell = role != "dispatch_only"
     if feature is not None and feature not in entitlement.features:
-        required = matrix.cheapest_tier_with(feature)
-        addon = matrix.addon_unlocking(tier, feature)
-        current_rank = matrix.tiers[tier].rank
+        required, addon = matrix.upgrade_path(tier, feature)
         return _deny(
             "feature_not_entitled",
             f"{matrix.features[feature].title} is not in the {matrix.tiers[tier].title} plan",
             feature=feature,
             tier=tier,
-            required_tier=required.name if required and required.rank > current_rank else None,
+            required_tier=required.name if required else None,
             addon=addon.name if addon else None,
             upsell=upsell,
             license=lic,
@@ -317,3 +315,39 @@ def _grandfathered(matrix: TierMatrix, claims: LicenseClaims, now: float) -> str
     ):
         return grandfather
     return claims.tier
+
+
+LicenseState = Literal["valid", "grace", "maintained", "restricted", "grandfathered"]
+_LAPSED: dict[ExpiryState, LicenseState] = {
+    "grace": "grace",
+    "maintained": "maintained",
+    "restricted": "restricted",
+}
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """What a license grants at one moment, by the rules ``decide`` enforces: the
+    effective tier and add-ons, the seats included, and the state the license is in."""
+
+    tier: str
+    addons: tuple[str, ...]
+    seats: Seats
+    state: LicenseState
+    warning: str | None
+
+
+def effective_plan(policy: Policy, claims: LicenseClaims, now: float) -> Plan | None:
+    """The plan behind ``decide`` for the entitlements API (None: expired under the
+    ``revoke`` strategy, which ``decide`` answers with ``license_expired``).
+
+    ``state``: ``grace``, ``maintained`` (expired, kept by the ``maintain`` strategy) and
+    ``restricted`` as ``expiry_state`` says; otherwise ``grandfathered`` while a
+    grandfather window raises the tier, else ``valid``."""
+    tier, addons, seats, warning = _effective_plan(policy, claims, now)
+    if tier is None:
+        return None
+    expiry, _ = expiry_state(claims, now, policy.grace_seconds)
+    state = _LAPSED.get(expiry) or ("grandfathered" if tier != claims.tier else "valid")
+    quotas = policy.matrix.tiers[tier].quotas
+    included = seats or Seats(ops_users=quotas.ops_users, drivers=quotas.drivers)
+    return Plan(tier, addons, included, state, warning)

@@ -45,3 +45,23 @@ class LicenseError(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+class RequestError(Exception):
+    """A request the gateway answers itself with a problem+json: HTTP ``status``, a stable
+    ``code``, a ``title``, the precise ``detail``, and headers to add (``Retry-After``)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        title: str,
+        detail: str,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.title = title
+        self.detail = detail
+        self.headers = headers
+        super().__init__(f"{code}: {detail}")

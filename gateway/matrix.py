@@ -163,6 +163,14 @@ class TierMatrix:
         """The add-on a ``tier`` customer can buy to get ``feature``, if any."""
         return self._unlocking_addon.get((tier, feature))
 
+    def upgrade_path(self, tier: str, feature: str) -> tuple[Tier | None, Addon | None]:
+        """What would give a ``tier`` customer ``feature``: the cheapest higher tier that
+        includes it (None if no tier above includes it) and the add-on for ``tier``."""
+        required = self._cheapest_tier.get(feature)
+        if required is not None and required.rank <= self.tiers[tier].rank:
+            required = None
+        return required, self._unlocking_addon.get((tier, feature))
+
 
 def load_matrix(path: Path) -> TierMatrix:
     """Read and validate ``tier_matrix.toml``; raise ``ConfigError`` listing every problem."""

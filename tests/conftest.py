@@ -21,6 +21,14 @@ from tests.harness import EchoUpstream, Gateway, running_gateway
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--screenshots",
+        action="store_true",
+        help="the browser tests also write docs/screenshots/*.png (commit them)",
+    )
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
