@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the thing checked is invalid (or a command failed), 2 u
     gateway license issue --signing-key keys/dev.key --tenant acme --tier fleet --days 365
     gateway license inspect "$KEY" --public-keys keys/
     gateway explain --app operations POST /api/v1/shipments/1/optimize --tier core
+    gateway routes coverage|export ... / gateway test ...   (gateway.routes_cli)
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from typing import Any
 
 import msgspec
 
-from gateway import report_cli
+from gateway import report_cli, routes_cli
 from gateway.config import Config, config_warnings, load_config
-from gateway.decision import Decision, decide, expiry_state, not_yet_valid
+from gateway.decision import expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
+from gateway.explain import evaluate, explanation_document, explanation_lines, hypothetical_license
 from gateway.license import (
     ClassicKeys,
     KeyRing,
-    License,
     LicenseClaims,
     Seats,
     decode_unverified,
@@ -39,8 +40,7 @@ from gateway.license import (
     sign_license,
 )
 from gateway.matrix import APP_NAMES
-from gateway.paths import PathRejected, canonical_path
-from gateway.routes import ROLES, Match
+from gateway.routes import ROLES
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate gateway.toml and the files it names")
     check.add_argument("--config", type=Path, default=Path("gateway.toml"))
+    check.add_argument("--strict", action="store_true", help="warnings are errors (exit 1)")
 
     keys = commands.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True, metavar="VERB"
@@ -156,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--role", choices=ROLES)
     explain.add_argument("--json", action="store_true")
     report_cli.add_parsers(commands)
+    routes_cli.add_parsers(commands)
     return parser
 
 
@@ -169,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "tenant": _tenant,
         "report": report_cli.run,
+        **routes_cli.HANDLERS,
     }
     try:
         return handlers[args.command](args)
@@ -333,22 +336,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    routes = list(config.routes.routes())
-    gated = {r.feature for r in routes if r.feature}
-    print(f"{args.config}: OK")
-    print(f"  routes.toml       {len(routes)} routes, revision {config.routes.sha}")
+    warnings = config_warnings(config)
+    failed = args.strict and warnings
+    print(f"{args.config}: {'FAILED (--strict: warnings are errors)' if failed else 'OK'}")
+    routes = sum(1 for _ in config.routes.routes())
+    print(f"  routes.toml       {routes} routes, revision {config.routes.sha}")
     print(
         f"  tier_matrix.toml  {len(config.matrix.features)} features, "
         f"{len(config.matrix.tiers)} tiers, {len(config.matrix.addons)} add-ons, "
         f"revision {config.matrix.sha}"
     )
     print(f"  public keys       {len(config.keyring.keys)} ({', '.join(config.keyring.keys)})")
-    unrouted = sorted(set(config.matrix.features) - gated)
-    if unrouted:
-        print(f"  note: features with no route: {', '.join(unrouted)}")
-    for warning in config_warnings(config):
-        print(f"  warning: {warning}")
-    return EXIT_OK
+    for warning in warnings:
+        print(f"  {'error' if failed else 'warning'}: {warning}")
+    return EXIT_INVALID if failed else EXIT_OK
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -460,87 +461,21 @@ def _print_report(report: dict[str, Any], as_json: bool, code: int) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    method = args.method.upper()
-    lines: list[tuple[str, Any]] = [("request", f"{args.app} {method} {args.path}")]
-    raw_path = args.path.split("?", 1)[0]
-    try:
-        path = canonical_path(raw_path)
-    except PathRejected as exc:
-        lines.append(("decision", f"DENY 400 path_rejected ({exc.reason})"))
-        return _print_lines(lines, args.json, EXIT_OK)
-    lines.append(("canonical path", path))
-    app_routes = config.routes.apps[args.app]
-    found = app_routes.match(method, path)
-    route = found.route
-    if found.kind is Match.NONE:
-        lines.append(("route", f"none (unmatched policy: {app_routes.unmatched})"))
-    else:
-        where = f"routes.toml line {route.line}" if route and route.line else ""
-        kind = "match" if found.kind is Match.FULL else "path matches, method does not"
-        assert route is not None
-        lines.append(("route", f"{route.path} [{route.key}, {where}] ({kind})"))
-        if found.kind is Match.FULL:
-            lines.append(("feature", "public" if route.public else route.feature or "(ungated)"))
-    presented: License | LicenseError | None
-    if args.key is not None:
-        if config.classic.is_classic(args.key):
-            lines.append(("decision", "CLASSIC: forwarded untouched, no gating"))
-            return _print_lines(lines, args.json, EXIT_OK)
+    hypothetical = None
+    if args.tier is not None:
         try:
-            presented = config.keyring.verify(args.key)
-        except LicenseError as exc:
-            presented = exc
-    else:
-        if args.tier not in config.matrix.tiers:
-            raise UsageError(
-                f"unknown tier {args.tier!r} (known: {', '.join(config.matrix.tiers)})"
-            )
-        now = int(time.time())
-        claims = LicenseClaims(
-            iss="explain", sub="(hypothetical)", jti="-", iat=now, nbf=now, exp=now + 86400,
-            tier=args.tier, serial=0, addons=tuple(args.addon),
-        )  # fmt: skip
-        presented = License(claims, kid="-", fingerprint="-")
-    tenant = None
-    decision = decide(
-        config.policy, found, app_routes.unmatched, presented, tenant, args.role, time.time()
+            hypothetical = hypothetical_license(config.matrix, args.tier, tuple(args.addon))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    found = evaluate(
+        config, args.app, args.method, args.path, key=args.key, license=hypothetical, role=args.role
     )
-    _describe(decision, config, lines)
-    return _print_lines(lines, args.json, EXIT_OK)
-
-
-def _describe(decision: Decision, config: Config, lines: list[tuple[str, Any]]) -> None:
-    if decision.license is not None:
-        claims = decision.license.claims
-        addons = f" + {', '.join(claims.addons)}" if claims.addons else ""
-        lines.append(("license", f"tenant {claims.sub}, tier {claims.tier}{addons}"))
-    verdict = "ALLOW" if decision.allowed else "DENY"
-    lines.append(("decision", f"{verdict} {decision.status} {decision.code}"))
-    if decision.detail:
-        lines.append(("reason", decision.detail))
-    if decision.warning:
-        lines.append(("warning", decision.warning))
-    if decision.code == "feature_not_entitled":
-        unlock: list[str] = []
-        if decision.required_tier:
-            tier = config.matrix.tiers[decision.required_tier]
-            unlock.append(f"upgrade to {tier.title} (${tier.price_usd_month:,.0f}/mo)")
-        if decision.addon:
-            addon = config.matrix.addons[decision.addon]
-            price = addon.prices.get(decision.tier or "", "")
-            unlock.append(f"buy the {addon.title} add-on ({price})")
-        lines.append(("unlock", " or ".join(unlock) or "not available"))
-        if not decision.upsell:
-            lines.append(("note", "dispatch_only: the answer carries no upsell fields"))
-
-
-def _print_lines(lines: list[tuple[str, Any]], as_json: bool, code: int) -> int:
-    if as_json:
-        print(msgspec.json.encode(dict(lines)).decode())
+    if args.json:
+        print(msgspec.json.encode(explanation_document(found, config)).decode())
     else:
-        for label, value in lines:
+        for label, value in explanation_lines(found, config):
             print(f"{label + ':':16} {value}")
-    return code
+    return EXIT_OK
 
 
 if __name__ == "__main__":

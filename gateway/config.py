@@ -363,16 +363,37 @@ def _path_case(settings: Settings) -> dict[AppName, PathCase]:
 
 
 def config_warnings(config: Config) -> list[str]:
-    """What ``gateway check`` warns about: valid, but probably not what is meant."""
+    """What ``gateway check`` warns about (errors under ``--strict``): valid, but probably
+    not what is meant."""
     found: list[str] = []
+    routes = list(config.routes.routes())
+    unrouted = sorted(set(config.matrix.features) - {r.feature for r in routes if r.feature})
+    if unrouted:
+        found.append(f"features with no route (nothing is gated by them): {', '.join(unrouted)}")
     for name in config.settings.apps:
-        if config.routes.apps[name].unmatched == "allow":
-            found.append(
-                f'apps.{name}: unmatched = "allow": unmapped paths, and case or suffix '
-                "variants of gated ones (/API/..., /x.json) a lenient upstream may route to "
-                'the gated handler, pass with any valid license; use "deny" or path_case '
-                "(docs/route-authoring.md#the-unmatched-policy)"
-            )
+        app_routes = config.routes.apps[name]
+        if app_routes.unmatched != "allow":
+            continue
+        found.append(
+            f'apps.{name}: unmatched = "allow": unmapped paths, and case or suffix '
+            "variants of gated ones (/API/..., /x.json) a lenient upstream may route to "
+            'the gated handler, pass with any valid license; use "deny" or path_case '
+            "(docs/route-authoring.md#the-unmatched-policy)"
+        )
+        for group in app_routes.shared_paths():
+            features = sorted({route.feature for route in group if route.feature})
+            listed = {m for route in group for m in route.methods or ()}
+            open_methods = [m for m in _COMMON_METHODS if m not in listed]
+            if features and open_methods:
+                found.append(
+                    f"{' and '.join(route.where() for route in group)} share "
+                    f"{group[0].path!r}: {', '.join(open_methods)} (listed by none) pass with "
+                    f'any valid license under unmatched = "allow", not gated by '
+                    f"{', '.join(features)}; list them in one route's `methods`"
+                )
     if not config.keyring.keys:
         found.append("no public keys: every signed license will be refused")
     return found
+
+
+_COMMON_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")

@@ -174,7 +174,8 @@ def decide(
         if route is not None and route.public:
             route = None  # only the listed methods of a public path are public
         # A method the route does not list is still gated by the path's route: leaving a
-        # method out of routes.toml must never open a feature to every tier.
+        # method out of routes.toml must never open a feature to every tier. (A path that
+        # several same-shape routes share comes without a route: unmatched decides.)
     elif route is not None and route.public:
         return PUBLIC
     if isinstance(presented, LicenseError):

@@ -34,6 +34,8 @@ _METHOD = re.compile(r"^[A-Z][A-Z-]*$")
 # Literal segments may hold only what a canonical path can hold (DESIGN §5, RFC 3986 pchar
 # without percent-encoding): a literal the canonicaliser could never produce never matches.
 _LITERAL = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
+_METHOD_ORDER = {m: i for i, m in enumerate(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"))}
 
 
 class Match(enum.Enum):
@@ -51,6 +53,7 @@ class AppPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     app: AppName
     path: str
+    name: str | None = None  # stable, unique: shown by explain, events, the access log
     methods: tuple[str, ...] | None = None
     feature: str | None = None
     public: bool = False
@@ -59,7 +62,8 @@ class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Route(msgspec.Struct, frozen=True):
-    """One compiled route. ``key`` and ``line`` point back into ``routes.toml``."""
+    """One compiled route. ``key`` and ``line`` point back into ``routes.toml``; ``name``
+    is the author's stable name for it, when given."""
 
     app: AppName
     path: str
@@ -70,25 +74,45 @@ class Route(msgspec.Struct, frozen=True):
     quota: QuotaName | None
     key: str
     line: int | None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How tools name the route: its ``name``, else its place (``routes[12]``)."""
+        return self.name or self.key
+
+    def where(self) -> str:
+        """``routes[12] 'ops.users.create' at line 40``: enough to find it in the file."""
+        name = f" {self.name!r}" if self.name else ""
+        line = f" at line {self.line}" if self.line is not None else ""
+        return f"{self.key}{name}{line}"
 
 
 class RouteMatch(msgspec.Struct, frozen=True):
+    """A lookup's answer. A PARTIAL match on a path that several same-shape routes share
+    (none of them listing the method) has no ``route``: the app's ``unmatched`` policy
+    decides, so the answer never depends on which of them comes first in the file;
+    ``shared`` names them for ``explain``."""
+
     kind: Match
     route: Route | None
+    shared: tuple[Route, ...] = ()
 
 
 NO_MATCH = RouteMatch(Match.NONE, None)
 
 
 class _Leaf:
-    """Routes that end at one trie position, by method; results are built once here."""
+    """Routes that end at one trie position (one shape), by method; results are built
+    once here."""
 
-    __slots__ = ("by_method", "any_method", "partial")
+    __slots__ = ("by_method", "any_method", "partial", "routes")
 
     def __init__(self) -> None:
         self.by_method: dict[str, RouteMatch] = {}
         self.any_method: RouteMatch | None = None
         self.partial: RouteMatch | None = None
+        self.routes: list[Route] = []
 
 
 class _Node:
@@ -107,7 +131,7 @@ class AppRoutes:
     Build one with ``app_routes(...)``: an app with ``path_case = "insensitive"`` gets the
     subclass that folds the case, so the case-sensitive lookup pays nothing for it."""
 
-    __slots__ = ("app", "unmatched", "path_case", "routes", "_root")
+    __slots__ = ("app", "unmatched", "path_case", "routes", "_root", "_leaves")
 
     def __init__(
         self,
@@ -120,6 +144,7 @@ class AppRoutes:
         self.path_case = path_case
         self.routes: list[Route] = []
         self._root = _Node()
+        self._leaves: list[_Leaf] = []
 
     def match(self, method: str, path: str) -> RouteMatch:
         """Look up a canonical path (DESIGN §5); one trailing slash is not significant.
@@ -208,6 +233,8 @@ class AppRoutes:
             if node.leaf is None:
                 node.leaf = _Leaf()
             leaf = node.leaf
+        if not leaf.routes:
+            self._leaves.append(leaf)
         full = RouteMatch(Match.FULL, route)
         if route.methods is None:
             clash = leaf.any_method or next(iter(leaf.by_method.values()), None)
@@ -221,10 +248,20 @@ class AppRoutes:
                     return clash.route
             for method in route.methods:
                 leaf.by_method[method] = full
-        if leaf.partial is None:
+        leaf.routes.append(route)
+        if len(leaf.routes) == 1:
+            # One route: a method it does not list is still gated by it (leaving a method
+            # out can lock something, never open it).
             leaf.partial = RouteMatch(Match.PARTIAL, route)
+        else:
+            leaf.partial = RouteMatch(Match.PARTIAL, None, tuple(leaf.routes))
         self.routes.append(route)
         return None
+
+    def shared_paths(self) -> list[tuple[Route, ...]]:
+        """The groups of same-shape routes (disjoint methods) sharing one path, in file
+        order: a method none of them lists follows the ``unmatched`` policy."""
+        return [tuple(leaf.routes) for leaf in self._leaves if len(leaf.routes) > 1]
 
 
 class _CaseFoldedAppRoutes(AppRoutes):
@@ -249,13 +286,18 @@ def app_routes(
 
 
 class RouteTable:
-    """All apps' compiled routes; ``sha`` identifies the file revision in events and metrics."""
+    """All apps' compiled routes; ``sha`` identifies the file revision in events and metrics,
+    ``file`` is where they were read from, ``by_name`` finds a route by its ``name``."""
 
-    __slots__ = ("apps", "sha")
+    __slots__ = ("apps", "sha", "file", "by_name")
 
-    def __init__(self, apps: dict[AppName, AppRoutes], sha: str) -> None:
+    def __init__(self, apps: dict[AppName, AppRoutes], sha: str, file: str = "") -> None:
         self.apps = apps
         self.sha = sha
+        self.file = file
+        self.by_name: dict[str, Route] = {
+            route.name: route for app in apps.values() for route in app.routes if route.name
+        }
 
     def match(self, app: AppName, method: str, path: str) -> RouteMatch:
         return self.apps[app].match(method, path)
@@ -307,16 +349,18 @@ def build_routes(
     if not isinstance(raw_routes, list):
         doc.problem("routes", "must be an array of tables ([[routes]])")
         raw_routes = []
+    names: dict[str, Route] = {}
     for index, raw in enumerate(raw_routes):
-        _compile_route(doc, matrix, apps, index, raw)
+        _compile_route(doc, matrix, apps, names, index, raw)
     doc.raise_if_problems()
-    return RouteTable(apps, doc.sha)
+    return RouteTable(apps, doc.sha, doc.name)
 
 
 def _compile_route(
     doc: TomlDocument,
     matrix: TierMatrix | None,
     apps: dict[AppName, AppRoutes],
+    names: dict[str, Route],
     index: int,
     raw: Any,
 ) -> None:
@@ -337,6 +381,15 @@ def _compile_route(
         methods = frozenset(spec.methods)
         if "GET" in methods:  # HEAD is a GET without the body: gate it the same way
             methods |= {"HEAD"}
+    if spec.name is not None:
+        if not _NAME.match(spec.name):
+            doc.problem(
+                f"{key}.name",
+                f"{spec.name!r}: use lower-case letters, digits and . _ - (at most 80)",
+                **where,
+            )
+        elif spec.name in names:
+            doc.problem(f"{key}.name", f"{spec.name!r} is also {names[spec.name].where()}", **where)
     if spec.public and spec.feature is not None:
         doc.problem(key, "a public route cannot name a feature", **where)
     if spec.public and (spec.roles is not None or spec.quota is not None):
@@ -363,16 +416,41 @@ def _compile_route(
         quota=spec.quota,
         key=key,
         line=doc.line_of("[[routes]]", index),
+        name=spec.name,
     )
     clash = apps[spec.app]._add(route, segments)
     if clash is not None:
-        where_clash = f"line {clash.line}" if clash.line else clash.key
-        doc.problem(
-            f"{key}.path",
-            f"ambiguous: {spec.path!r} and {clash.path!r} ({clash.key}, {where_clash}) "
-            "have equal specificity and can match the same request",
-            **where,
-        )
+        doc.problem(f"{key}.path", _ambiguity(route, clash), **where)
+    elif route.name is not None:
+        names[route.name] = route
+
+
+def _ambiguity(route: Route, clash: Route) -> str:
+    """Why two same-shape routes clash, and the edit that resolves it."""
+    first, second = clash.where(), route.where()
+    if route.methods is None or clash.methods is None:
+        listed = route.methods if route.methods is not None else clash.methods
+        both = "every method" if listed is None else _method_list(listed)
+        fix = f"add `methods = [...]` to {first} or {second} so that no method is in both"
+    else:
+        overlap = route.methods & clash.methods
+        both = _method_list(overlap)
+        if "HEAD" in overlap and "GET" not in overlap:
+            both += " (GET implies HEAD)"
+        fix = f"remove {both} from the `methods` of {first} or of {second}"
+    return (
+        f"ambiguous: {route.path!r} and {clash.path!r} ({first}) have the same shape and can "
+        f"both take {both}; give each method to one route: {fix}"
+    )
+
+
+def sorted_methods(methods: Iterable[str]) -> list[str]:
+    """Methods in the order people list them: GET, HEAD, POST, PUT, PATCH, DELETE, others."""
+    return sorted(methods, key=lambda m: (_METHOD_ORDER.get(m, len(_METHOD_ORDER)), m))
+
+
+def _method_list(methods: Iterable[str]) -> str:
+    return ", ".join(sorted_methods(methods))
 
 
 def _pattern_segments(

@@ -413,31 +413,50 @@ def explain(capsys: Capture, config_dir: Path, *argv: str) -> tuple[int, dict[st
 def test_explain_core_is_blocked_from_optimization(capsys: Capture, config_dir: Path) -> None:
     code, report = explain(capsys, config_dir, *OPTIMIZE, "--tier", "core")
     assert code == 0
-    assert report["request"] == "operations POST /api/v1/shipments/1/optimize"
-    assert report["canonical path"] == "/api/v1/shipments/1/optimize"
-    assert report["route"].startswith("/api/v1/shipments/{id}/optimize [routes[")
-    assert "routes.toml line " in report["route"] and report["route"].endswith("(match)")
+    assert report["request"] == {
+        "app": "operations",
+        "method": "POST",
+        "path": "/api/v1/shipments/1/optimize",
+    }
+    assert report["canonical_path"] == "/api/v1/shipments/1/optimize"
+    assert report["match"] == "full"
+    route = report["route"]
+    assert (route["name"], route["pattern"]) == (
+        "ops.shipment.optimize",
+        "/api/v1/shipments/{id}/optimize",
+    )
+    assert route["file"] == str(config_dir / "routes.toml") and route["methods"] == ["POST"]
+    lines = (config_dir / "routes.toml").read_text().splitlines()
+    assert lines[route["line"] - 1] == "[[routes]]" and route["key"].startswith("routes[")
     assert report["feature"] == "ops.basic_shipment_optimization"
-    assert report["decision"] == "DENY 403 feature_not_entitled"
+    assert report["decision"] == {
+        "allowed": False,
+        "status": 403,
+        "code": "feature_not_entitled",
+        "reason": "Basic Shipment Optimization is not in the Core plan",
+    }
+    assert report["license"]["tier"] == "core" and report["license"]["addons"] == []
     unlock = report["unlock"]
-    assert "Fleet" in unlock and "$1,500/mo" in unlock
-    assert "Advanced Shipment Optimization" in unlock and "$2.50/driver/mo" in unlock
-    assert "note" not in report
+    assert (unlock["required_tier"], unlock["addon"]) == ("fleet", "advanced_shipment_optimization")
+    assert "Fleet" in unlock["text"] and "$1,500/mo" in unlock["text"]
+    assert "$2.50/driver/mo" in unlock["text"]
+    assert report["upsell"] is True
+    assert all(re.fullmatch(r"[a-z_]+", key) for key in report)
 
 
 def test_explain_core_with_the_add_on_is_allowed(capsys: Capture, config_dir: Path) -> None:
     argv = [*OPTIMIZE, "--tier", "core", "--addon", "advanced_shipment_optimization"]
     code, report = explain(capsys, config_dir, *argv)
     assert code == 0
-    assert report["decision"] == "ALLOW 200 allowed"
-    assert report["license"].endswith("tier core + advanced_shipment_optimization")
+    assert report["decision"]["code"] == "allowed" and report["decision"]["allowed"] is True
+    assert report["license"]["addons"] == ["advanced_shipment_optimization"]
 
 
 def test_explain_fleet_is_allowed(capsys: Capture, config_dir: Path) -> None:
     code, report = explain(capsys, config_dir, *OPTIMIZE, "--tier", "fleet")
     assert code == 0
-    assert report["decision"] == "ALLOW 200 allowed"
-    assert "unlock" not in report
+    assert report["decision"] == {"allowed": True, "status": 200, "code": "allowed", "reason": None}
+    assert report["unlock"] is None
 
 
 def test_explain_human_output(capsys: Capture, config_dir: Path) -> None:
@@ -447,23 +466,35 @@ def test_explain_human_output(capsys: Capture, config_dir: Path) -> None:
     assert code == 0
     assert re.search(r"^decision:\s+DENY 403 feature_not_entitled$", out, re.MULTILINE)
     assert re.search(r"^unlock:\s+upgrade to Fleet .* or buy the Advanced", out, re.MULTILINE)
+    route = r"^route:\s+/api/v1/shipments/\{id\}/optimize \[ops.shipment.optimize, routes\[\d+\], "
+    assert re.search(route + r".*routes.toml line \d+\] \(match\)$", out, re.MULTILINE)
 
 
 def test_explain_with_a_real_key(capsys: Capture, config_dir: Path, issue_key: IssueKey) -> None:
     code, report = explain(capsys, config_dir, *OPTIMIZE, "--key", issue_key(tier="fleet"))
     assert code == 0
-    assert report["decision"] == "ALLOW 200 allowed"
-    assert report["license"] == "tenant tenant-1, tier fleet"
+    assert report["decision"]["code"] == "allowed"
+    assert (report["license"]["tenant"], report["license"]["tier"]) == ("tenant-1", "fleet")
 
     code, report = explain(capsys, config_dir, *OPTIMIZE, "--key", tamper(issue_key()))
     assert code == 0
-    assert report["decision"] == "DENY 401 license_bad_signature"
+    assert report["decision"]["status"] == 401
+    assert report["decision"]["code"] == "license_bad_signature"
 
 
 def test_explain_classic_key(capsys: Capture, config_dir: Path) -> None:
     code, report = explain(capsys, config_dir, *OPTIMIZE, "--key", "ABCDE-12345-FGHIJ-67890-KLMNO")
     assert code == 0
-    assert report["decision"].startswith("CLASSIC")
+    assert report["decision"]["code"] == "classic" and report["decision"]["allowed"] is True
+    assert report["decision"]["status"] is None and report["route"] is None
+
+
+def test_explain_classic_path_prefix(capsys: Capture, config_dir: Path) -> None:
+    argv = ["--app", "operations", "GET", "/xdispatch/orders", "--tier", "core"]
+    code, report = explain(capsys, config_dir, *argv)
+    assert code == 0
+    assert report["decision"]["code"] == "classic"
+    assert report["canonical_path"] == "/xdispatch/orders"
 
 
 def test_explain_rejected_path(capsys: Capture, config_dir: Path) -> None:
@@ -478,9 +509,13 @@ def test_explain_rejected_path(capsys: Capture, config_dir: Path) -> None:
         "enterprise",
     )
     assert code == 0
-    assert report["decision"].startswith("DENY 400 path_rejected")
-    assert "encoded '/'" in report["decision"]
-    assert "canonical path" not in report
+    assert report["decision"] == {
+        "allowed": False,
+        "status": 400,
+        "code": "path_rejected",
+        "reason": "encoded '/'",
+    }
+    assert report["canonical_path"] is None and report["route"] is None
 
 
 def test_explain_canonicalises_first(capsys: Capture, config_dir: Path) -> None:
@@ -489,49 +524,61 @@ def test_explain_canonicalises_first(capsys: Capture, config_dir: Path) -> None:
         capsys, config_dir, "--app", "operations", "post", path, "--tier", "core"
     )
     assert code == 0
-    assert report["request"] == f"operations POST {path}"
-    assert report["canonical path"] == "/api/v1/shipments/1/optimize"
-    assert report["decision"] == "DENY 403 feature_not_entitled"
+    assert report["request"]["path"] == path and report["request"]["method"] == "POST"
+    assert report["canonical_path"] == "/api/v1/shipments/1/optimize"
+    assert report["decision"]["code"] == "feature_not_entitled"
 
 
-def test_explain_dispatch_only_note(capsys: Capture, config_dir: Path) -> None:
+def test_explain_dispatch_only_gets_no_upsell(capsys: Capture, config_dir: Path) -> None:
     argv = [*OPTIMIZE, "--tier", "core", "--role", "dispatch_only"]
     code, report = explain(capsys, config_dir, *argv)
     assert code == 0
-    assert report["decision"] == "DENY 403 feature_not_entitled"
-    assert report["note"] == "dispatch_only: the answer carries no upsell fields"
+    assert report["decision"]["code"] == "feature_not_entitled"
+    assert report["upsell"] is False
 
 
 def test_explain_unmatched_path_in_driver_app(capsys: Capture, config_dir: Path) -> None:
     argv = ["--app", "driver_app", "GET", "/api/v1/not/mapped", "--tier", "enterprise"]
     code, report = explain(capsys, config_dir, *argv)
     assert code == 0
-    assert report["route"] == "none (unmatched policy: deny)"
-    assert report["decision"] == "DENY 403 route_unmatched"
+    assert (report["match"], report["route"], report["unmatched_policy"]) == ("none", None, "deny")
+    assert report["decision"]["code"] == "route_unmatched"
 
 
 def test_explain_wrong_method(capsys: Capture, config_dir: Path) -> None:
     argv = ["--app", "driver_app", "GET", "/api/v1/scans/depot", "--tier", "enterprise"]
     code, report = explain(capsys, config_dir, *argv)
     assert code == 0
-    assert report["route"].endswith("(path matches, method does not)")
-    assert report["decision"] == "DENY 403 route_unmatched"
+    assert report["match"] == "partial" and report["route"]["name"] == "driver.scans.depot"
+    assert report["decision"]["code"] == "route_unmatched" and report["feature"] is None
+
+
+def test_explain_method_no_route_of_a_shared_path_lists(capsys: Capture, config_dir: Path) -> None:
+    argv = ["--app", "operations", "PUT", "/api/v1/users", "--tier", "core"]
+    code, report = explain(capsys, config_dir, *argv)
+    assert code == 0
+    assert (report["match"], report["route"]) == ("partial", None)
+    names = [route["name"] for route in report["shared_path_routes"]]
+    assert names == ["ops.users.list", "ops.users.create"]
+    assert report["decision"]["code"] == "allowed"  # unmatched = "allow" on Operations
+    _, out, _ = run(capsys, "explain", "--config", str(config_dir / "gateway.toml"), *argv)
+    assert "the path's routes (ops.users.list, ops.users.create) do not list PUT" in out
 
 
 def test_explain_public_route(capsys: Capture, config_dir: Path) -> None:
     argv = ["--app", "client_portal", "GET", "/api/v1/health", "--tier", "core"]
     code, report = explain(capsys, config_dir, *argv)
     assert code == 0
-    assert report["feature"] == "public"
-    assert report["decision"] == "ALLOW 200 public"
+    assert report["route"]["public"] is True and report["feature"] is None
+    assert report["decision"]["code"] == "public"
 
 
 def test_explain_role_forbidden(capsys: Capture, config_dir: Path) -> None:
     argv = ["--app", "operations", "POST", "/api/v1/users", "--tier", "enterprise"]
     code, report = explain(capsys, config_dir, *argv, "--role", "standard")
     assert code == 0
-    assert report["feature"] == "(ungated)"
-    assert report["decision"] == "DENY 403 role_forbidden"
+    assert report["feature"] is None and report["route"]["name"] == "ops.users.create"
+    assert report["decision"]["code"] == "role_forbidden"
 
 
 def test_explain_unknown_tier_is_a_usage_error(capsys: Capture, config_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""The compiled route table (DESIGN §3 routes.toml): precedence, matching, config errors.
+"""The compiled route table (DESIGN §3 routes.toml): precedence, matching, path_case (config
+errors, names and ambiguity are in ``test_routes_config.py``).
 
 The property test at the end checks the trie against a brute-force reference matcher written
 straight from the design's wording (most specific route wins, segment by segment).
@@ -20,6 +21,8 @@ from gateway.errors import ConfigError, ConfigProblem
 from gateway.matrix import AppName, TierMatrix
 from gateway.routes import Match, PathCase, RouteMatch, RouteTable, build_routes
 from gateway.tomlfile import TomlDocument
+
+RO = '[[routes]]\napp = "operations"\n'  # the first two lines of most routes below
 
 
 def compile_routes(
@@ -349,7 +352,7 @@ path = "/{c}/{d}/x"
         pytest.param("GET", "/probe", Match.PARTIAL, 4, id="head-does-not-imply-get"),
         pytest.param("GET", "/split", Match.FULL, 5, id="same-shape-disjoint-methods-a"),
         pytest.param("DELETE", "/split", Match.FULL, 6, id="same-shape-disjoint-methods-b"),
-        pytest.param("PUT", "/split", Match.PARTIAL, 5, id="same-shape-partial-first-in-file"),
+        pytest.param("PUT", "/split", Match.PARTIAL, None, id="same-shape-partial-has-no-route"),
         pytest.param("PATCH", "/deep/1/x", Match.FULL, 7, id="deep-param"),
         pytest.param("PUT", "/deep/1/x", Match.FULL, 8, id="deep-fallback-catchall"),
         pytest.param("POST", "/deep/1/x", Match.FULL, 9, id="deep-fallback-to-root-param"),
@@ -382,6 +385,7 @@ def test_compiled_route_records_the_spec(tmp_path: Path, matrix: TierMatrix) -> 
 
         [[routes]]
         app = "operations"
+        name = "ops.users"
         methods = ["GET", "POST"]
         path = "/api/v1/users"
         feature = "ops.on_demand"
@@ -399,6 +403,13 @@ def test_compiled_route_records_the_spec(tmp_path: Path, matrix: TierMatrix) -> 
     assert route.quota == "ops_users"
     assert not route.public
     assert (route.key, route.line) == ("routes[0]", 6)
+    assert (route.name, route.label, route.where()) == (
+        "ops.users",
+        "ops.users",
+        "routes[0] 'ops.users' at line 6",
+    )
+    assert table.by_name == {"ops.users": route}
+    assert table.file == str(tmp_path / "routes.toml")
     assert table.apps["operations"].unmatched == "deny"
     assert table.apps["client_portal"].unmatched == "allow"
     assert [r.key for r in table.routes()] == ["routes[0]"]
@@ -489,6 +500,14 @@ def test_shipped_unmatched_policies(route_table: RouteTable) -> None:
     assert policies == {"operations": "allow", "client_portal": "allow", "driver_app": "deny"}
 
 
+def test_shipped_routes_all_have_unique_names(route_table: RouteTable) -> None:
+    routes = list(route_table.routes())
+    assert all(route.name for route in routes)
+    assert len(route_table.by_name) == len(routes)
+    prefix = {"operations": "ops.", "client_portal": "portal.", "driver_app": "driver."}
+    assert all(route.label.startswith(prefix[route.app]) for route in routes)
+
+
 def test_shipped_routes_name_their_line(route_table: RouteTable, repo_root: Path) -> None:
     lines = (repo_root / "routes.toml").read_text().splitlines()
     routes = list(route_table.routes())
@@ -497,245 +516,6 @@ def test_shipped_routes_name_their_line(route_table: RouteTable, repo_root: Path
         assert route.line is not None
         assert lines[route.line - 1].strip() == "[[routes]]"
         assert f'path = "{route.path}"' in lines[route.line : route.line + 6]
-
-
-# ---------------------------------------------------------------------------- config errors
-
-RO = '[[routes]]\napp = "operations"\n'  # the first two lines of most routes below
-
-
-@pytest.mark.parametrize(
-    ("text", "key", "line", "fragment"),
-    [
-        pytest.param(
-            RO + 'path = "/a"\n\n' + RO + 'path = "/a"\n',
-            "routes[1].path", 5, "ambiguous", id="ambiguous-same-literal",
-        ),
-        pytest.param(
-            RO + 'path = "/a/{x}"\n\n' + RO + 'path = "/a/{y}"\n',
-            "routes[1].path", 5, "ambiguous", id="ambiguous-different-param-names",
-        ),
-        pytest.param(
-            RO + 'path = "/f/{a:path}"\n\n' + RO + 'path = "/f/{b:path}"\n',
-            "routes[1].path", 5, "ambiguous", id="ambiguous-catchalls",
-        ),
-        pytest.param(
-            RO + 'methods = ["GET"]\npath = "/a/{x}"\n\n' + RO + 'path = "/a/{y}"\n',
-            "routes[1].path", 6, "ambiguous", id="ambiguous-second-has-no-methods",
-        ),
-        pytest.param(
-            RO + 'path = "/a/{x}"\n\n' + RO + 'methods = ["GET"]\npath = "/a/{y}"\n',
-            "routes[1].path", 5, "ambiguous", id="ambiguous-first-has-no-methods",
-        ),
-        pytest.param(
-            RO + 'methods = ["GET", "POST"]\npath = "/a"\n\n'
-            + RO + 'methods = ["PUT", "POST"]\npath = "/a"\n',
-            "routes[1].path", 6, "ambiguous", id="ambiguous-overlapping-methods",
-        ),
-        pytest.param(
-            RO + 'methods = ["GET"]\npath = "/a"\n\n' + RO + 'methods = ["HEAD"]\npath = "/a"\n',
-            "routes[1].path", 6, "ambiguous", id="ambiguous-implied-head",
-        ),
-        pytest.param(
-            RO + 'path = "/a"\n\n' + RO + 'path = "/a/"\n',
-            "routes[1].path", 5, "ambiguous", id="ambiguous-trailing-slash",
-        ),
-        pytest.param(
-            RO + 'path = "/"\n\n' + RO + 'path = "/"\n',
-            "routes[1].path", 5, "ambiguous", id="ambiguous-root",
-        ),
-        pytest.param(
-            RO + 'path = "/b/{x:path}/c"\n',
-            "routes[0].path", 1, "must be the last segment", id="catchall-not-last",
-        ),
-        pytest.param(
-            RO + 'path = "/b/{x}/{x}"\n',
-            "routes[0].path", 1, "appears twice", id="duplicate-param",
-        ),
-        pytest.param(
-            RO + 'path = "/b/{x}/{x:path}"\n',
-            "routes[0].path", 1, "appears twice", id="duplicate-param-catchall",
-        ),
-        pytest.param(
-            "\n\n" + RO + 'path = "/b"\nfeature = "ops.nope"\n',
-            "routes[0].feature", 3, "unknown feature 'ops.nope'", id="unknown-feature",
-        ),
-        pytest.param(
-            RO + 'path = "/b"\nfeature = "portal.on_demand"\n',
-            "routes[0].feature", 1, "belongs to app 'client_portal'", id="feature-of-other-app",
-        ),
-        pytest.param(
-            RO + 'path = "/b"\nfeature = "ops.on_demand"\npublic = true\n',
-            "routes[0]", 1, "public route cannot name a feature", id="public-and-feature",
-        ),
-        pytest.param(
-            RO + 'path = "/b"\npublic = true\nroles = ["owner"]\n',
-            "routes[0]", 1, "public route cannot restrict roles", id="public-and-roles",
-        ),
-        pytest.param(
-            RO + 'path = "/b"\npublic = true\nquota = "drivers"\n',
-            "routes[0]", 1, "public route cannot restrict roles", id="public-and-quota",
-        ),
-        pytest.param(
-            RO + 'path = "/a b"\n', "routes[0].path", 1, "'a b'", id="literal-with-space",
-        ),
-        pytest.param(
-            RO + 'path = "/a//b"\n', "routes[0].path", 1, "''", id="literal-empty-segment",
-        ),
-        pytest.param(
-            RO + 'path = "/a/./b"\n', "routes[0].path", 1, "'.'", id="literal-dot",
-        ),
-        pytest.param(
-            RO + 'path = "/a/../b"\n', "routes[0].path", 1, "'..'", id="literal-dot-dot",
-        ),
-        pytest.param(
-            RO + 'path = "/caf%C3%A9"\n', "routes[0].path", 1, "caf%C3%A9", id="literal-percent",
-        ),
-        pytest.param(
-            RO + 'path = "/a;v=1"\n', "routes[0].path", 1, "a;v=1", id="literal-semicolon",
-        ),
-        pytest.param(
-            RO + 'path = "/a?b"\n', "routes[0].path", 1, "a?b", id="literal-question-mark",
-        ),
-        pytest.param(
-            RO + 'path = "/café"\n', "routes[0].path", 1, "café", id="literal-non-ascii",
-        ),
-        pytest.param(
-            RO + 'path = "/{x:int}"\n', "routes[0].path", 1, "{x:int}", id="unknown-converter",
-        ),
-        pytest.param(
-            RO + 'path = "/{1x}"\n', "routes[0].path", 1, "{1x}", id="bad-param-name",
-        ),
-        pytest.param(
-            RO + 'path = "/x{id}"\n', "routes[0].path", 1, "x{id}", id="param-inside-literal",
-        ),
-        pytest.param(
-            RO + 'path = "api/v1"\n', "routes[0].path", 1, "must start with '/'", id="relative",
-        ),
-        pytest.param(
-            RO + 'methods = ["get"]\npath = "/b"\n',
-            "routes[0].methods", 1, "not upper-case HTTP methods", id="lower-case-method",
-        ),
-        pytest.param(
-            RO + 'methods = ["GET POST"]\npath = "/b"\n',
-            "routes[0].methods", 1, "not upper-case HTTP methods", id="two-methods-in-one",
-        ),
-        pytest.param(
-            RO + 'methods = []\npath = "/b"\n',
-            "routes[0].methods", 1, "empty list", id="no-methods",
-        ),
-        pytest.param(
-            RO + 'methods = "GET"\npath = "/b"\n',
-            "routes[0].methods", 1, "got `str`", id="methods-not-a-list",
-        ),
-        pytest.param(
-            RO + 'path = "/b"\nfeatures = "ops.on_demand"\n',
-            "routes[0]", 1, "unknown field `features`", id="unknown-field",
-        ),
-        pytest.param(
-            '[[routes]]\napp = "billing"\npath = "/b"\n',
-            "routes[0].app", 1, "'billing'", id="unknown-app",
-        ),
-        pytest.param(
-            RO + 'path = "/b"\nroles = ["root"]\n',
-            "routes[0].roles[0]", 1, "'root'", id="unknown-role",
-        ),
-        pytest.param(
-            RO + 'path = "/b"\nquota = "tenants"\n',
-            "routes[0].quota", 1, "'tenants'", id="unknown-quota",
-        ),
-        pytest.param(
-            '[[routes]]\napp = "operations"\n', "routes[0]", 1, "`path`", id="missing-path",
-        ),
-        pytest.param(
-            '\n[apps.operations]\nunmatched = "block"\n',
-            "apps.operations.unmatched", 2, "'block'", id="bad-unmatched-policy",
-        ),
-        pytest.param(
-            '[apps.billing]\nunmatched = "deny"\n',
-            "apps.billing", 1, "unknown app", id="policy-for-unknown-app",
-        ),
-        pytest.param(
-            '\n\nroute = []\n', "route", 3, "unknown top-level key", id="unknown-top-level-key",
-        ),
-        pytest.param(
-            '\n[route]\nx = 1\n', "route", 2, "unknown top-level key", id="unknown-top-level-table",
-        ),
-    ],
-)  # fmt: skip
-def test_config_errors(
-    tmp_path: Path, matrix: TierMatrix, text: str, key: str, line: int, fragment: str
-) -> None:
-    problems = config_problems(tmp_path, text, matrix)
-    assert len(problems) == 1, problems
-    problem = problems[0]
-    assert problem.file == str(tmp_path / "routes.toml")
-    assert (problem.key, problem.line) == (key, line)
-    assert fragment in problem.message
-
-
-def test_ambiguity_names_both_routes(tmp_path: Path, matrix: TierMatrix) -> None:
-    text = '# routes\n\n[[routes]]\napp = "operations"\npath = "/a/{x}"\n\n'
-    text += '[[routes]]\napp = "operations"\npath = "/a/{y}"\n'
-    (problem,) = config_problems(tmp_path, text, matrix)
-    assert (problem.key, problem.line) == ("routes[1].path", 7)
-    assert "'/a/{y}'" in problem.message and "'/a/{x}'" in problem.message
-    assert "routes[0]" in problem.message and "line 3" in problem.message
-
-
-def test_every_problem_is_listed(tmp_path: Path, matrix: TierMatrix) -> None:
-    text = RO + 'path = "/a/{x:path}/b"\n\n'  # line 1
-    text += RO + 'path = "/b"\nfeature = "ops.nope"\n\n'  # line 5
-    text += RO + 'path = "/c"\n\n'  # line 10: fine
-    text += RO + 'path = "/c"\n\n'  # line 14: ambiguous with routes[2]
-    text += RO + 'methods = ["get"]\npath = "/d"\n'  # line 18
-    problems = config_problems(tmp_path, text, matrix)
-    assert [(p.key, p.line) for p in problems] == [
-        ("routes[0].path", 1),
-        ("routes[1].feature", 5),
-        ("routes[3].path", 14),
-        ("routes[4].methods", 18),
-    ]
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        pytest.param(
-            RO + 'methods = ["GET"]\npath = "/a/{x}"\n\n'
-            + RO + 'methods = ["POST"]\npath = "/a/{y}"\n',
-            id="same-shape-disjoint-methods",
-        ),
-        pytest.param(RO + 'path = "/a/{x}"\n\n' + RO + 'path = "/a/b"\n', id="literal-and-param"),
-        pytest.param(
-            RO + 'path = "/a/{x}"\n\n' + RO + 'path = "/a/{x:path}"\n', id="param-and-catchall"
-        ),
-        pytest.param(
-            RO + 'path = "/a/{x}/c"\n\n' + RO + 'path = "/{x}/b/c"\n', id="crossed-params"
-        ),
-        pytest.param(
-            '[[routes]]\napp = "operations"\npath = "/a"\n\n'
-            '[[routes]]\napp = "client_portal"\npath = "/a"\n',
-            id="same-path-different-apps",
-        ),
-        pytest.param(
-            RO + 'path = "/a/{id}"\n\n' + RO + 'path = "/b/{id}"\n', id="param-name-reused"
-        ),
-        pytest.param("", id="empty-file"),
-    ],
-)  # fmt: skip
-def test_not_ambiguous(tmp_path: Path, matrix: TierMatrix, text: str) -> None:
-    compile_routes(tmp_path, text, matrix)
-
-
-def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
-    path = tmp_path / "routes.toml"
-    path.write_text(RO + 'path = "/a"\n\n[[routes]\n')
-    with pytest.raises(ConfigError) as caught:
-        TomlDocument.read(path)
-    (problem,) = caught.value.problems
-    assert (problem.file, problem.line) == (str(path), 5)
-    assert "TOML syntax error" in problem.message
 
 
 # ---------------------------------------------------------------------------- property test
@@ -787,19 +567,24 @@ def _weight(segment: str) -> int:
 
 
 def reference_match(routes: Sequence[RefRoute], method: str, path: str) -> tuple[Match, int | None]:
-    """Brute force: every route is tried; ties (same shape, disjoint methods) go to file order."""
+    """Brute force: every route is tried. A path that several same-shape routes share
+    (disjoint methods) and none of them allows the method is PARTIAL without a route: the
+    unmatched policy decides, whatever the file order."""
     trimmed = path[:-1] if len(path) > 1 and path.endswith("/") else path
     segments = trimmed.split("/")[1:] if trimmed != "/" else []
     candidates = [i for i, route in enumerate(routes) if route.matches(segments)]
     allowed = [i for i in candidates if routes[i].allows(method)]
 
-    def most_specific(indices: list[int]) -> int:
-        return min(indices, key=lambda i: (routes[i].specificity, i))
+    def most_specific(indices: list[int]) -> list[int]:
+        best = min(routes[i].specificity for i in indices)
+        return [i for i in indices if routes[i].specificity == best]
 
     if allowed:
-        return Match.FULL, most_specific(allowed)
+        (chosen,) = most_specific(allowed)  # same shape and both allowing: ambiguous
+        return Match.FULL, chosen
     if candidates:
-        return Match.PARTIAL, most_specific(candidates)
+        tied = most_specific(candidates)
+        return Match.PARTIAL, tied[0] if len(tied) == 1 else None
     return Match.NONE, None
 
 
