@@ -78,6 +78,9 @@ class MemoryStore(TenantStore):
     async def tenants(self) -> list[str]:
         return sorted(self._records)
 
+    async def list_tenants(self) -> list[TenantRecord]:
+        return [self._records[tenant] for tenant in sorted(self._records)]
+
     def changes(self) -> AsyncIterator[str]:
         return self._changes.subscribe()
 
