@@ -1,6 +1,8 @@
-"""Command-line verbs for Sales, Billing and Support: tenant views, reconciliation with
-billing, and the migration of classic customers.
+"""Command-line verbs for Sales, Billing and Support: generated documents, tenant views,
+reconciliation with billing, and the migration of classic customers.
 
+    gateway docs plans --out docs/plans.md [--check]
+    gateway docs kb --out docs/kb/plans-and-limits.md [--check]
     gateway tenant show acme [--json]
     gateway tenant list [--json]
     gateway tenant reconcile --billing export.csv [--json]
@@ -21,11 +23,11 @@ import msgspec
 
 from gateway import migration
 from gateway.cli import EXIT_INVALID, EXIT_OK, UsageError, _date, _iso, run_on_store
-from gateway.config import Config, load_config
+from gateway.config import Config, LicenseSettings, load_config
 from gateway.csvrows import utc_day
-from gateway.docs import feature_titles, money
+from gateway.docs import feature_titles, fill_blocks, kb_blocks, money, plans_markdown
 from gateway.license import LicenseClaims, load_signing_key, sign_license
-from gateway.matrix import TierMatrix
+from gateway.matrix import TierMatrix, load_matrix
 from gateway.store import TenantStore
 from gateway.tenant_view import SeatView, TenantView, read_billing, reconcile, tenant_view
 
@@ -34,7 +36,19 @@ def add_parsers(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
     tenant: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
-    """Add ``migrate`` and the ``tenant show|list|reconcile`` verbs."""
+    """Add ``docs``, ``migrate`` and the ``tenant show|list|reconcile`` verbs."""
+    docs = commands.add_parser("docs", help="documents generated from tier_matrix.toml")
+    docs_verbs = docs.add_subparsers(dest="docs_command", required=True, metavar="VERB")
+    plans = docs_verbs.add_parser("plans", help="docs/plans.md: the support matrix")
+    plans.set_defaults(handler=_docs_plans)
+    kb = docs_verbs.add_parser("kb", help="the generated blocks of docs/kb/plans-and-limits.md")
+    kb.set_defaults(handler=_docs_kb)
+    for verb in (plans, kb):
+        verb.add_argument("--matrix", type=Path, default=Path("tier_matrix.toml"))
+        verb.add_argument("--check", action="store_true", help="exit 1 if --out is not current")
+    plans.add_argument("--out", type=Path, help="write here (default: print)")
+    kb.add_argument("--out", type=Path, required=True, help="the page to update in place")
+
     show = tenant.add_parser("show", help="a tenant's licenses, state and seats")
     show.add_argument("tenant_id")
     show.set_defaults(handler=_tenant_show)
@@ -63,6 +77,45 @@ def add_parsers(
     term.add_argument("--days", type=int, default=migration.DEFAULT_TERM_DAYS)
     term.add_argument("--expires", type=_date, metavar="DATE")
     migrate.add_argument("--grandfather-tier", help="the window's tier (default: the top tier)")
+
+
+# -- docs ---------------------------------------------------------------------------------------
+
+
+def _docs_plans(args: argparse.Namespace) -> int:
+    text = plans_markdown(load_matrix(args.matrix))
+    if args.out is None:
+        if args.check:
+            raise UsageError("--check needs --out (the file to compare)")
+        sys.stdout.write(text)
+        return EXIT_OK
+    return _write_or_check(args.out, text, args.check, "gateway docs plans")
+
+
+def _docs_kb(args: argparse.Namespace) -> int:
+    blocks = kb_blocks(
+        load_matrix(args.matrix),
+        grace_days=LicenseSettings().grace_days,
+        grandfather_days=migration.DEFAULT_GRANDFATHER_DAYS,
+    )
+    return _write_or_check(
+        args.out, fill_blocks(args.out.read_text(), blocks), args.check, "gateway docs kb"
+    )
+
+
+def _write_or_check(path: Path, text: str, check: bool, command: str) -> int:
+    current = path.read_text() if path.exists() else None
+    if check:
+        if current == text:
+            print(f"{path}: up to date")
+            return EXIT_OK
+        print(f"{path}: differs from tier_matrix.toml; run {command} --out {path}")
+        return EXIT_INVALID
+    if current != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"{path}: {'unchanged' if current == text else 'written'}")
+    return EXIT_OK
 
 
 # -- tenant views ---------------------------------------------------------------------------
