@@ -26,7 +26,7 @@ from gateway.cli import EXIT_INVALID, EXIT_OK, UsageError, _date, _iso, run_on_s
 from gateway.config import Config, LicenseSettings, load_config
 from gateway.csvrows import utc_day
 from gateway.docs import feature_titles, fill_blocks, kb_blocks, money, plans_markdown
-from gateway.license import LicenseClaims, load_signing_key, sign_license
+from gateway.license import LicenseClaims, Seats, load_signing_key, sign_license
 from gateway.matrix import TierMatrix, load_matrix
 from gateway.store import TenantStore
 from gateway.tenant_view import SeatView, TenantView, read_billing, reconcile, tenant_view
@@ -401,7 +401,7 @@ def _print_step(
             print(f"  done:        {'; '.join(done) or 'nothing to write'}")
 
 
-def _seats(seats: Any) -> str:
+def _seats(seats: Seats) -> str:
     return f"{seats.ops_users} Operations users / {seats.drivers} drivers"
 
 
