@@ -16,10 +16,10 @@ import argparse
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -41,6 +41,9 @@ from gateway.license import (
 )
 from gateway.matrix import APP_NAMES
 from gateway.routes import ROLES
+
+if TYPE_CHECKING:
+    from gateway.store import TenantStore
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -114,9 +117,6 @@ def _parser() -> argparse.ArgumentParser:
     tenant = commands.add_parser("tenant", help="the tenant store").add_subparsers(
         dest="tenant_command", required=True, metavar="VERB"
     )
-    show = tenant.add_parser("show", help="a tenant's licenses and state")
-    show.add_argument("tenant_id")
-    show.add_argument("--json", action="store_true")
     imported = tenant.add_parser("import", help="tenants and keys in bulk from a tenants file")
     imported.add_argument("file", type=Path)
     for verb, what in (("suspend", "suspend a tenant"), ("reinstate", "lift a suspension")):
@@ -129,7 +129,6 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("tenant_id")
     revoke.add_argument("license_id")
     for verb_parser in (
-        show,
         imported,
         *(tenant.choices[v] for v in ("suspend", "reinstate")),
         usage,
@@ -158,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true")
     report_cli.add_parsers(commands)
     routes_cli.add_parsers(commands)
+
+    from gateway import ops_cli  # here, not at the top: ops_cli imports this module
+
+    ops_cli.add_parsers(commands, tenant)
     return parser
 
 
@@ -173,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": report_cli.run,
         **routes_cli.HANDLERS,
     }
+    handler = getattr(args, "handler", None) or handlers[args.command]  # verbs of other modules
     try:
-        return handlers[args.command](args)
+        return handler(args)
     except ConfigError as exc:
         print(f"gateway: configuration invalid ({len(exc.problems)} problems):", file=sys.stderr)
         for problem in exc.problems:
@@ -189,12 +193,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tenant(args: argparse.Namespace) -> int:
+    return run_on_store(
+        load_config(args.config), lambda config, store: _tenant_verb(args, config, store)
+    )
+
+
+def run_on_store(config: Config, job: Callable[[Config, TenantStore], Awaitable[int]]) -> int:
+    """Run ``job`` on the tenant store of ``config`` (never ``memory://``, which lives inside
+    the gateway process); a store failure is exit 1 with its message."""
     import asyncio
 
     from gateway.runtime import store_url
     from gateway.store import StoreError, open_store, per_process
 
-    config = load_config(args.config)
     url = store_url(config)
     if per_process(url):
         raise UsageError(
@@ -205,7 +216,7 @@ def _tenant(args: argparse.Namespace) -> int:
     async def run() -> int:
         store = open_store(url, config.keyring)
         try:
-            return await _tenant_verb(args, config, store)
+            return await job(config, store)
         except StoreError as exc:
             print(f"gateway: {exc}", file=sys.stderr)
             return EXIT_INVALID
@@ -216,7 +227,6 @@ def _tenant(args: argparse.Namespace) -> int:
 
 
 async def _tenant_verb(args: argparse.Namespace, config: Config, store: Any) -> int:
-    from gateway.decision import current_license
     from gateway.store.seed import import_tenants, read_tenants
 
     verb = args.tenant_command
@@ -249,49 +259,7 @@ async def _tenant_verb(args: argparse.Namespace, config: Config, store: Any) -> 
         changed = await store.revoke(args.tenant_id, args.license_id)
         print(f"{args.tenant_id}: {args.license_id} revoked" if changed else "no change")
         return EXIT_OK
-    record = await store.get(args.tenant_id)
-    if record is None:
-        print(f"gateway: tenant {args.tenant_id!r} is not in the store", file=sys.stderr)
-        return EXIT_INVALID
-    now = time.time()
-    current = current_license(None, record, now, config.settings.license.clock_skew_seconds)
-    report = {
-        "tenant": record.tenant,
-        "suspended": record.suspended,
-        "revoked": sorted(record.revoked),
-        "usage": msgspec.to_builtins(record.usage),
-        "current": current.claims.jti if current else None,
-        "licenses": [
-            {
-                "license_id": lic.claims.jti,
-                "tier": lic.claims.tier,
-                "addons": list(lic.claims.addons),
-                "serial": lic.claims.serial,
-                "not_before": _iso(lic.claims.nbf),
-                "expires": _iso(lic.claims.exp),
-                "trial": lic.claims.trial,
-                "fingerprint": lic.fingerprint,
-            }
-            for lic in record.licenses
-        ],
-    }
-    if args.json:
-        print(msgspec.json.encode(report).decode())
-        return EXIT_OK
-    print(f"tenant:     {record.tenant}{'  (SUSPENDED)' if record.suspended else ''}")
-    if record.usage is not None:
-        print(f"seats used: {record.usage.ops_users} ops users, {record.usage.drivers} drivers")
-    for lic in report["licenses"]:
-        mark = "*" if lic["license_id"] == report["current"] else " "
-        addons = f" + {', '.join(lic['addons'])}" if lic["addons"] else ""
-        print(
-            f" {mark} {lic['license_id']}  {lic['tier']}{addons}  serial {lic['serial']}  "
-            f"{lic['not_before']} .. {lic['expires']}"
-        )
-    if record.revoked:
-        print(f"revoked:    {', '.join(sorted(record.revoked))}")
-    print("(* = the license in force now)")
-    return EXIT_OK
+    raise UsageError(f"unknown tenant verb {verb!r}")
 
 
 def _serve(args: argparse.Namespace) -> int:

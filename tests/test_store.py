@@ -355,6 +355,40 @@ async def test_tenants_lists_every_known_tenant_sorted(
     assert await store.tenants() == ["alpha", "beta", "mid", "zeta"]
 
 
+async def test_list_tenants_reads_every_record_as_get_would(
+    store: TenantStore, issue_key: IssueKey
+) -> None:
+    assert await store.list_tenants() == []
+    await store.put_license(issue_key(sub="zeta", tier="core", serial=1))
+    await store.put_license(issue_key(sub="zeta", tier="fleet", serial=4, jti="zeta-4"))
+    await store.revoke("zeta", "zeta-4")
+    await store.set_suspended("alpha", True)
+    await store.set_usage("beta", 2, 7)
+    await store.revoke("mid", "lic-9")
+    await store.import_classic_key("classic-only", "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY")
+
+    listed = await store.list_tenants()
+    assert [record.tenant for record in listed] == ["alpha", "beta", "mid", "zeta"]
+    assert listed == [await store.get(tenant) for tenant in await store.tenants()]
+    zeta = listed[-1]
+    assert [lic.claims.serial for lic in zeta.licenses] == [4, 1]
+    assert zeta.revoked == frozenset({"zeta-4"}) and not zeta.suspended
+    assert listed[0].suspended and listed[1].usage == Seats(ops_users=2, drivers=7)
+
+
+async def test_list_tenants_reads_more_tenants_than_one_batch(
+    store: TenantStore, issue_key: IssueKey
+) -> None:
+    from gateway.store.redis_store import LIST_BATCH
+
+    names = [f"t{index:04d}" for index in range(LIST_BATCH + 3)]
+    for name in names:
+        await store.set_usage(name, 1, 2)
+    listed = await store.list_tenants()
+    assert [record.tenant for record in listed] == names
+    assert {record.usage for record in listed} == {Seats(ops_users=1, drivers=2)}
+
+
 async def test_changes_name_the_tenant_of_every_write(
     store: TenantStore, issue_key: IssueKey
 ) -> None:

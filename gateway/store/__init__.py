@@ -91,6 +91,11 @@ class TenantStore(abc.ABC):
         """Every tenant id the store knows (for the CLI)."""
 
     @abc.abstractmethod
+    async def list_tenants(self) -> list[TenantRecord]:
+        """Every tenant's record, by tenant id (``gateway tenant list``, reconciliation):
+        what ``get`` would answer for each id of ``tenants()``, read in bulk."""
+
+    @abc.abstractmethod
     def changes(self) -> AsyncIterator[str]:
         """Tenant ids as they change, from this process and (Redis) every other one."""
 

@@ -35,10 +35,11 @@ class MemoryStore(TenantStore):
 
     async def get(self, tenant: str) -> TenantRecord | None:
         record = self._records.get(tenant)
-        if record is None:
-            return None
-        tokens = [token for _, token in self._tokens.get(tenant, ())]
-        return msgspec.structs.replace(record, licenses=self.keys.licenses(tenant, tokens))
+        return None if record is None else self._with_licenses(record)
+
+    def _with_licenses(self, record: TenantRecord) -> TenantRecord:
+        tokens = [token for _, token in self._tokens.get(record.tenant, ())]
+        return msgspec.structs.replace(record, licenses=self.keys.licenses(record.tenant, tokens))
 
     async def put_license(self, token: str) -> License | None:
         lic = self.keys.verify(token)
@@ -85,6 +86,9 @@ class MemoryStore(TenantStore):
 
     async def tenants(self) -> list[str]:
         return sorted(self._records)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        return [self._with_licenses(self._records[tenant]) for tenant in sorted(self._records)]
 
     def changes(self) -> AsyncIterator[str]:
         return self._changes.subscribe()

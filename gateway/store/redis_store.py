@@ -56,6 +56,7 @@ BACKOFF_START = 0.05  # the subscription's reconnect backoff, after a first retr
 BACKOFF_MAX = 0.5
 HEARTBEAT_SECONDS = 5.0  # a silent subscription is PINGed; no answer within this → reconnect
 POLL_SECONDS = 0.5  # how often a waiting changes() iterator looks at the clock and close()
+LIST_BATCH = 500  # tenants read per pipeline by list_tenants()
 
 # KEYS: licenses, tenants. ARGV: serial, token, tenant, channel.
 PUT_LICENSE = """
@@ -173,6 +174,11 @@ class RedisStore(TenantStore):
                 known, tokens, state, revoked = await pipe.execute()
         if not known:
             return None
+        return self._record(tenant, tokens, state, revoked)
+
+    def _record(
+        self, tenant: str, tokens: list[str], state: dict[str, str], revoked: set[str]
+    ) -> TenantRecord:
         return TenantRecord(
             tenant,
             suspended=state.get("suspended") == "1",
@@ -180,6 +186,24 @@ class RedisStore(TenantStore):
             licenses=self.keys.licenses(tenant, tokens),
             usage=_usage(state),
         )
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        records: list[TenantRecord] = []
+        tenants = await self.tenants()
+        with self._errors("list_tenants"):
+            # Pipelined in batches: a round trip per batch, and no reply too large to buffer.
+            for start in range(0, len(tenants), LIST_BATCH):
+                batch = tenants[start : start + LIST_BATCH]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for tenant in batch:
+                        pipe.zrevrange(self._key("lic", tenant), 0, -1)
+                        pipe.hgetall(self._key("state", tenant))
+                        pipe.smembers(self._key("revoked", tenant))
+                    replies = await pipe.execute()
+                for index, tenant in enumerate(batch):
+                    tokens, state, revoked = replies[3 * index : 3 * index + 3]
+                    records.append(self._record(tenant, tokens, state, revoked))
+        return records
 
     async def is_classic_key(self, key: str) -> bool:
         with self._errors("is_classic_key"):

@@ -218,8 +218,50 @@ class SqliteStore(TenantStore):
                     "SELECT license_id FROM revoked WHERE tenant = ?", (tenant,)
                 )
             )
+        return self._record(tenant, (suspended, ops_users, drivers), tokens, revoked)
+
+    def _record(
+        self,
+        tenant: str,
+        state: tuple[int, int | None, int | None],
+        tokens: list[str],
+        revoked: frozenset[str],
+    ) -> tuple[TenantRecord, list[str]]:
+        """The record without its licenses, and its stored keys (verified on the loop)."""
+        suspended, ops_users, drivers = state
         usage = None if ops_users is None or drivers is None else Seats(ops_users, drivers)
         return TenantRecord(tenant, suspended=bool(suspended), revoked=revoked, usage=usage), tokens
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        rows = await self._run("list_tenants", self._list)
+        return [
+            msgspec.structs.replace(record, licenses=self.keys.licenses(record.tenant, tokens))
+            for record, tokens in rows
+        ]
+
+    def _list(self, conn: sqlite3.Connection) -> list[tuple[TenantRecord, list[str]]]:
+        """Three scans in one read transaction, instead of three queries per tenant."""
+        tokens: dict[str, list[str]] = {}
+        revoked: dict[str, set[str]] = {}
+        with _transaction(conn, "BEGIN"):
+            states = conn.execute(
+                "SELECT tenant, suspended, ops_users, drivers FROM tenants ORDER BY tenant"
+            ).fetchall()
+            for tenant, token in conn.execute(
+                "SELECT tenant, token FROM licenses ORDER BY tenant, serial DESC"
+            ):
+                tokens.setdefault(tenant, []).append(token)
+            for tenant, license_id in conn.execute("SELECT tenant, license_id FROM revoked"):
+                revoked.setdefault(tenant, set()).add(license_id)
+        return [
+            self._record(
+                tenant,
+                (suspended, ops_users, drivers),
+                tokens.get(tenant, []),
+                frozenset(revoked.get(tenant, ())),
+            )
+            for tenant, suspended, ops_users, drivers in states
+        ]
 
     async def is_classic_key(self, key: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
