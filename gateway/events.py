@@ -32,6 +32,7 @@ EVENT_KINDS = (
     "upgrade_complete",
     "license_invalid",
     "seat_overage",
+    "seat_warning",
     "license_expiring",
 )
 
