@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
         revoke,
     ):
         verb_parser.add_argument("--config", type=Path, default=Path("gateway.toml"))
+    from gateway import seats_cli  # here, not at the top: it imports this module
+
+    seats_cli.add_parsers(commands, tenant)
 
     serve = commands.add_parser("serve", help="run the gateway (listeners + admin)")
     serve.add_argument("--config", type=Path, default=Path("gateway.toml"))
@@ -167,8 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "tenant": _tenant,
     }
+    handler = getattr(args, "handler", None) or handlers[args.command]
     try:
-        return handlers[args.command](args)
+        return handler(args)
     except ConfigError as exc:
         print(f"gateway: configuration invalid ({len(exc.problems)} problems):", file=sys.stderr)
         for problem in exc.problems:
@@ -183,12 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tenant(args: argparse.Namespace) -> int:
+    return with_store(args.config, lambda config, store: _tenant_verb(args, config, store))
+
+
+def with_store(config_path: Path, job: Callable[[Config, Any], Awaitable[int]]) -> int:
+    """Run ``job`` with the store ``gateway.toml`` names (one a CLI can share with the
+    gateway: not ``memory://``); a store failure is exit 1 with the reason."""
     import asyncio
 
     from gateway.runtime import store_url
     from gateway.store import StoreError, open_store, per_process
 
-    config = load_config(args.config)
+    config = load_config(config_path)
     url = store_url(config)
     if per_process(url):
         raise UsageError(
@@ -199,7 +209,7 @@ def _tenant(args: argparse.Namespace) -> int:
     async def run() -> int:
         store = open_store(url, config.keyring)
         try:
-            return await _tenant_verb(args, config, store)
+            return await job(config, store)
         except StoreError as exc:
             print(f"gateway: {exc}", file=sys.stderr)
             return EXIT_INVALID
