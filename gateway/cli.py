@@ -135,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
         revoke,
     ):
         verb_parser.add_argument("--config", type=Path, default=Path("gateway.toml"))
+    from gateway import seats_cli  # here, not at the top: it imports this module
+
+    seats_cli.add_parsers(commands, tenant)
 
     serve = commands.add_parser("serve", help="run the gateway (listeners + admin)")
     serve.add_argument("--config", type=Path, default=Path("gateway.toml"))

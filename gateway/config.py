@@ -116,6 +116,19 @@ class EntitlementsApi(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefix: str = "/_entitlements"
 
 
+class SeatSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[seats]``: how Operations users and drivers are counted (README "Seats and usage")."""
+
+    # "recorded": seats in use are what `gateway tenant usage` recorded (checked on routes
+    # with a quota); "active_users": every distinct user seen within the window holds one.
+    mode: Literal["recorded", "active_users"] = "recorded"
+    window_days: int = 30
+    overage: float = 1.25  # new users allowed up to floor(included × overage), with a warning
+    tier_overage: dict[str, float] = msgspec.field(default_factory=dict)
+    warning_ratio: float = 0.9  # seat_warning once per window at this share of included
+    client_header: str | None = None  # names the API client in usage metering
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     apps: dict[AppName, AppSettings]
     files: Files = Files()
@@ -126,6 +139,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     access_log: AccessLogSettings = AccessLogSettings()
     entitlements: EntitlementsApi = EntitlementsApi()
     server: ServerSettings = ServerSettings()
+    seats: SeatSettings = SeatSettings()
 
 
 class Config:
@@ -152,6 +166,7 @@ class Config:
             grace_seconds=settings.license.grace_days * 86400,
             clock_skew_seconds=settings.license.clock_skew_seconds,
             upgrade_url=f"{settings.entitlements.prefix}/ui",
+            seat_mode=settings.seats.mode,
         )
 
     def resolve(self, relative: str) -> Path:
@@ -168,6 +183,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "access_log": AccessLogSettings,
     "entitlements": EntitlementsApi,
     "server": ServerSettings,
+    "seats": SeatSettings,
 }
 
 
@@ -283,6 +299,7 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
             "expected memory://, sqlite:///path, redis://host:port/db or rediss:// (TLS)",
             header="[store]",
         )
+    _check_seats(doc, settings.seats)
     _check_spools(doc, settings)
 
 
@@ -314,6 +331,20 @@ def _positive(value: float) -> bool:
     return value > 0 and math.isfinite(value)
 
 
+def _check_seats(doc: TomlDocument, seats: SeatSettings) -> None:
+    if seats.window_days < 1:
+        doc.problem("seats.window_days", "must be at least 1", header="[seats]")
+    for key, overage in [("overage", seats.overage)] + [
+        (f"tier_overage.{tier}", value) for tier, value in seats.tier_overage.items()
+    ]:
+        if not 1.0 <= overage <= 100.0:
+            doc.problem(f"seats.{key}", "must be between 1.0 and 100", header="[seats]")
+    if not 0.0 < seats.warning_ratio <= 1.0:
+        doc.problem("seats.warning_ratio", "must be above 0 and at most 1", header="[seats]")
+    if seats.client_header is not None and not _HEADER.match(seats.client_header):
+        doc.problem("seats.client_header", "not a valid header name", header="[seats]")
+
+
 def load_config(path: Path) -> Config:
     """Load ``gateway.toml`` and the files it names; ``ConfigError`` lists every problem
     in every file (a broken file never hides the problems of another)."""
@@ -342,6 +373,17 @@ def load_config(path: Path) -> Config:
         keyring = KeyRing.load(base / public_keys)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    if settings is not None and matrix is not None:
+        for tier in settings.seats.tier_overage:
+            if tier not in matrix.tiers:
+                problems.append(
+                    ConfigProblem(
+                        doc.name,
+                        f"seats.tier_overage.{tier}",
+                        f"unknown tier {tier!r} (known: {', '.join(matrix.tiers)})",
+                        doc.line_of("[seats]"),
+                    )
+                )
     if problems or settings is None or matrix is None or routes is None or keyring is None:
         raise ConfigError(problems)
     return Config(path.resolve(), settings, matrix, routes, keyring)

@@ -83,6 +83,9 @@ class Policy(msgspec.Struct, frozen=True):
     grace_seconds: int = 7 * 86400
     clock_skew_seconds: int = 300
     upgrade_url: str = "/_entitlements/ui"
+    # "active_users": seats are counted by the gateway (gateway.seats), not from the
+    # usage an operator recorded, so the recorded check below is skipped.
+    seat_mode: Literal["recorded", "active_users"] = "recorded"
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -100,6 +103,7 @@ class Decision(msgspec.Struct, frozen=True):
     entitlement: Entitlement | None = None
     license: License | None = None
     warning: str | None = None  # X-License-Warning
+    seats: Seats | None = None  # the license's seats claim in force (None: the tier's)
 
     @property
     def title(self) -> str:
@@ -232,7 +236,13 @@ def decide(
             license=lic,
             warning=warning,
         )
-    if route is not None and route.quota is not None and tenant is not None and tenant.usage:
+    if (
+        policy.seat_mode == "recorded"
+        and route is not None
+        and route.quota is not None
+        and tenant is not None
+        and tenant.usage
+    ):
         limit = getattr(seats or matrix.tiers[tier].quotas, route.quota)
         used = getattr(tenant.usage, route.quota)
         if used >= limit:
@@ -255,6 +265,7 @@ def decide(
         entitlement=entitlement,
         license=lic,
         warning=warning,
+        seats=seats,
     )
 
 

@@ -32,6 +32,7 @@ from gateway.store import StoreError, TenantStore
 
 TOLERANCE_SECONDS = 300
 MAX_BODY_BYTES = 64 * 1024
+MAX_EXTRA_SEATS = 1_000_000
 
 # Strict, ASCII-only forms: str.isdigit() accepts "²" (which int() then refuses) and
 # hmac.compare_digest() raises on non-ASCII str, so anything looser is a 500 waiting.
@@ -53,10 +54,12 @@ class ProvisionError(Exception):
 
 class ProvisionEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_id: str
-    action: Literal["license", "suspend", "reinstate", "revoke"]
+    action: Literal["license", "suspend", "reinstate", "revoke", "seats"]
     tenant: str
     key: str | None = None  # action "license"
     license_id: str | None = None  # action "revoke"
+    ops_users: int | None = None  # action "seats": extra seats bought, on top of the plan's
+    drivers: int | None = None
 
 
 def sign(secret: bytes, body: bytes, timestamp: int) -> str:
@@ -135,6 +138,12 @@ def parse_event(body: bytes) -> ProvisionEvent:
         raise ProvisionError(400, "bad_body", "action license needs a key", "key")
     if event.action == "revoke" and not event.license_id:
         raise ProvisionError(400, "bad_body", "action revoke needs a license_id", "license_id")
+    if event.action == "seats":
+        for field, value in (("ops_users", event.ops_users), ("drivers", event.drivers)):
+            if value is None or not 0 <= value <= MAX_EXTRA_SEATS:
+                raise ProvisionError(
+                    400, "bad_body", f"action seats needs 0..{MAX_EXTRA_SEATS}", field
+                )
     return event
 
 
@@ -175,6 +184,10 @@ async def _apply(
     if event.action == "revoke":
         assert event.license_id is not None
         return await store.revoke(event.tenant, event.license_id)
+    if event.action == "seats":
+        assert event.ops_users is not None and event.drivers is not None
+        await store.set_extra_seats(event.tenant, event.ops_users, event.drivers)
+        return True
     assert event.key is not None
     try:
         new = keyring.verify(event.key)  # before anything is stored

@@ -32,8 +32,10 @@ from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
+from gateway.seats import SeatBook
 from gateway.store import StoreError, TenantStore, open_store, per_process
 from gateway.store.seed import import_tenants, read_tenants
+from gateway.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,9 @@ class Runtime:
         if settings.store.seed is not None:
             await self._seed(config.resolve(settings.store.seed))
         self.shared = Shared(config, self.metrics, self.events, self.store)
+        # Seat holders and usage counts ([seats], README "Seats and usage").
+        self.seats = SeatBook(self.store, settings.seats, self.metrics)
+        self.usage = UsageMeter(self.store, self.metrics)
         self._remember_mtimes()
         lic = settings.license
         loop = asyncio.get_running_loop()
@@ -155,6 +160,7 @@ class Runtime:
         )
         self._tasks.append(loop.create_task(self._follow_store(), name="store-changes"))
         self._tasks.append(loop.create_task(self._flush_metrics(), name="metrics"))
+        self._tasks.append(loop.create_task(self.usage.run(), name="usage"))
         for pool in self.pools.values():
             await pool.probe()
         self.started = True
@@ -207,6 +213,7 @@ class Runtime:
         a change made through any instance of the fleet)."""
         async for tenant in self.store.changes():
             self.shared.tenants.invalidate(tenant)
+            self.seats.invalidate(tenant)
 
     # ------------------------------------------------------------------ reload
     def _watched(self) -> list[Path]:
@@ -303,6 +310,7 @@ class Runtime:
                     await task
         self.metrics.flush()
         self.events.close()
+        await self.usage.close()  # the last counts (kept in memory if the store is down)
         await self.store.close()
         self._stopped.set()
 

@@ -7,7 +7,9 @@
 * Ed25519 verification cold (``KeyRing.verify``) vs a cache hit (``LicenseCache.resolve``);
 * a flood of distinct invalid keys mixed 1:1 into valid traffic through ``Enforcer.check``:
   how much valid-request throughput is lost compared with no flood;
-* RSS of a fresh process before and after caching 100,000 tenant licenses.
+* RSS of a fresh process before and after caching 100,000 tenant licenses;
+* the seat holder check (``SeatBook.check`` for a known holder, 10,000 holders cached) and
+  the usage count (``UsageMeter.count``) that an allowed request adds.
 
 Timings are ``time.perf_counter_ns`` loops; each figure is the median of several rounds.
 ``bench.py`` runs this (pinned to CPU 0) and puts the results into ``RESULTS.md``.
@@ -485,6 +487,56 @@ def bench_flood(
     return out
 
 
+def bench_seats(rounds: int, calls: int) -> dict[str, dict[str, float]]:
+    """``SeatBook.check`` for known holders (2,000 tenants × 5 users cached) and
+    ``UsageMeter.count``, each in a plain loop; the same loop calling a no-op function of
+    the same arity is measured too, so the figures can be read net of the loop."""
+    from gateway.config import SeatSettings
+    from gateway.license import KeyRing
+    from gateway.matrix import load_matrix
+    from gateway.seats import KNOWN, SeatBook
+    from gateway.store import open_store
+    from gateway.usage import UsageMeter
+
+    store = open_store("memory://", KeyRing({}))
+    book = SeatBook(store, SeatSettings(mode="active_users"))
+    matrix = load_matrix(REPO / "tier_matrix.toml")
+    now = time.time()
+    holders = [(f"tenant-{t:04d}", f"user-{u}") for t in range(2_000) for u in range(5)]
+
+    async def admit_all() -> None:
+        for tenant, user in holders:
+            await book.admit(
+                tenant, "ops_users", user, matrix=matrix, tier="fleet", seats=None, now=now
+            )
+
+    asyncio.run(admit_all())
+    rng = random.Random(7)
+    items = [rng.choice(holders) for _ in range(calls)]
+    if any(book.check(t, "ops_users", u, now) != KNOWN for t, u in items):
+        raise SystemExit("micro: seats: a holder was not known")
+    meter = UsageMeter(store)  # called as (tenant, feature, client, now): the same shape
+    check, count = book.check, meter.count
+
+    def noop(_a: str, _b: str, _c: str, _d: float) -> None:
+        return None
+
+    def loop(fn: Callable[[str, str, str, float], object]) -> float:
+        start = time.perf_counter_ns()
+        for tenant, user in items:
+            fn(tenant, "ops_users", user, now)
+        return (time.perf_counter_ns() - start) / len(items) / 1000
+
+    samples: dict[str, list[float]] = {"check": [], "count": [], "loop": []}
+    for fn in (check, count, noop):  # warm up, untimed
+        loop(fn)
+    for _ in range(rounds):
+        samples["check"].append(loop(check))
+        samples["count"].append(loop(count))
+        samples["loop"].append(loop(noop))
+    return {name: summary(values) for name, values in samples.items()}
+
+
 def bench_rss(count: int) -> dict[str, Any]:
     """Run the RSS measurement in a fresh interpreter (so nothing else is in its heap)."""
     done = subprocess.run(
@@ -565,6 +617,7 @@ def run(quick: bool) -> dict[str, Any]:
         results["kinds"] = bench_kinds(world, tokens, rounds, calls)
         results["ed25519"] = bench_ed25519(world, tokens["fleet"], rounds)
         results["flood"] = bench_flood(world, tokens["fleet"], rounds, 600 if quick else 2_000)
+        results["seats"] = bench_seats(rounds, calls)
         world.events.close()
     results["rss"] = bench_rss(20_000 if quick else 100_000)
     return results
@@ -635,6 +688,22 @@ def render(results: dict[str, Any]) -> str:
             f"{loss['median'] * 100:.1f} % ({loss['min'] * 100:.1f}–{loss['max'] * 100:.1f}) | "
             f"{row['invalid_us']:.1f} µs |"
         )
+    seats = results["seats"]
+    loop = seats["loop"]["median"]
+    lines += [
+        "",
+        "**Seats and usage** — what an allowed request from a known seat holder adds: "
+        "`SeatBook.check` (10,000 holders cached) and `UsageMeter.count`, each in a plain "
+        "loop; net = minus the same loop calling a no-op of the same arity:",
+        "",
+        "| call | µs per call | net of the loop |",
+        "|---|---|---:|",
+        f"| `SeatBook.check` (known holder) | {_us(seats['check'])} | "
+        f"{seats['check']['median'] - loop:.3f} µs |",
+        f"| `UsageMeter.count` | {_us(seats['count'])} | "
+        f"{seats['count']['median'] - loop:.3f} µs |",
+        f"| no-op call (the loop) | {_us(seats['loop'])} | — |",
+    ]
     rss = results["rss"]
     delta = rss["rss_after_kib"] - rss["rss_before_kib"]
     lines += [

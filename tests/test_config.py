@@ -97,6 +97,9 @@ def test_every_key_but_listen_and_upstream_has_a_default(tmp_path: Path) -> None
     assert lic.classic_key_pattern == DEFAULT_CLASSIC_PATTERN
     assert lic.grace_days == 7
     assert settings.entitlements.prefix == "/_entitlements"
+    seats = settings.seats
+    assert (seats.mode, seats.window_days, seats.overage) == ("recorded", 30, 1.25)
+    assert (seats.tier_overage, seats.warning_ratio, seats.client_header) == ({}, 0.9, None)
 
 
 def test_relative_paths_resolve_against_the_file_folder(
@@ -301,12 +304,49 @@ def test_check_refuses_server_timeouts_and_limits_that_are_not_positive(
         pytest.param('sink = "stdout:"', 'sink = "kafka://events"', "events.sink", id="sink"),
         pytest.param("grace_days = 7", "grace_days = -1", "license", id="negative-grace"),
         pytest.param("", '\n[entitlements]\nprefix = "ent"\n', "entitlements.prefix", id="prefix"),
+        pytest.param("", "\n[seats]\nwindow_days = 0\n", "seats.window_days", id="seat-window"),
+        pytest.param("", "\n[seats]\noverage = 0.8\n", "seats.overage", id="seat-overage"),
+        pytest.param(
+            "",
+            "\n[seats]\ntier_overage = { fleet = 0.5 }\n",
+            "seats.tier_overage.fleet",
+            id="tier-overage",
+        ),
+        pytest.param(
+            "", "\n[seats]\nwarning_ratio = 1.5\n", "seats.warning_ratio", id="warning-ratio"
+        ),
+        pytest.param(
+            "", '\n[seats]\nclient_header = "X Client"\n', "seats.client_header", id="client"
+        ),
+        pytest.param("", '\n[seats]\nmode = "per_seat"\n', "seats.mode", id="seat-mode"),
+        pytest.param(
+            "",
+            "\n[seats]\ntier_overage = { platinum = 1.5 }\n",
+            "seats.tier_overage.platinum",
+            id="unknown-tier",
+        ),
     ],
 )
 def test_bad_values_name_the_key(config_dir: Path, old: str, new: str, key: str) -> None:
     path = edit(config_dir, "gateway.toml", old, new)
     (problem,) = config_problems(path)
     assert (problem.file, problem.key) == (str(path), key)
+
+
+def test_seats_section(config_dir: Path) -> None:
+    path = edit(
+        config_dir,
+        "gateway.toml",
+        "",
+        '\n[seats]\nmode = "active_users"\nwindow_days = 14\noverage = 1.5\n'
+        'tier_overage = { core = 1.0 }\nwarning_ratio = 0.8\nclient_header = "X-Client-Id"\n',
+    )
+    config = load_config(path)
+    seats = config.settings.seats
+    assert (seats.mode, seats.window_days, seats.overage) == ("active_users", 14, 1.5)
+    assert (seats.tier_overage, seats.warning_ratio) == ({"core": 1.0}, 0.8)
+    assert seats.client_header == "X-Client-Id"
+    assert config.policy.seat_mode == "active_users"
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from gateway.decision import (
@@ -750,6 +751,29 @@ def test_seat_limits(
 def test_no_usage_known_means_no_seat_check(run: Decide) -> None:
     assert run(ADD_USER, make_license(tier="core"), tenant_record(), role="owner").allowed
     assert run(ADD_USER, make_license(tier="core"), None, role="owner").allowed
+
+
+def test_active_users_mode_leaves_seats_to_the_seat_book(
+    policy: Policy, route_table: RouteTable
+) -> None:
+    """With seats counted by the gateway, usage an operator recorded limits nothing here;
+    the allowed decision carries the license's seats claim for the seat book."""
+    counted = msgspec.structs.replace(policy, seat_mode="active_users")
+    app, method, path = ADD_USER
+    found = route_table.match(app, method, path)
+    full = tenant_record(usage=Seats(99, 99))
+    for seats in (None, Seats(2, 3)):
+        lic = make_license(tier="core", seats=seats)
+        decision = decide(counted, found, "deny", lic, full, "owner", NOW)
+        assert decision.allowed and decision.seats == seats
+        recorded = decide(policy, found, "deny", lic, full, "owner", NOW)
+        assert_denied(recorded, "seat_limit_exceeded", 429)
+
+
+def test_restricted_license_loses_its_seats_claim(run: Decide) -> None:
+    lic = make_license(tier="fleet", seats=Seats(20, 20), exp=NOW - 30 * DAY)
+    decision = run(ACCOUNT, lic)
+    assert decision.allowed and (decision.tier, decision.seats) == ("core", None)
 
 
 def test_seat_limit_detail(run: Decide) -> None:

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from gateway.cli import main
+from gateway.license import Seats
 from gateway.matrix import APP_NAMES
 from gateway.provision import ProvisionError, parse_event, sign, verify_signature
 from tests.conftest import IssueKey
@@ -151,6 +152,21 @@ def test_a_malformed_signature_header_is_a_401_not_an_error(header: str) -> None
             b'{"event_id": "", "action": "suspend", "tenant": "a"}', "event_id", id="empty"
         ),
         pytest.param(b'{"event_id": 7, "action": "suspend", "tenant": "a"}', "event_id", id="type"),
+        pytest.param(
+            b'{"event_id": "e", "action": "seats", "tenant": "a", "drivers": 2}',
+            "ops_users",
+            id="seats-without-ops-users",
+        ),
+        pytest.param(
+            b'{"event_id": "e", "action": "seats", "tenant": "a", "ops_users": 1, "drivers": -1}',
+            "drivers",
+            id="negative-seats",
+        ),
+        pytest.param(
+            b'{"event_id": "e", "action": "seats", "tenant": "a", "ops_users": "1", "drivers": 1}',
+            "ops_users",
+            id="seats-not-a-number",
+        ),
     ],
 )
 def test_bad_bodies_name_the_field(body: bytes, field: str) -> None:
@@ -237,6 +253,19 @@ async def test_upgrade_complete_names_the_tier_the_decision_was_serving(
         if e["event"] == "upgrade_complete"
     ]
     assert upgrades == [(None, "core"), ("core", "fleet"), ("core", "fleet")]
+
+
+async def test_extra_seats_bought_through_billing(gateway: Gateway) -> None:
+    store = gateway.runtime.store
+    async with aiohttp.ClientSession() as session:
+        bought = event("seats", ops_users=3, drivers=10)
+        assert await provision(session, gateway, bought) == (200, {"applied": True})
+        assert await provision(session, gateway, bought) == (200, {"applied": False})
+        assert await store.extra_seats("acme") == Seats(ops_users=3, drivers=10)
+        # The next purchase replaces the numbers (billing sends the totals bought).
+        fewer = event("seats", ops_users=0, drivers=4)
+        assert await provision(session, gateway, fewer) == (200, {"applied": True})
+        assert await store.extra_seats("acme") == Seats(ops_users=0, drivers=4)
 
 
 async def test_provisioning_refusals(

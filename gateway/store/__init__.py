@@ -1,4 +1,5 @@
-"""The tenant store: current licenses, suspensions and revocations per tenant (DESIGN §7).
+"""The tenant store: current licenses, suspensions and revocations per tenant (DESIGN §7),
+and the seats and usage counted by the gateway (README "Seats and usage").
 
 One interface, engines chosen by URL (``open_store``), like uvicorn's ``LOOP_FACTORIES``:
 ``memory://`` (tests, demos), ``sqlite:///path`` (the embedded default) and
@@ -20,13 +21,16 @@ import abc
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import cachetools
+import msgspec
 
 from gateway.decision import TenantRecord
 from gateway.errors import LicenseError
-from gateway.license import KeyRing, License
+from gateway.license import KeyRing, License, Seats
+from gateway.routes import QuotaName
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,41 @@ VERDICTS_SIZE = 100_000  # stored keys whose verdict is remembered (like the ten
 
 class StoreError(Exception):
     """The store could not answer (unreachable, timed out); never a reason to revoke."""
+
+
+SeatKind = QuotaName  # "ops_users" (the Operations app) or "drivers" (the Driver App)
+
+
+class SeatAdmission(NamedTuple):
+    """What ``admit_seat`` did: ``admitted`` (the user holds a seat now), ``new`` (the user
+    held none before this call) and ``used`` (seats held after it)."""
+
+    admitted: bool
+    new: bool
+    used: int
+
+
+class SeatHolder(msgspec.Struct, frozen=True):
+    user: str
+    last_seen: float  # unix seconds
+
+
+class UsageCount(msgspec.Struct, frozen=True, order=True):
+    """Allowed calls of one tenant in one minute, per feature and API client."""
+
+    tenant: str
+    minute: int  # unix seconds at the start of the minute (a multiple of 60)
+    feature: str  # "" for an ungated route
+    client: str  # "" when the request named no client
+    calls: int
+
+
+def by_last_seen(holders: list[SeatHolder]) -> list[SeatHolder]:
+    """Most recently seen first (then by user id, so the order is stable)."""
+    return sorted(holders, key=lambda holder: (-holder.last_seen, holder.user))
+
+
+USAGE_RETENTION_SECONDS = 400 * 86400  # a year of monthly invoices, and a margin
 
 
 class TenantStore(abc.ABC):
@@ -98,6 +137,53 @@ class TenantStore(abc.ABC):
     @abc.abstractmethod
     def changes(self) -> AsyncIterator[str]:
         """Tenant ids as they change, from this process and (Redis) every other one."""
+
+    # -- seats and usage (README "Seats and usage") ----------------------------------------
+    #
+    # Fail-static: like every method these raise ``StoreError`` when the backend cannot
+    # answer, and the caller then ADMITS the user (``gateway.seats.SeatBook.admit``): an
+    # outage never blocks anyone; the user is counted at a request after the store is back.
+
+    @abc.abstractmethod
+    async def admit_seat(
+        self, tenant: str, kind: SeatKind, user: str, now: float, window: float, hard_limit: int
+    ) -> SeatAdmission:
+        """One atomic step, against every instance sharing the store: forget the holders of
+        ``kind`` last seen ``window`` seconds or more before ``now``; then a holder is
+        admitted (last seen: ``now``), a new user takes a seat while fewer than
+        ``hard_limit`` are held, and is refused otherwise. Raises ``StoreError`` (the
+        caller admits: fail-static)."""
+
+    @abc.abstractmethod
+    async def seat_holders(
+        self, tenant: str, kind: SeatKind, now: float, window: float
+    ) -> list[SeatHolder]:
+        """Holders seen within ``window`` seconds before ``now``, most recent first."""
+
+    @abc.abstractmethod
+    async def release_seat(self, tenant: str, kind: SeatKind, user: str) -> bool:
+        """Free one user's seat; True if the user held one. Names the tenant on
+        ``changes()``, so holder caches drop the tenant."""
+
+    @abc.abstractmethod
+    async def set_extra_seats(self, tenant: str, ops_users: int, drivers: int) -> None:
+        """Seats bought on top of the plan's (billing's ``seats`` action); replaces the
+        previous numbers. Names the tenant on ``changes()``."""
+
+    @abc.abstractmethod
+    async def extra_seats(self, tenant: str) -> Seats | None:
+        """The extra seats bought, or None if none were ever set."""
+
+    @abc.abstractmethod
+    async def add_usage(self, batch: Sequence[UsageCount]) -> None:
+        """Add each count to its (tenant, minute, feature, client) bucket, in one step."""
+
+    @abc.abstractmethod
+    async def usage(
+        self, tenant: str, since: float, until: float | None = None
+    ) -> list[UsageCount]:
+        """The tenant's buckets with ``since <= minute < until``, by minute, feature,
+        client. Buckets older than ``USAGE_RETENTION_SECONDS`` may be gone."""
 
     async def ping(self) -> bool:
         """True when the backend answers."""

@@ -5,13 +5,22 @@ against all three)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 
 from gateway.decision import TenantRecord
 from gateway.license import KeyRing, License, Seats
-from gateway.store import LocalChanges, StoredKeys, TenantStore
+from gateway.store import (
+    LocalChanges,
+    SeatAdmission,
+    SeatHolder,
+    SeatKind,
+    StoredKeys,
+    TenantStore,
+    UsageCount,
+    by_last_seen,
+)
 
 
 class MemoryStore(TenantStore):
@@ -25,6 +34,9 @@ class MemoryStore(TenantStore):
         self._events: set[str] = set()
         self._classic: dict[str, str] = {}
         self._changes = LocalChanges()
+        self._seats: dict[tuple[str, SeatKind], dict[str, float]] = {}  # user -> last seen
+        self._extra: dict[str, Seats] = {}
+        self._usage: dict[tuple[str, int, str, str], int] = {}
 
     def _record(self, tenant: str) -> TenantRecord:
         return self._records.get(tenant) or TenantRecord(tenant)
@@ -92,3 +104,59 @@ class MemoryStore(TenantStore):
 
     def changes(self) -> AsyncIterator[str]:
         return self._changes.subscribe()
+
+    # -- seats and usage (no await inside: each call is atomic on the event loop) -------------
+
+    def _holders(self, tenant: str, kind: SeatKind, now: float, window: float) -> dict[str, float]:
+        holders = self._seats.setdefault((tenant, kind), {})
+        cutoff = now - window
+        for user in [user for user, seen in holders.items() if seen <= cutoff]:
+            del holders[user]
+        return holders
+
+    async def admit_seat(
+        self, tenant: str, kind: SeatKind, user: str, now: float, window: float, hard_limit: int
+    ) -> SeatAdmission:
+        holders = self._holders(tenant, kind, now, window)
+        seen = holders.get(user)
+        if seen is not None:
+            holders[user] = max(seen, now)
+            return SeatAdmission(True, False, len(holders))
+        if len(holders) >= hard_limit:
+            return SeatAdmission(False, True, len(holders))
+        holders[user] = now
+        return SeatAdmission(True, True, len(holders))
+
+    async def seat_holders(
+        self, tenant: str, kind: SeatKind, now: float, window: float
+    ) -> list[SeatHolder]:
+        holders = self._holders(tenant, kind, now, window)
+        return by_last_seen([SeatHolder(user, seen) for user, seen in holders.items()])
+
+    async def release_seat(self, tenant: str, kind: SeatKind, user: str) -> bool:
+        held = self._seats.get((tenant, kind), {}).pop(user, None) is not None
+        if held:
+            self._changes.publish(tenant)
+        return held
+
+    async def set_extra_seats(self, tenant: str, ops_users: int, drivers: int) -> None:
+        self._extra[tenant] = Seats(ops_users, drivers)
+        self._changes.publish(tenant)
+
+    async def extra_seats(self, tenant: str) -> Seats | None:
+        return self._extra.get(tenant)
+
+    async def add_usage(self, batch: Sequence[UsageCount]) -> None:
+        for count in batch:
+            key = (count.tenant, count.minute, count.feature, count.client)
+            self._usage[key] = self._usage.get(key, 0) + count.calls
+
+    async def usage(
+        self, tenant: str, since: float, until: float | None = None
+    ) -> list[UsageCount]:
+        end = float("inf") if until is None else until
+        return sorted(
+            UsageCount(owner, minute, feature, client, calls)
+            for (owner, minute, feature, client), calls in self._usage.items()
+            if owner == tenant and since <= minute < end
+        )

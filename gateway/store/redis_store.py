@@ -11,7 +11,16 @@
 ``gw:event:<event id>``       string      a claimed provisioning event (``SET NX``, 30 days)
 ``gw:classic``                hash        classic key → tenant
 ``gw:changes``                channel     the tenant id of every write, from every instance
+``gw:seats:<kind>:<tenant>``  sorted set  seat holders (user ids) scored by last-seen time
+``gw:extra:<tenant>``         hash        extra seats bought: ``ops_users``, ``drivers``
+``gw:usage:<day>:<tenant>``   hash        ``[minute, feature, client]`` (JSON) → calls
+``gw:usagedays:<tenant>``     sorted set  the days (``YYYY-MM-DD``) with usage, by timestamp
 ============================  ==========  ====================================================
+
+A seat admission is one Lua script (``ADMIT_SEAT``): trim the holders older than the window,
+then admit a holder, add a new user while the hard limit allows, or refuse — so gateways
+sharing the Redis never admit more users than the limit between them. Usage buckets and
+their day index expire after ``USAGE_RETENTION_SECONDS``.
 
 Writes are Lua scripts, so each is atomic against every other instance (an older serial never
 replaces a newer one however two writers interleave) and publishes the tenant id on the
@@ -31,10 +40,12 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import redis.asyncio
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -44,7 +55,17 @@ from redis.exceptions import RedisError
 
 from gateway.decision import TenantRecord
 from gateway.license import KeyRing, License, Seats
-from gateway.store import StoredKeys, StoreError, TenantStore
+from gateway.store import (
+    USAGE_RETENTION_SECONDS,
+    SeatAdmission,
+    SeatHolder,
+    SeatKind,
+    StoredKeys,
+    StoreError,
+    TenantStore,
+    UsageCount,
+    by_last_seen,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +122,43 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
 
+# KEYS: the seat holders. ARGV: user, now, cutoff (now - window), hard limit, ttl seconds.
+# Returns {admitted, new, used}.
+ADMIT_SEAT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local used = redis.call('ZCARD', KEYS[1])
+local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if seen then
+    if tonumber(seen) < tonumber(ARGV[2]) then
+        redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+    end
+    redis.call('EXPIRE', KEYS[1], ARGV[5])
+    return {1, 0, used}
+end
+if used >= tonumber(ARGV[4]) then
+    return {0, 1, used}
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {1, 1, used + 1}
+"""
+
+# KEYS: the seat holders. ARGV: user, tenant, channel.
+RELEASE_SEAT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+    return 0
+end
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS: extra seats. ARGV: ops_users, drivers, tenant, channel.
+SET_EXTRA_SEATS = """
+redis.call('HSET', KEYS[1], 'ops_users', ARGV[1], 'drivers', ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return 1
+"""
+
 
 def redacted(url: str) -> str:
     """``url`` without its password, for messages and logs."""
@@ -144,6 +202,9 @@ class RedisStore(TenantStore):
         self._set_suspended = self._redis.register_script(SET_SUSPENDED)
         self._revoke = self._redis.register_script(REVOKE)
         self._set_usage = self._redis.register_script(SET_USAGE)
+        self._admit_seat = self._redis.register_script(ADMIT_SEAT)
+        self._release_seat = self._redis.register_script(RELEASE_SEAT)
+        self._set_extra_seats = self._redis.register_script(SET_EXTRA_SEATS)
         self._closed = asyncio.Event()
         self.keys = StoredKeys(keyring, "redis")
 
@@ -271,6 +332,96 @@ class RedisStore(TenantStore):
         with self._errors("import_classic_key"):
             await self._redis.hset(self._classic_key, key, tenant)
 
+    # -- seats and usage --------------------------------------------------------------------
+
+    def _seats_key(self, tenant: str, kind: SeatKind) -> str:
+        return f"{self._prefix}seats:{kind}:{tenant}"
+
+    async def admit_seat(
+        self, tenant: str, kind: SeatKind, user: str, now: float, window: float, hard_limit: int
+    ) -> SeatAdmission:
+        # The set expires a little after its newest holder would: an idle tenant leaves
+        # nothing behind.
+        ttl = int(window) + 3600
+        with self._errors("admit_seat"):
+            result: list[int] = await self._admit_seat(
+                keys=[self._seats_key(tenant, kind)],
+                args=[user, repr(now), repr(now - window), hard_limit, ttl],
+            )
+        admitted, new, used = result
+        return SeatAdmission(bool(admitted), bool(new), int(used))
+
+    async def seat_holders(
+        self, tenant: str, kind: SeatKind, now: float, window: float
+    ) -> list[SeatHolder]:
+        with self._errors("seat_holders"):
+            rows = await self._redis.zrevrangebyscore(
+                self._seats_key(tenant, kind), "+inf", f"({now - window!r}", withscores=True
+            )
+        pairs = cast("list[tuple[str, float]]", rows)
+        return by_last_seen([SeatHolder(user, float(seen)) for user, seen in pairs])
+
+    async def release_seat(self, tenant: str, kind: SeatKind, user: str) -> bool:
+        with self._errors("release_seat"):
+            released: int = await self._release_seat(
+                keys=[self._seats_key(tenant, kind)], args=[user, tenant, self._channel]
+            )
+        return released == 1
+
+    async def set_extra_seats(self, tenant: str, ops_users: int, drivers: int) -> None:
+        with self._errors("set_extra_seats"):
+            await self._set_extra_seats(
+                keys=[self._key("extra", tenant)],
+                args=[ops_users, drivers, tenant, self._channel],
+            )
+
+    async def extra_seats(self, tenant: str) -> Seats | None:
+        with self._errors("extra_seats"):
+            state = await self._redis.hgetall(self._key("extra", tenant))
+        return _usage(cast("dict[str, str]", state))
+
+    async def add_usage(self, batch: Sequence[UsageCount]) -> None:
+        if not batch:
+            return
+        touched: dict[str, tuple[str, int]] = {}  # hash key -> (tenant, start of its day)
+        with self._errors("add_usage"):
+            # MULTI/EXEC: a batch is added whole or not at all.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for count in batch:
+                    day = count.minute - count.minute % 86400
+                    key = f"{self._prefix}usage:{_day(day)}:{count.tenant}"
+                    field = _bucket.encode((count.minute, count.feature, count.client))
+                    pipe.hincrby(key, field.decode(), count.calls)
+                    touched[key] = (count.tenant, day)
+                for key, (tenant, day) in touched.items():
+                    pipe.expireat(key, day + 86400 + USAGE_RETENTION_SECONDS)
+                    pipe.zadd(self._key("usagedays", tenant), {key: day})
+                oldest = int(time.time()) - USAGE_RETENTION_SECONDS - 86400
+                for tenant in {tenant for tenant, _ in touched.values()}:
+                    pipe.zremrangebyscore(self._key("usagedays", tenant), "-inf", oldest)
+                await pipe.execute()
+
+    async def usage(
+        self, tenant: str, since: float, until: float | None = None
+    ) -> list[UsageCount]:
+        end = float("inf") if until is None else until
+        first_day = since - since % 86400
+        with self._errors("usage"):
+            keys = await self._redis.zrangebyscore(
+                self._key("usagedays", tenant), first_day, "+inf" if until is None else until
+            )
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in cast("list[str]", keys):
+                    pipe.hgetall(key)
+                buckets: list[dict[str, str]] = await pipe.execute()
+        found: list[UsageCount] = []
+        for bucket in buckets:
+            for field, calls in bucket.items():
+                minute, feature, client = _bucket_decoder.decode(field)
+                if since <= minute < end:
+                    found.append(UsageCount(tenant, minute, feature, client, int(calls)))
+        return sorted(found)
+
     # -- invalidation -----------------------------------------------------------------------
 
     def changes(self) -> AsyncIterator[str]:
@@ -357,6 +508,14 @@ class RedisStore(TenantStore):
         self._closed.set()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()
+
+
+_bucket = msgspec.json.Encoder()
+_bucket_decoder = msgspec.json.Decoder(tuple[int, str, str])
+
+
+def _day(ts: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 def _usage(state: dict[str, str]) -> Seats | None:

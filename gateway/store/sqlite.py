@@ -27,7 +27,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -35,7 +35,17 @@ import msgspec
 
 from gateway.decision import TenantRecord
 from gateway.license import KeyRing, License, Seats
-from gateway.store import LocalChanges, StoredKeys, StoreError, TenantStore
+from gateway.store import (
+    USAGE_RETENTION_SECONDS,
+    LocalChanges,
+    SeatAdmission,
+    SeatHolder,
+    SeatKind,
+    StoredKeys,
+    StoreError,
+    TenantStore,
+    UsageCount,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,26 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS classic_keys (
     key    TEXT PRIMARY KEY,
     tenant TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seats (
+    tenant    TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    user      TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (tenant, kind, user)
+);
+CREATE TABLE IF NOT EXISTS extra_seats (
+    tenant    TEXT PRIMARY KEY,
+    ops_users INTEGER NOT NULL,
+    drivers   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    tenant  TEXT NOT NULL,
+    minute  INTEGER NOT NULL,
+    feature TEXT NOT NULL,
+    client  TEXT NOT NULL,
+    calls   INTEGER NOT NULL,
+    PRIMARY KEY (tenant, minute, feature, client)
 );
 """
 
@@ -175,6 +205,10 @@ class SqliteStore(TenantStore):
                 conn.execute(
                     "DELETE FROM events WHERE claimed_at < ?",
                     (time.time() - EVENT_RETENTION_SECONDS,),
+                )
+                conn.execute(
+                    "DELETE FROM usage WHERE minute < ?",
+                    (time.time() - USAGE_RETENTION_SECONDS,),
                 )
         except sqlite3.Error as exc:
             raise StoreError(
@@ -393,6 +427,114 @@ class SqliteStore(TenantStore):
     def changes(self) -> AsyncIterator[str]:
         return self._changes.subscribe()
 
+    # -- seats and usage: each one transaction on the worker thread ----------------------------
+
+    async def admit_seat(
+        self, tenant: str, kind: SeatKind, user: str, now: float, window: float, hard_limit: int
+    ) -> SeatAdmission:
+        def job(conn: sqlite3.Connection) -> SeatAdmission:
+            # BEGIN IMMEDIATE takes the write lock first: two gateways on one file cannot
+            # both count the same free seat.
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                _forget_expired(conn, tenant, kind, now - window)
+                (used,) = conn.execute(
+                    "SELECT COUNT(*) FROM seats WHERE tenant = ? AND kind = ?", (tenant, kind)
+                ).fetchone()
+                touched = conn.execute(
+                    "UPDATE seats SET last_seen = MAX(last_seen, ?) "
+                    "WHERE tenant = ? AND kind = ? AND user = ?",
+                    (now, tenant, kind, user),
+                ).rowcount
+                if touched:
+                    return SeatAdmission(True, False, used)
+                if used >= hard_limit:
+                    return SeatAdmission(False, True, used)
+                conn.execute(
+                    "INSERT INTO seats (tenant, kind, user, last_seen) VALUES (?, ?, ?, ?)",
+                    (tenant, kind, user, now),
+                )
+                return SeatAdmission(True, True, used + 1)
+
+        return await self._run("admit_seat", job)
+
+    async def seat_holders(
+        self, tenant: str, kind: SeatKind, now: float, window: float
+    ) -> list[SeatHolder]:
+        def job(conn: sqlite3.Connection) -> list[SeatHolder]:
+            rows = conn.execute(
+                "SELECT user, last_seen FROM seats "
+                "WHERE tenant = ? AND kind = ? AND last_seen > ? "
+                "ORDER BY last_seen DESC, user",
+                (tenant, kind, now - window),
+            ).fetchall()
+            return [SeatHolder(user, last_seen) for user, last_seen in rows]
+
+        return await self._run("seat_holders", job)
+
+    async def release_seat(self, tenant: str, kind: SeatKind, user: str) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                deleted: int = conn.execute(
+                    "DELETE FROM seats WHERE tenant = ? AND kind = ? AND user = ?",
+                    (tenant, kind, user),
+                ).rowcount
+            return deleted == 1
+
+        released = await self._run("release_seat", job)
+        if released:
+            self._changes.publish(tenant)
+        return released
+
+    async def set_extra_seats(self, tenant: str, ops_users: int, drivers: int) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                conn.execute(
+                    "INSERT INTO extra_seats (tenant, ops_users, drivers) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tenant) DO UPDATE "
+                    "SET ops_users = excluded.ops_users, drivers = excluded.drivers",
+                    (tenant, ops_users, drivers),
+                )
+
+        await self._run("set_extra_seats", job)
+        self._changes.publish(tenant)
+
+    async def extra_seats(self, tenant: str) -> Seats | None:
+        def job(conn: sqlite3.Connection) -> Seats | None:
+            row = conn.execute(
+                "SELECT ops_users, drivers FROM extra_seats WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            return None if row is None else Seats(*row)
+
+        return await self._run("extra_seats", job)
+
+    async def add_usage(self, batch: Sequence[UsageCount]) -> None:
+        rows = [(c.tenant, c.minute, c.feature, c.client, c.calls) for c in batch]
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                conn.executemany(
+                    "INSERT INTO usage (tenant, minute, feature, client, calls) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, minute, feature, client) "
+                    "DO UPDATE SET calls = calls + excluded.calls",
+                    rows,
+                )
+
+        await self._run("add_usage", job)
+
+    async def usage(
+        self, tenant: str, since: float, until: float | None = None
+    ) -> list[UsageCount]:
+        def job(conn: sqlite3.Connection) -> list[UsageCount]:
+            rows = conn.execute(
+                "SELECT minute, feature, client, calls FROM usage "
+                "WHERE tenant = ? AND minute >= ? AND minute < ? "
+                "ORDER BY minute, feature, client",
+                (tenant, since, float("inf") if until is None else until),
+            ).fetchall()
+            return [UsageCount(tenant, *row) for row in rows]
+
+        return await self._run("usage", job)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -421,6 +563,13 @@ class _transaction:
             self._conn.execute("COMMIT")
         elif self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
+
+
+def _forget_expired(conn: sqlite3.Connection, tenant: str, kind: str, cutoff: float) -> None:
+    conn.execute(
+        "DELETE FROM seats WHERE tenant = ? AND kind = ? AND last_seen <= ?",
+        (tenant, kind, cutoff),
+    )
 
 
 def _describe(exc: sqlite3.Error) -> str:
