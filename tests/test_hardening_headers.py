@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,23 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
     await server.stop()
 
 
+@asynccontextmanager
+async def gateway_with_acme(
+    tmp_path: Path, key_dir: Path, upstream_port: int, issue_key: IssueKey
+) -> AsyncIterator[Gateway]:
+    """A gateway with ``CONFIG`` whose store holds the Fleet tenant ``acme``."""
+    acme = issue_key(tier="fleet", sub="acme")
+    (tmp_path / "tenants.toml").write_text(f'[[tenants]]\nid = "acme"\nkeys = ["{acme}"]\n')
+    ports: dict[str, int] = dict.fromkeys(APP_NAMES, upstream_port)
+    async with running_gateway(tmp_path, key_dir, ports, extra=CONFIG) as gw:
+        yield gw
+
+
 @pytest.fixture
 async def gateway(
     tmp_path: Path, key_dir: Path, upstream: RecordingUpstream, issue_key: IssueKey
 ) -> AsyncIterator[Gateway]:
-    acme = issue_key(tier="fleet", sub="acme")
-    (tmp_path / "tenants.toml").write_text(f'[[tenants]]\nid = "acme"\nkeys = ["{acme}"]\n')
-    ports: dict[str, int] = dict.fromkeys(APP_NAMES, upstream.port)
-    async with running_gateway(tmp_path, key_dir, ports, extra=CONFIG) as gw:
+    async with gateway_with_acme(tmp_path, key_dir, upstream.port, issue_key) as gw:
         yield gw
 
 
