@@ -413,6 +413,7 @@ class Exchange:
         "chunked_in",
         "expect_continue",
         "upgrade",
+        "switching",
         "body",
         "body_bytes",
         "body_done",
@@ -442,7 +443,8 @@ class Exchange:
         self.keep_alive = keep_alive
         self.chunked_in = False
         self.expect_continue = False
-        self.upgrade = False
+        self.upgrade = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
+        self.switching = False  # any Upgrade or CONNECT head: its upstream line is never reused
         self.body: list[bytes] = []  # request body received before the upstream is ready
         self.body_bytes = 0
         self.body_done = False
@@ -633,10 +635,18 @@ class Downstream(asyncio.Protocol):
                 self._note(head, kind, value)
         ex = Exchange(self, head, self.parser.get_http_version(), self.parser.should_keep_alive())
         ex.chunked_in = self._te is not None
-        # Only WebSocket upgrades are tunnelled. Any other protocol (h2c, ...) would open a
-        # tunnel the gateway can no longer check: the request goes on as plain HTTP/1.1,
-        # without its Upgrade headers, and parsing restarts after it (see data_received).
-        ex.upgrade = self.parser.should_upgrade() and self._upgrade_to == b"websocket"
+        if self.parser.should_upgrade():  # Connection: Upgrade + Upgrade, or CONNECT
+            # llhttp reads no body after such a head, but an upstream answering at once
+            # would wait for the declared one and take it from the next request on that
+            # connection, another client's. Such a body is refused, with the connection.
+            if self._te is not None or _declares_body(self._headers):
+                raise _Reject(400, "bad_request", "Upgrade or CONNECT request with a body")
+            ex.switching = True
+            # Only WebSocket upgrades are tunnelled. Any other protocol (h2c, ...) would
+            # open a tunnel the gateway can no longer check: the request goes on as plain
+            # HTTP/1.1, without its Upgrade headers, and parsing restarts after it (see
+            # data_received).
+            ex.upgrade = self._upgrade_to == b"websocket" and method == "GET"
         ex.expect_continue = self._expect_continue
         # This request's own Connection tokens: by the time it is dispatched (queued behind
         # a pipelined request, or after a tenant look-up) the parser may be on the next one.
@@ -990,7 +1000,9 @@ class Downstream(asyncio.Protocol):
             self.write(b"0\r\n\r\n")
         # Back to the pool only once this read is fully parsed (Upstream.data_received):
         # bytes after the response in the same read would otherwise reach the next client.
-        conn.finished = conn.parser.should_keep_alive() and ex.body_done
+        # Never reuse what cannot be proved clean: a line that carried an upgrade or CONNECT
+        # head, or whose request body did not go out whole, may still owe the upstream bytes.
+        conn.finished = conn.parser.should_keep_alive() and ex.body_done and not ex.switching
         conn.exchange = None
         self._count_forwarded(ex)
         self._complete(ex, None)
@@ -1189,6 +1201,11 @@ class _Reject(Exception):
         self.code = code
         self.title = title
         super().__init__(title)
+
+
+def _declares_body(headers: list[tuple[bytes, bytes, bytes]]) -> bool:
+    """A Content-Length above 0 (llhttp has checked it is one decimal number)."""
+    return any(lname == b"content-length" and int(value) > 0 for _, value, lname in headers)
 
 
 def _tokens(value: bytes) -> list[bytes]:
