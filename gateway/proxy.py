@@ -53,6 +53,8 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 NO_BODY_STATUS = frozenset({204, 304})
 ENTITLEMENT_PREFIX = b"x-entitlement-"
+# Client bytes held while an upgrade waits for the upstream's 101: past this, reading pauses.
+UPGRADE_HIGH_WATER = 64 * 1024
 # Framing and routing headers a client cannot have dropped by naming them in Connection
 # (dropping Content-Length but forwarding the body would smuggle a second request).
 PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
@@ -346,11 +348,15 @@ class Upstream(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             ex.downstream.pause_reading_for_upstream()
+        elif self.tunnel is not None:  # a tunnel is flow-controlled like a relayed body
+            self.tunnel.pause_reading_for_upstream()
 
     def resume_writing(self) -> None:
         ex = self.exchange
         if ex is not None:
             ex.downstream.resume_reading_for_upstream()
+        elif self.tunnel is not None:
+            self.tunnel.resume_reading_for_upstream()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -493,7 +499,8 @@ class Downstream(asyncio.Protocol):
         self.active: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self.tunnel: Upstream | None = None
-        self.upgrade_buffer: list[bytes] | None = None
+        self.upgrade_buffer: list[bytes] | None = None  # client bytes before the 101
+        self.upgrade_buffered = 0
         self.out: list[bytes] | None = None  # corked output, see write()
         self.paused_for_upstream = False
         self.paused_for_buffer = False
@@ -550,15 +557,19 @@ class Downstream(asyncio.Protocol):
             self.tunnel.send(data)
             return
         if self.upgrade_buffer is not None:
-            self.upgrade_buffer.append(data)
+            self._buffer_upgrade(data)
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
-            ex = self.active if self.active is not None else self.parsing
+            if self.transport is None or self.transport.is_closing():
+                return  # the upgrade was refused and the connection is closing
+            # The upgrade request is the last one parsed (it may be queued behind others).
+            ex = self.pipeline[-1] if self.pipeline else self.active
             if ex is not None and ex.upgrade:
-                self.upgrade_buffer = [rest]
+                self.upgrade_buffer = []
+                self._buffer_upgrade(rest)
             else:  # an upgrade we refused: carry on with HTTP/1.1 on a fresh parser
                 self.parser = httptools.HttpRequestParser(self)
                 if rest:
@@ -568,6 +579,17 @@ class Downstream(asyncio.Protocol):
         except Exception:  # a bug of ours: answer 500 and keep the process serving
             log.exception("request handling failed")
             self._bad_request(_Reject(500, "internal_error", "Internal gateway error"))
+
+    def _buffer_upgrade(self, data: bytes) -> None:
+        """Hold what the client sends after an upgrade head until the upstream's 101 opens
+        the tunnel; past a small mark, stop reading (the kernel buffers, not we)."""
+        assert self.upgrade_buffer is not None
+        if data:
+            self.upgrade_buffer.append(data)
+            self.upgrade_buffered += len(data)
+        if self.upgrade_buffered > UPGRADE_HIGH_WATER and self.transport is not None:
+            self.paused_for_buffer = True
+            self.transport.pause_reading()
 
     def pause_writing(self) -> None:
         ex = self.active
@@ -872,10 +894,7 @@ class Downstream(asyncio.Protocol):
                 payload = b"".join(chunks)
             conn.send(head + payload)
             ex.sent_body = True
-            if self.paused_for_buffer and self.transport is not None:
-                self.paused_for_buffer = False
-                if not self.paused_for_upstream:
-                    self.transport.resume_reading()
+            self._resume_after_buffering()
         else:
             conn.send(head)
         if ex.body_done and ex.chunked_in:
@@ -1025,7 +1044,9 @@ class Downstream(asyncio.Protocol):
         for chunk in self.upgrade_buffer or ():
             conn.send(chunk)
         self.upgrade_buffer = None
+        self.upgrade_buffered = 0
         self.active = None
+        self._resume_after_buffering()
 
     def _count_forwarded(self, ex: Exchange) -> None:
         verdict = ex.verdict
@@ -1111,10 +1132,13 @@ class Downstream(asyncio.Protocol):
         ex.discard = True
         ex.body = []
         ex.response_started = True
-        if ex.expect_continue or not ex.body_done:
+        if ex.upgrade:
+            # Refused here: what the client sends next is for a tunnel that never opens.
+            ex.close_after = True
+        elif ex.expect_continue or not ex.body_done:
             # The client may still send (or wait to send) a body we do not want; rather
             # than read it to the end, answer and close.
-            if ex.expect_continue or ex.body_bytes > self.settings.max_buffer or ex.upgrade:
+            if ex.expect_continue or ex.body_bytes > self.settings.max_buffer:
                 ex.close_after = True
         if self.tracker.closing:
             ex.close_after = True
@@ -1171,10 +1195,8 @@ class Downstream(asyncio.Protocol):
         if self.active is not ex:
             return
         self.active = None
-        if self.paused_for_buffer and self.transport is not None and len(self.pipeline) <= 16:
-            self.paused_for_buffer = False
-            if not self.paused_for_upstream:
-                self.transport.resume_reading()
+        if self.paused_for_buffer and len(self.pipeline) <= 16:
+            self._resume_after_buffering()
         if self.pipeline:
             nxt = self.pipeline.popleft()
             self.active = nxt
@@ -1184,6 +1206,18 @@ class Downstream(asyncio.Protocol):
             self.close_transport()
             return
         self.last_active = self.loop.time()
+
+    def _resume_after_buffering(self) -> None:
+        """Read again after a pause for buffered input, unless an upgrade still holds more
+        than its mark or the upstream is the reason for the pause."""
+        if (
+            self.paused_for_buffer
+            and self.upgrade_buffered <= UPGRADE_HIGH_WATER
+            and self.transport is not None
+        ):
+            self.paused_for_buffer = False
+            if not self.paused_for_upstream:
+                self.transport.resume_reading()
 
     def close(self) -> None:
         self.close_transport()

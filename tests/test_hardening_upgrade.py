@@ -15,15 +15,17 @@ import asyncio
 import contextlib
 import itertools
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gateway.matrix import APP_NAMES
+from gateway.proxy import UPGRADE_HIGH_WATER, Downstream
 from tests.conftest import IssueKey
-from tests.harness import Gateway
+from tests.harness import Gateway, RawUpstream, running_gateway
 from tests.test_hardening_headers import CLASSIC_KEY, SMUGGLED, gateway_with_acme
 from tests.test_hardening_paths import (
     RecordingUpstream,
@@ -266,3 +268,139 @@ def test_no_client_bytes_reach_another_clients_upstream_request(
         assert len(owners) <= 1, f"one upstream request carries two clients' bytes: {text!r}"
     assert reply is not None and reply.status == 200, reply
     assert bytes(reply.body) == b"seen /api/v1/health?" + victim
+
+
+# ---------------------------------------------------------------- bounded upgrade memory
+
+
+@contextlib.asynccontextmanager
+async def stalled_gateway(
+    tmp_path: Path, key_dir: Path, answer: bytes
+) -> AsyncIterator[tuple[Gateway, RawUpstream]]:
+    """A gateway in front of an upstream that answers one head with ``answer`` (maybe
+    nothing) and then never reads again: a slow WebSocket backend, before or after its 101."""
+    stalling = RawUpstream(answer, stall=True)
+    await stalling.start()
+    try:
+        ports: dict[str, int] = dict.fromkeys(APP_NAMES, stalling.port)
+        async with running_gateway(tmp_path, key_dir, ports) as gw:
+            yield gw, stalling
+    finally:
+        await stalling.stop()
+
+
+async def _flood(writer: asyncio.StreamWriter, total: int) -> None:
+    chunk = b"\x82\x7e\xff\xff" + b"x" * 65535  # WebSocket-ish frames, never read upstream
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < total:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition`` (a state of the gateway, never a duration) with a hang guard."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never reached: {what}")
+
+
+def _client_side(gateway: Gateway) -> Downstream:
+    (conn,) = gateway.runtime.tracker.connections
+    return conn
+
+
+def _buffered(conn: Downstream) -> int:
+    return sum(len(chunk) for chunk in conn.upgrade_buffer or ())
+
+
+async def test_upgrade_buffer_is_bounded_while_waiting_for_101(
+    tmp_path: Path, key_dir: Path
+) -> None:
+    async with stalled_gateway(tmp_path, key_dir, b"") as (gateway, stalling):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
+        writer.write(WS_HEAD % b"/api/v1/health" + b"\r\n")
+        flood = asyncio.get_running_loop().create_task(_flood(writer, 64 << 20))
+        try:
+            await _until(stalling.got_request.is_set, "the upgrade request upstream")
+            conn = _client_side(gateway)
+            await _until(
+                lambda: (
+                    conn.upgrade_buffer is not None
+                    and (
+                        _buffered(conn) > 4 * READ_SIZE
+                        or conn.transport is None
+                        or not conn.transport.is_reading()
+                    )
+                ),
+                "reading paused, or the buffer past its bound",
+            )
+            assert _buffered(conn) <= UPGRADE_HIGH_WATER + READ_SIZE
+            assert conn.transport is not None and not conn.transport.is_reading()
+            assert not flood.done()  # the client is held back, not read into memory
+        finally:
+            flood.cancel()
+            writer.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flood
+
+
+async def test_a_tunnel_to_a_slow_upstream_pauses_the_client(tmp_path: Path, key_dir: Path) -> None:
+    switched = (
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    )
+    async with stalled_gateway(tmp_path, key_dir, switched) as (gateway, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
+        writer.write(WS_HEAD % b"/api/v1/health" + b"\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
+            b"HTTP/1.1 101 "
+        )
+        flood = asyncio.get_running_loop().create_task(_flood(writer, 64 << 20))
+        try:
+            conn = _client_side(gateway)
+            tunnel = conn.tunnel
+            assert tunnel is not None and tunnel.transport is not None
+            upstream_transport = tunnel.transport
+            high = upstream_transport.get_write_buffer_limits()[1]
+            await _until(
+                lambda: (
+                    upstream_transport.get_write_buffer_size() > 4 * (high + READ_SIZE)
+                    or conn.transport is None
+                    or not conn.transport.is_reading()
+                ),
+                "reading paused, or the upstream write buffer past its bound",
+            )
+            assert upstream_transport.get_write_buffer_size() <= high + READ_SIZE
+            assert conn.transport is not None and not conn.transport.is_reading()
+        finally:
+            flood.cancel()
+            writer.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flood
+
+
+@pytest.mark.parametrize(
+    ("identity", "status"),
+    [
+        pytest.param(b"", 401, id="refused-at-once"),
+        # The tenant record is not cached yet: the refusal comes after a store look-up,
+        # while the client's bytes after the head keep arriving.
+        pytest.param(b"X-Tenant-Id: acme\r\n", 403, id="refused-after-tenant-lookup"),
+        pytest.param(b"X-Tenant-Id: nobody\r\n", 401, id="unknown-tenant-after-lookup"),
+    ],
+)
+async def test_connection_is_closed_after_refusing_an_upgrade(
+    gateway: Gateway, upstream: RecordingUpstream, identity: bytes, status: int
+) -> None:
+    head = WS_HEAD % b"/api/v1/itineraries" + identity + b"\r\n"
+    conversation = await converse(
+        gateway.listen["operations"], head + b"\x81\x05hello" * 100, until_closed=True
+    )
+    (reply,) = conversation.replies
+    assert reply.status == status, reply
+    assert conversation.closed
+    assert upstream.requests == []
