@@ -55,6 +55,9 @@ NO_BODY_STATUS = frozenset({204, 304})
 ENTITLEMENT_PREFIX = b"x-entitlement-"
 # Client bytes held while an upgrade waits for the upstream's 101: past this, reading pauses.
 UPGRADE_HIGH_WATER = 64 * 1024
+# What a WebSocket upgrade sends upstream in place of the client's Connection and Upgrade
+# headers, whose extra tokens could make a further hop drop the X-Entitlement-* headers.
+WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 # Framing and routing headers a client cannot have dropped by naming them in Connection
 # (dropping Content-Length but forwarding the body would smuggle a second request).
 PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
@@ -520,6 +523,7 @@ class Downstream(asyncio.Protocol):
         self._te: bytes | None = None
         self._upgrade_to = b""  # the Upgrade header's value, lower-cased
         self._expect_continue = False
+        self._hosts = 0
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -629,6 +633,7 @@ class Downstream(asyncio.Protocol):
         self._te = None
         self._upgrade_to = b""
         self._expect_continue = False
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -655,7 +660,10 @@ class Downstream(asyncio.Protocol):
             kind = watch.get(lname)
             if kind is not None:
                 self._note(head, kind, value)
-        ex = Exchange(self, head, self.parser.get_http_version(), self.parser.should_keep_alive())
+        version = self.parser.get_http_version()
+        if self._hosts != 1 and (self._hosts or version == "1.1"):  # RFC 9112 §3.2
+            head.bad_header = "more than one Host header" if self._hosts else "no Host header"
+        ex = Exchange(self, head, version, self.parser.should_keep_alive())
         ex.chunked_in = self._te is not None
         if self.parser.should_upgrade():  # Connection: Upgrade + Upgrade, or CONNECT
             # llhttp reads no body after such a head, but an upstream answering at once
@@ -694,16 +702,23 @@ class Downstream(asyncio.Protocol):
                 head.bad_header = "more than one tenant id header"
             head.tenant = value.strip()
         elif kind == H_ROLE:
+            if head.role is not None:  # upstreams disagree on which one they read
+                head.bad_header = "more than one role header"
             head.role = value.strip()
         elif kind == H_USER:
+            if head.user is not None:
+                head.bad_header = "more than one user id header"
             head.user = value.strip()
+        elif kind == H_HOST:
+            self._hosts += 1
         elif kind == H_CONNECTION:
             for token in value.split(b","):
                 token = token.strip().lower()
                 if token and token not in PROTECTED:
                     self._connection_tokens.append(token)
-        elif kind == H_UPGRADE:
-            self._upgrade_to = value.strip().lower()
+        elif kind == H_UPGRADE:  # several are one list: "h2c, websocket" is not WebSocket
+            upgrade = value.strip().lower()
+            self._upgrade_to = self._upgrade_to + b", " + upgrade if self._upgrade_to else upgrade
         elif kind == H_EXPECT:
             self._expect_continue = value.strip().lower() == b"100-continue"
         elif kind == H_TE:
@@ -841,14 +856,12 @@ class Downstream(asyncio.Protocol):
             if lname in HOP_BY_HOP:
                 if lname == b"transfer-encoding":
                     lines.append(b"%s: %s\r\n" % (name, value))  # we re-chunk: still true
-                elif upgrade and lname in (b"upgrade", b"connection"):
-                    lines.append(b"%s: %s\r\n" % (name, value))
                 continue
             if is_entitlement_header(lname) or (drop and lname in drop):
                 continue
             if not classic:
-                if lname == b"x-forwarded-for":
-                    xff = value
+                if lname == b"x-forwarded-for":  # several lines are one list, in order
+                    xff = b"%s, %s" % (xff, value) if xff else value
                     continue
                 if lname == b"x-forwarded-proto":
                     continue
@@ -856,6 +869,8 @@ class Downstream(asyncio.Protocol):
                     lines.append(b"Host: %s\r\n" % host_rewrite)
                     continue
             lines.append(b"%s: %s\r\n" % (name, value))
+        if upgrade:
+            lines.append(WEBSOCKET_UPGRADE)
         if not classic:
             forwarded = b"%s, %s" % (xff, self.peer) if xff else self.peer
             lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % forwarded)
