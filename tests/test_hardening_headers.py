@@ -458,6 +458,46 @@ async def test_several_upgrade_headers_are_one_list_and_not_a_websocket_upgrade(
     assert seen.header("Upgrade") == [] and seen.header("Connection") == []
 
 
+# ---------------------------------------------------------------- a key and a tenant header
+
+
+@pytest.mark.parametrize(
+    ("tenant", "key_tenant", "status"),
+    [
+        pytest.param(b"acme", "tenant-1", 403, id="another-tenants-key"),
+        pytest.param(b"tenant-1", "acme", 403, id="borrowed-key-of-a-stored-tenant"),
+        pytest.param(b"ACME", "acme", 403, id="case-differs"),
+        pytest.param(b"acme", "acme", 200, id="same-tenant"),
+    ],
+)
+async def test_license_key_for_another_tenant_than_the_tenant_header_is_403(
+    gateway: Gateway,
+    upstream: RecordingUpstream,
+    issue_key: IssueKey,
+    tenant: bytes,
+    key_tenant: str,
+    status: int,
+) -> None:
+    """An upstream that scopes data by X-Tenant-Id must never see it next to the
+    entitlements of another tenant's key."""
+    key = issue_key(tier="enterprise", sub=key_tenant)
+    reply = await exchange(
+        gateway.listen["operations"],
+        request(
+            b"GET /api/v1/itineraries HTTP/1.1",
+            key=key,
+            headers=b"X-Tenant-Id: " + tenant + b"\r\n",
+        ),
+    )
+    assert reply.status == status, reply
+    if status == 200:
+        (seen,) = upstream.complete()
+        assert seen.header("X-Entitlement-Tenant") == [key_tenant]
+        return
+    assert reply.code == "tenant_mismatch"
+    assert upstream.requests == []
+
+
 # ---------------------------------------------------------------- control characters
 
 
