@@ -384,6 +384,16 @@ class Enforcer:
             presented = self.shared.licenses.resolve(token)
             if isinstance(presented, License):
                 tenant_id = presented.claims.sub
+                # An upstream that scopes data by the tenant header must not see it next to
+                # another tenant's (borrowed) entitlements.
+                if head.tenant is not None and head.tenant != tenant_id.encode():
+                    return self._reject(
+                        403,
+                        "tenant_mismatch",
+                        "License key and tenant disagree",
+                        "the license key belongs to another tenant than the tenant header names",
+                        outcome="blocked",
+                    )
         elif head.tenant is not None:
             try:
                 tenant_id = head.tenant.decode("utf-8")
@@ -526,8 +536,10 @@ class Enforcer:
         bounded_put(self._bodies, key, prefix, 4096)
         return prefix
 
-    def _reject(self, status: int, code: str, title: str, detail: str) -> Verdict:
-        self.metrics.outcome["rejected"].inc()
+    def _reject(
+        self, status: int, code: str, title: str, detail: str, outcome: str = "rejected"
+    ) -> Verdict:
+        self.metrics.outcome[outcome].inc()
         body, _ = problem(status, code, title, detail)
         return Verdict(RESPOND, status=status, body=body)
 

@@ -2,7 +2,7 @@
 
 ``canonical_path`` applies RFC 3986 dot-segment removal, merges repeated slashes and decodes
 percent-encoded unreserved characters; whatever would stay ambiguous between the gateway and
-an upstream (an encoded ``/`` ``\\`` or ``%``, NUL and other control characters, ``;`` path
+an upstream (an encoded ``/`` ``\\`` ``%`` or ``;``, NUL and other control characters, ``;`` path
 parameters, invalid or overlong UTF-8, dot segments above the root, targets that are not
 origin-form) raises ``PathRejected`` (DESIGN §5: 400 ``path_rejected``).
 
@@ -18,7 +18,14 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _RAW_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@/%]*$")
 _PERCENT = re.compile(r"%(?:([0-9A-Fa-f]{2})|(.{0,2}))", re.DOTALL)
 # Decoded bytes that must never be hidden behind an encoding.
-_FORBIDDEN_ENCODED = {0x2F: "encoded '/'", 0x5C: "encoded '\\'", 0x25: "encoded '%'"}
+# An encoded ';' too: an upstream that decodes the path before it splits off path parameters
+# would read one there, like the raw ';' refused above.
+_FORBIDDEN_ENCODED = {
+    0x2F: "encoded '/'",
+    0x5C: "encoded '\\'",
+    0x25: "encoded '%'",
+    0x3B: "encoded ';'",
+}
 
 
 class PathRejected(ValueError):

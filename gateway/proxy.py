@@ -53,6 +53,11 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 NO_BODY_STATUS = frozenset({204, 304})
 ENTITLEMENT_PREFIX = b"x-entitlement-"
+# Client bytes held while an upgrade waits for the upstream's 101: past this, reading pauses.
+UPGRADE_HIGH_WATER = 64 * 1024
+# What a WebSocket upgrade sends upstream in place of the client's Connection and Upgrade
+# headers, whose extra tokens could make a further hop drop the X-Entitlement-* headers.
+WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 # Framing and routing headers a client cannot have dropped by naming them in Connection
 # (dropping Content-Length but forwarding the body would smuggle a second request).
 PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
@@ -346,11 +351,15 @@ class Upstream(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             ex.downstream.pause_reading_for_upstream()
+        elif self.tunnel is not None:  # a tunnel is flow-controlled like a relayed body
+            self.tunnel.pause_reading_for_upstream()
 
     def resume_writing(self) -> None:
         ex = self.exchange
         if ex is not None:
             ex.downstream.resume_reading_for_upstream()
+        elif self.tunnel is not None:
+            self.tunnel.resume_reading_for_upstream()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -413,6 +422,7 @@ class Exchange:
         "chunked_in",
         "expect_continue",
         "upgrade",
+        "switching",
         "body",
         "body_bytes",
         "body_done",
@@ -442,7 +452,8 @@ class Exchange:
         self.keep_alive = keep_alive
         self.chunked_in = False
         self.expect_continue = False
-        self.upgrade = False
+        self.upgrade = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
+        self.switching = False  # any Upgrade or CONNECT head: its upstream line is never reused
         self.body: list[bytes] = []  # request body received before the upstream is ready
         self.body_bytes = 0
         self.body_done = False
@@ -491,7 +502,8 @@ class Downstream(asyncio.Protocol):
         self.active: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self.tunnel: Upstream | None = None
-        self.upgrade_buffer: list[bytes] | None = None
+        self.upgrade_buffer: list[bytes] | None = None  # client bytes before the 101
+        self.upgrade_buffered = 0
         self.out: list[bytes] | None = None  # corked output, see write()
         self.paused_for_upstream = False
         self.paused_for_buffer = False
@@ -511,6 +523,7 @@ class Downstream(asyncio.Protocol):
         self._te: bytes | None = None
         self._upgrade_to = b""  # the Upgrade header's value, lower-cased
         self._expect_continue = False
+        self._hosts = 0
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -548,15 +561,19 @@ class Downstream(asyncio.Protocol):
             self.tunnel.send(data)
             return
         if self.upgrade_buffer is not None:
-            self.upgrade_buffer.append(data)
+            self._buffer_upgrade(data)
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
-            ex = self.active if self.active is not None else self.parsing
+            if self.transport is None or self.transport.is_closing():
+                return  # the upgrade was refused and the connection is closing
+            # The upgrade request is the last one parsed (it may be queued behind others).
+            ex = self.pipeline[-1] if self.pipeline else self.active
             if ex is not None and ex.upgrade:
-                self.upgrade_buffer = [rest]
+                self.upgrade_buffer = []
+                self._buffer_upgrade(rest)
             else:  # an upgrade we refused: carry on with HTTP/1.1 on a fresh parser
                 self.parser = httptools.HttpRequestParser(self)
                 if rest:
@@ -566,6 +583,17 @@ class Downstream(asyncio.Protocol):
         except Exception:  # a bug of ours: answer 500 and keep the process serving
             log.exception("request handling failed")
             self._bad_request(_Reject(500, "internal_error", "Internal gateway error"))
+
+    def _buffer_upgrade(self, data: bytes) -> None:
+        """Hold what the client sends after an upgrade head until the upstream's 101 opens
+        the tunnel; past a small mark, stop reading (the kernel buffers, not we)."""
+        assert self.upgrade_buffer is not None
+        if data:
+            self.upgrade_buffer.append(data)
+            self.upgrade_buffered += len(data)
+        if self.upgrade_buffered > UPGRADE_HIGH_WATER and self.transport is not None:
+            self.paused_for_buffer = True
+            self.transport.pause_reading()
 
     def pause_writing(self) -> None:
         ex = self.active
@@ -605,6 +633,7 @@ class Downstream(asyncio.Protocol):
         self._te = None
         self._upgrade_to = b""
         self._expect_continue = False
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -631,12 +660,23 @@ class Downstream(asyncio.Protocol):
             kind = watch.get(lname)
             if kind is not None:
                 self._note(head, kind, value)
-        ex = Exchange(self, head, self.parser.get_http_version(), self.parser.should_keep_alive())
+        version = self.parser.get_http_version()
+        if self._hosts != 1 and (self._hosts or version == "1.1"):  # RFC 9112 §3.2
+            head.bad_header = "more than one Host header" if self._hosts else "no Host header"
+        ex = Exchange(self, head, version, self.parser.should_keep_alive())
         ex.chunked_in = self._te is not None
-        # Only WebSocket upgrades are tunnelled. Any other protocol (h2c, ...) would open a
-        # tunnel the gateway can no longer check: the request goes on as plain HTTP/1.1,
-        # without its Upgrade headers, and parsing restarts after it (see data_received).
-        ex.upgrade = self.parser.should_upgrade() and self._upgrade_to == b"websocket"
+        if self.parser.should_upgrade():  # Connection: Upgrade + Upgrade, or CONNECT
+            # llhttp reads no body after such a head, but an upstream answering at once
+            # would wait for the declared one and take it from the next request on that
+            # connection, another client's. Such a body is refused, with the connection.
+            if self._te is not None or _declares_body(self._headers):
+                raise _Reject(400, "bad_request", "Upgrade or CONNECT request with a body")
+            ex.switching = True
+            # Only WebSocket upgrades are tunnelled. Any other protocol (h2c, ...) would
+            # open a tunnel the gateway can no longer check: the request goes on as plain
+            # HTTP/1.1, without its Upgrade headers, and parsing restarts after it (see
+            # data_received).
+            ex.upgrade = self._upgrade_to == b"websocket" and method == "GET"
         ex.expect_continue = self._expect_continue
         # This request's own Connection tokens: by the time it is dispatched (queued behind
         # a pipelined request, or after a tenant look-up) the parser may be on the next one.
@@ -662,16 +702,23 @@ class Downstream(asyncio.Protocol):
                 head.bad_header = "more than one tenant id header"
             head.tenant = value.strip()
         elif kind == H_ROLE:
+            if head.role is not None:  # upstreams disagree on which one they read
+                head.bad_header = "more than one role header"
             head.role = value.strip()
         elif kind == H_USER:
+            if head.user is not None:
+                head.bad_header = "more than one user id header"
             head.user = value.strip()
+        elif kind == H_HOST:
+            self._hosts += 1
         elif kind == H_CONNECTION:
             for token in value.split(b","):
                 token = token.strip().lower()
                 if token and token not in PROTECTED:
                     self._connection_tokens.append(token)
-        elif kind == H_UPGRADE:
-            self._upgrade_to = value.strip().lower()
+        elif kind == H_UPGRADE:  # several are one list: "h2c, websocket" is not WebSocket
+            upgrade = value.strip().lower()
+            self._upgrade_to = self._upgrade_to + b", " + upgrade if self._upgrade_to else upgrade
         elif kind == H_EXPECT:
             self._expect_continue = value.strip().lower() == b"100-continue"
         elif kind == H_TE:
@@ -809,14 +856,12 @@ class Downstream(asyncio.Protocol):
             if lname in HOP_BY_HOP:
                 if lname == b"transfer-encoding":
                     lines.append(b"%s: %s\r\n" % (name, value))  # we re-chunk: still true
-                elif upgrade and lname in (b"upgrade", b"connection"):
-                    lines.append(b"%s: %s\r\n" % (name, value))
                 continue
             if is_entitlement_header(lname) or (drop and lname in drop):
                 continue
             if not classic:
-                if lname == b"x-forwarded-for":
-                    xff = value
+                if lname == b"x-forwarded-for":  # several lines are one list, in order
+                    xff = b"%s, %s" % (xff, value) if xff else value
                     continue
                 if lname == b"x-forwarded-proto":
                     continue
@@ -824,6 +869,8 @@ class Downstream(asyncio.Protocol):
                     lines.append(b"Host: %s\r\n" % host_rewrite)
                     continue
             lines.append(b"%s: %s\r\n" % (name, value))
+        if upgrade:
+            lines.append(WEBSOCKET_UPGRADE)
         if not classic:
             forwarded = b"%s, %s" % (xff, self.peer) if xff else self.peer
             lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % forwarded)
@@ -862,10 +909,7 @@ class Downstream(asyncio.Protocol):
                 payload = b"".join(chunks)
             conn.send(head + payload)
             ex.sent_body = True
-            if self.paused_for_buffer and self.transport is not None:
-                self.paused_for_buffer = False
-                if not self.paused_for_upstream:
-                    self.transport.resume_reading()
+            self._resume_after_buffering()
         else:
             conn.send(head)
         if ex.body_done and ex.chunked_in:
@@ -990,7 +1034,9 @@ class Downstream(asyncio.Protocol):
             self.write(b"0\r\n\r\n")
         # Back to the pool only once this read is fully parsed (Upstream.data_received):
         # bytes after the response in the same read would otherwise reach the next client.
-        conn.finished = conn.parser.should_keep_alive() and ex.body_done
+        # Never reuse what cannot be proved clean: a line that carried an upgrade or CONNECT
+        # head, or whose request body did not go out whole, may still owe the upstream bytes.
+        conn.finished = conn.parser.should_keep_alive() and ex.body_done and not ex.switching
         conn.exchange = None
         self._count_forwarded(ex)
         self._complete(ex, None)
@@ -1013,7 +1059,9 @@ class Downstream(asyncio.Protocol):
         for chunk in self.upgrade_buffer or ():
             conn.send(chunk)
         self.upgrade_buffer = None
+        self.upgrade_buffered = 0
         self.active = None
+        self._resume_after_buffering()
 
     def _count_forwarded(self, ex: Exchange) -> None:
         verdict = ex.verdict
@@ -1099,10 +1147,13 @@ class Downstream(asyncio.Protocol):
         ex.discard = True
         ex.body = []
         ex.response_started = True
-        if ex.expect_continue or not ex.body_done:
+        if ex.upgrade:
+            # Refused here: what the client sends next is for a tunnel that never opens.
+            ex.close_after = True
+        elif ex.expect_continue or not ex.body_done:
             # The client may still send (or wait to send) a body we do not want; rather
             # than read it to the end, answer and close.
-            if ex.expect_continue or ex.body_bytes > self.settings.max_buffer or ex.upgrade:
+            if ex.expect_continue or ex.body_bytes > self.settings.max_buffer:
                 ex.close_after = True
         if self.tracker.closing:
             ex.close_after = True
@@ -1159,10 +1210,8 @@ class Downstream(asyncio.Protocol):
         if self.active is not ex:
             return
         self.active = None
-        if self.paused_for_buffer and self.transport is not None and len(self.pipeline) <= 16:
-            self.paused_for_buffer = False
-            if not self.paused_for_upstream:
-                self.transport.resume_reading()
+        if self.paused_for_buffer and len(self.pipeline) <= 16:
+            self._resume_after_buffering()
         if self.pipeline:
             nxt = self.pipeline.popleft()
             self.active = nxt
@@ -1172,6 +1221,18 @@ class Downstream(asyncio.Protocol):
             self.close_transport()
             return
         self.last_active = self.loop.time()
+
+    def _resume_after_buffering(self) -> None:
+        """Read again after a pause for buffered input, unless an upgrade still holds more
+        than its mark or the upstream is the reason for the pause."""
+        if (
+            self.paused_for_buffer
+            and self.upgrade_buffered <= UPGRADE_HIGH_WATER
+            and self.transport is not None
+        ):
+            self.paused_for_buffer = False
+            if not self.paused_for_upstream:
+                self.transport.resume_reading()
 
     def close(self) -> None:
         self.close_transport()
@@ -1189,6 +1250,11 @@ class _Reject(Exception):
         self.code = code
         self.title = title
         super().__init__(title)
+
+
+def _declares_body(headers: list[tuple[bytes, bytes, bytes]]) -> bool:
+    """A Content-Length above 0 (llhttp has checked it is one decimal number)."""
+    return any(lname == b"content-length" and int(value) > 0 for _, value, lname in headers)
 
 
 def _tokens(value: bytes) -> list[bytes]:

@@ -118,14 +118,19 @@ class EchoUpstream:
 
 class RawUpstream:
     """A TCP server that records the raw bytes of each connection and answers every
-    request head with a fixed raw response (for byte-identity tests)."""
+    request head with a fixed raw response (for byte-identity tests).
 
-    def __init__(self, response: bytes) -> None:
+    With ``stall``, it answers the first head (``response`` may be empty) and then never
+    reads again: a slow backend, before or after a 101."""
+
+    def __init__(self, response: bytes, *, stall: bool = False) -> None:
         self.response = response
+        self.stall = stall
         self.received = bytearray()
         self.port = 0
         self._server: asyncio.Server | None = None
         self.got_request = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -142,10 +147,14 @@ class RawUpstream:
                     self.got_request.set()
                     writer.write(self.response)
                     await writer.drain()
+                    if self.stall:
+                        await self._stopping.wait()
+                        break
         finally:
             writer.close()
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,23 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
     await server.stop()
 
 
+@asynccontextmanager
+async def gateway_with_acme(
+    tmp_path: Path, key_dir: Path, upstream_port: int, issue_key: IssueKey
+) -> AsyncIterator[Gateway]:
+    """A gateway with ``CONFIG`` whose store holds the Fleet tenant ``acme``."""
+    acme = issue_key(tier="fleet", sub="acme")
+    (tmp_path / "tenants.toml").write_text(f'[[tenants]]\nid = "acme"\nkeys = ["{acme}"]\n')
+    ports: dict[str, int] = dict.fromkeys(APP_NAMES, upstream_port)
+    async with running_gateway(tmp_path, key_dir, ports, extra=CONFIG) as gw:
+        yield gw
+
+
 @pytest.fixture
 async def gateway(
     tmp_path: Path, key_dir: Path, upstream: RecordingUpstream, issue_key: IssueKey
 ) -> AsyncIterator[Gateway]:
-    acme = issue_key(tier="fleet", sub="acme")
-    (tmp_path / "tenants.toml").write_text(f'[[tenants]]\nid = "acme"\nkeys = ["{acme}"]\n')
-    ports: dict[str, int] = dict.fromkeys(APP_NAMES, upstream.port)
-    async with running_gateway(tmp_path, key_dir, ports, extra=CONFIG) as gw:
+    async with gateway_with_acme(tmp_path, key_dir, upstream.port, issue_key) as gw:
         yield gw
 
 
@@ -303,6 +313,22 @@ async def test_connection_tokens_cannot_strip_the_framing(
             b"X-Tenant-Id: acme\r\nx-tenant-id: acme\r\n", "more than one", id="tenant-twice"
         ),
         pytest.param(b"X-Tenant-Id: ac\xffme\r\n", "not UTF-8", id="tenant-not-utf8"),
+        # Upstreams reading the first value would disagree with a decision on the last.
+        pytest.param(
+            b"X-License-Key: {key}\r\nX-User-Role: standard\r\nX-User-Role: owner\r\n",
+            "more than one role",
+            id="role-twice",
+        ),
+        pytest.param(
+            b"X-License-Key: {key}\r\nx-user-role: owner\r\nX-USER-ROLE: owner\r\n",
+            "more than one role",
+            id="role-case-variants",
+        ),
+        pytest.param(
+            b"X-License-Key: {key}\r\nX-User-Id: u1\r\nX-User-Id: u2\r\n",
+            "more than one user",
+            id="user-twice",
+        ),
         pytest.param(b"X-Tenant-Id: \xed\xa0\x80\r\n", "not UTF-8", id="tenant-surrogate"),
     ],
 )
@@ -317,6 +343,158 @@ async def test_ambiguous_identity_headers_are_400(
     assert reply.status == 400, reply
     assert reply.code == "bad_header"
     assert detail in reply.problem()["detail"]
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "detail"),
+    [
+        pytest.param(b"GET /api/v1/shipments HTTP/1.1\r\n", 400, "no Host", id="none"),
+        pytest.param(
+            b"GET /api/v1/shipments HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n",
+            400,
+            "more than one Host",
+            id="two",
+        ),
+        pytest.param(
+            b"GET /api/v1/shipments HTTP/1.1\r\nhost: a.test\r\nHOST: a.test\r\n",
+            400,
+            "more than one Host",
+            id="two-equal",
+        ),
+        pytest.param(
+            b"GET /api/v1/shipments HTTP/1.0\r\nHost: a.test\r\nHost: b.test\r\n",
+            400,
+            "more than one Host",
+            id="two-http10",
+        ),
+        pytest.param(b"GET /api/v1/shipments HTTP/1.0\r\n", 200, None, id="none-http10"),
+        pytest.param(b"GET /xdispatch/orders HTTP/1.1\r\n", 400, "no Host", id="none-classic-path"),
+    ],
+)
+async def test_host_header_must_appear_exactly_once(
+    gateway: Gateway,
+    upstream: RecordingUpstream,
+    core_key: str,
+    raw: bytes,
+    status: int,
+    detail: str | None,
+) -> None:
+    """RFC 9112 §3.2: an HTTP/1.1 request needs one Host; no request may have two (an
+    upstream and a virtual-host router could each pick another)."""
+    raw += b"X-License-Key: %s\r\n\r\n" % core_key.encode()
+    reply = await exchange(gateway.listen["operations"], raw)
+    assert reply.status == status, reply
+    if detail is None:
+        assert len(upstream.complete()) == 1
+        return
+    assert reply.code == "bad_header"
+    assert detail in reply.problem()["detail"]
+    assert upstream.requests == []
+
+
+async def test_repeated_x_forwarded_for_headers_are_combined_in_order(
+    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+) -> None:
+    headers = (
+        b"X-Forwarded-For: 203.0.113.1\r\nX-Note: between\r\n"
+        b"x-forwarded-for: 198.51.100.2, 192.0.2.3\r\n"
+    )
+    reply = await exchange(
+        gateway.listen["operations"],
+        request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=headers),
+    )
+    assert reply.status == 200, reply
+    (seen,) = upstream.complete()
+    assert seen.header("X-Forwarded-For") == ["203.0.113.1, 198.51.100.2, 192.0.2.3, 127.0.0.1"]
+
+
+WEBSOCKET = b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(
+            b"Connection: Upgrade, X-Entitlement-Tier\r\nUpgrade: websocket\r\n",
+            id="entitlement-token",
+        ),
+        pytest.param(
+            b"Connection: keep-alive, Upgrade, X-Forwarded-For\r\nUpgrade: WebSocket\r\n",
+            id="mixed-tokens",
+        ),
+        pytest.param(
+            b"Connection: Upgrade\r\nConnection: X-Entitlement-Features\r\nUpgrade: websocket\r\n",
+            id="two-connection-headers",
+        ),
+    ],
+)
+async def test_websocket_upgrade_forwards_only_connection_upgrade(
+    gateway: Gateway, upstream: RecordingUpstream, matrix: TierMatrix, core_key: str, headers: bytes
+) -> None:
+    """A further hop (a proxy inside the app) would drop the headers the client lists in
+    Connection, the gateway's X-Entitlement-* among them."""
+    raw = request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=headers + WEBSOCKET)
+    await converse(gateway.listen["operations"], raw, until_closed=True)
+    assert upstream.requests, "the upgrade request was not forwarded"
+    for seen in upstream.requests:
+        assert seen.header("Connection") == ["Upgrade"]
+        assert seen.header("Upgrade") == ["websocket"]
+        assert entitlement_headers(seen) == expected_entitlements(matrix, "tenant-1", "core")
+
+
+async def test_several_upgrade_headers_are_one_list_and_not_a_websocket_upgrade(
+    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+) -> None:
+    """``Upgrade: h2c`` then ``Upgrade: websocket`` is the list "h2c, websocket": an
+    upstream reading the first would switch to h2c, a tunnel the gateway cannot check."""
+    headers = b"Connection: Upgrade\r\nUpgrade: h2c\r\nUpgrade: websocket\r\n" + WEBSOCKET
+    reply = await exchange(
+        gateway.listen["operations"],
+        request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=headers),
+    )
+    assert reply.status == 200, reply
+    (seen,) = upstream.complete()
+    assert seen.header("Upgrade") == [] and seen.header("Connection") == []
+
+
+# ---------------------------------------------------------------- a key and a tenant header
+
+
+@pytest.mark.parametrize(
+    ("tenant", "key_tenant", "status"),
+    [
+        pytest.param(b"acme", "tenant-1", 403, id="another-tenants-key"),
+        pytest.param(b"tenant-1", "acme", 403, id="borrowed-key-of-a-stored-tenant"),
+        pytest.param(b"ACME", "acme", 403, id="case-differs"),
+        pytest.param(b"acme", "acme", 200, id="same-tenant"),
+    ],
+)
+async def test_license_key_for_another_tenant_than_the_tenant_header_is_403(
+    gateway: Gateway,
+    upstream: RecordingUpstream,
+    issue_key: IssueKey,
+    tenant: bytes,
+    key_tenant: str,
+    status: int,
+) -> None:
+    """An upstream that scopes data by X-Tenant-Id must never see it next to the
+    entitlements of another tenant's key."""
+    key = issue_key(tier="enterprise", sub=key_tenant)
+    reply = await exchange(
+        gateway.listen["operations"],
+        request(
+            b"GET /api/v1/itineraries HTTP/1.1",
+            key=key,
+            headers=b"X-Tenant-Id: " + tenant + b"\r\n",
+        ),
+    )
+    assert reply.status == status, reply
+    if status == 200:
+        (seen,) = upstream.complete()
+        assert seen.header("X-Entitlement-Tenant") == [key_tenant]
+        return
+    assert reply.code == "tenant_mismatch"
     assert upstream.requests == []
 
 
