@@ -13,15 +13,17 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
 from gateway.decision import Policy
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.jwks import JwksError, parse_jwks, read_jwks_file
 from gateway.license import DEFAULT_CLASSIC_PATTERN, ClassicKeys, KeyRing
 from gateway.matrix import APP_NAMES, AppName, TierMatrix, build_matrix
-from gateway.routes import PathCase, RouteTable, build_routes
+from gateway.peers import parse_network
+from gateway.routes import ROLES, PathCase, RouteTable, build_routes
 from gateway.sinks import sink_problem
 from gateway.tomlfile import TomlDocument
 
@@ -129,6 +131,38 @@ class SeatSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_header: str | None = None  # names the API client in usage metering
 
 
+ALGORITHMS: Final = ("RS256", "ES256", "EdDSA")  # for bearer tokens; never none or HS*
+UNCONFIGURED_WARNING: Final = (
+    "no [identity] section: headers trusted from any peer (tenant, user and role headers "
+    'decide plans and roles; set mode = "headers" with trusted_peers, or mode = "jwt")'
+)
+
+
+class IdentitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[identity]`` (README, Identity): who is asking, from headers or bearer tokens."""
+
+    mode: Literal["headers", "jwt"]
+    tenant_mismatch: Literal["refuse", "allow"] = "refuse"  # license sub vs identified tenant
+    # mode = "headers"
+    trusted_peers: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    # mode = "jwt"
+    header: str = "Authorization"
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    algorithms: tuple[str, ...] = ALGORITHMS
+    clock_skew_seconds: int = 60
+    tenant_claim: str = "tenant"
+    user_claim: str = "sub"
+    role_claim: str = "role"
+    role_map: dict[str, str] = {}
+    jwks_timeout_seconds: float = 5.0
+    jwks_refresh_seconds: float = 300.0
+    jwks_min_refresh_seconds: float = 10.0  # between refreshes asked for by unknown kids
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     apps: dict[AppName, AppSettings]
     files: Files = Files()
@@ -140,6 +174,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     entitlements: EntitlementsApi = EntitlementsApi()
     server: ServerSettings = ServerSettings()
     seats: SeatSettings = SeatSettings()
+    identity: IdentitySettings | None = None  # None: headers trusted from any peer
 
 
 class Config:
@@ -200,16 +235,20 @@ def _read_settings(path: Path) -> tuple[TomlDocument, Settings | None]:
     line; the problems stay in the returned document."""
     doc = TomlDocument.read(path)
     data = doc.data
-    for unknown in sorted(set(data) - {"apps", *_SECTIONS}):
+    for unknown in sorted(set(data) - {"apps", "identity", *_SECTIONS}):
         doc.problem(
             unknown,
-            f"unknown section (expected apps, {', '.join(_SECTIONS)})",
+            f"unknown section (expected apps, {', '.join(_SECTIONS)}, identity)",
             line=doc.line_of_key(unknown),
         )
     sections: dict[str, Any] = {}
     for name, type_ in _SECTIONS.items():
         converted = doc.convert(data.get(name, {}), type_, key=name, header=f"[{name}]")
         sections[name] = converted if converted is not None else type_()
+    if "identity" in data:  # optional, and without defaults: mode must be chosen
+        sections["identity"] = doc.convert(
+            data["identity"], IdentitySettings, key="identity", header="[identity]"
+        )
     apps: dict[AppName, AppSettings] = {}
     raw_apps = data.get("apps", {})
     if not isinstance(raw_apps, dict):
@@ -301,6 +340,8 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
         )
     _check_seats(doc, settings.seats)
     _check_spools(doc, settings)
+    if settings.identity is not None:
+        _check_identity(doc, settings.identity, lic)
 
 
 def _check_spools(doc: TomlDocument, settings: Settings) -> None:
@@ -345,6 +386,93 @@ def _check_seats(doc: TomlDocument, seats: SeatSettings) -> None:
         doc.problem("seats.client_header", "not a valid header name", header="[seats]")
 
 
+_HEADERS_ONLY = ("trusted_peers", "trusted_proxies")
+_JWT_ONLY = tuple(
+    name
+    for name in IdentitySettings.__struct_fields__
+    if name not in (*_HEADERS_ONLY, "mode", "tenant_mismatch")
+)
+
+
+def _check_identity(doc: TomlDocument, ident: IdentitySettings, lic: LicenseSettings) -> None:
+    found: list[tuple[str, str]] = []
+    other, mode = (_JWT_ONLY, "jwt") if ident.mode == "headers" else (_HEADERS_ONLY, "headers")
+    found += [
+        (key, f'only used with mode = "{mode}"') for key in other if key in doc.data["identity"]
+    ]
+    if ident.mode == "headers":
+        if not ident.trusted_peers:
+            why = 'required with mode = "headers": where the identity headers come from'
+            found.append(("trusted_peers", why + ', e.g. ["10.0.0.5/32"]'))
+        for key in _HEADERS_ONLY:
+            for text in getattr(ident, key):
+                try:
+                    parse_network(text)
+                except ValueError as exc:
+                    found.append((key, f"{text!r} is not an address or network: {exc}"))
+    else:
+        found += _jwt_problems(ident, lic)
+    for key, message in found:
+        doc.problem(f"identity.{key}", message, header="[identity]")
+
+
+def _jwt_problems(ident: IdentitySettings, lic: LicenseSettings) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if (ident.jwks_url is None) == (ident.jwks_file is None):
+        found.append(("jwks_url", 'exactly one of jwks_url and jwks_file with mode = "jwt"'))
+    if ident.jwks_url is not None and not ident.jwks_url.startswith(("https://", "http://")):
+        found.append(("jwks_url", "must be an https:// (or http://) URL"))
+    for key in ("issuer", "audience"):
+        if not getattr(ident, key):
+            found.append((key, f'required with mode = "jwt": every token\'s {key} must match'))
+    if not ident.algorithms:
+        found.append(("algorithms", f"at least one of {', '.join(ALGORITHMS)}"))
+    for alg in ident.algorithms:
+        if alg.lower() == "none":
+            why = "refused: unsigned tokens would be accepted"
+        elif alg.upper().startswith("HS"):
+            why = "refused: with a shared secret, whoever holds the provider's public key signs"
+        elif alg not in ALGORITHMS:
+            why = f"not supported (use {', '.join(ALGORITHMS)})"
+        else:
+            continue
+        found.append(("algorithms", f"{alg!r} is {why}"))
+    reserved = {
+        h.lower() for h in (lic.header, lic.tenant_header, lic.user_header, lic.role_header)
+    }
+    if not _HEADER.match(ident.header):
+        found.append(("header", "not a valid header name"))
+    elif ident.header.lower() in reserved:
+        found.append(("header", "already read by [license] for another purpose"))
+    found += [
+        (k, "must not be empty")
+        for k in ("tenant_claim", "user_claim", "role_claim")
+        if not getattr(ident, k)
+    ]
+    for value, role in ident.role_map.items():
+        if role not in ROLES:
+            found.append(("role_map", f"{value!r} maps to {role!r}, not one of {', '.join(ROLES)}"))
+    checks = [
+        ("clock_skew_seconds", ident.clock_skew_seconds >= 0, "must not be negative"),
+        ("jwks_timeout_seconds", ident.jwks_timeout_seconds > 0, "must be > 0"),
+        ("jwks_refresh_seconds", ident.jwks_refresh_seconds > 0, "must be > 0"),
+        ("jwks_min_refresh_seconds", ident.jwks_min_refresh_seconds >= 0, "must not be negative"),
+    ]
+    return found + [(key, message) for key, ok, message in checks if not ok]
+
+
+def _jwks_file_problem(settings: Settings, base: Path) -> ConfigProblem | None:
+    """``jwks_file`` is read and parsed now, so ``gateway check`` finds a broken one."""
+    ident = settings.identity
+    if ident is None or ident.mode != "jwt" or ident.jwks_file is None:
+        return None
+    try:
+        parse_jwks(read_jwks_file(base / ident.jwks_file), frozenset(ident.algorithms))
+    except JwksError as exc:
+        return ConfigProblem(str(base / "gateway.toml"), "identity.jwks_file", str(exc))
+    return None
+
+
 def load_config(path: Path) -> Config:
     """Load ``gateway.toml`` and the files it names; ``ConfigError`` lists every problem
     in every file (a broken file never hides the problems of another)."""
@@ -356,6 +484,8 @@ def load_config(path: Path) -> Config:
         public_keys = (lic or LicenseSettings()).public_keys
     else:
         files, public_keys = settings.files, settings.license.public_keys
+        jwks = _jwks_file_problem(settings, path.parent)
+        problems += [jwks] if jwks is not None else []
     base = path.parent
     matrix: TierMatrix | None = None
     routes: RouteTable | None = None
@@ -435,6 +565,22 @@ def config_warnings(config: Config) -> list[str]:
                 )
     if not config.keyring.keys:
         found.append("no public keys: every signed license will be refused")
+    return found + _identity_warnings(config.settings)
+
+
+def _identity_warnings(settings: Settings) -> list[str]:
+    ident = settings.identity
+    if ident is None:
+        return [UNCONFIGURED_WARNING]
+    found: list[str] = []
+    for text in ident.trusted_peers if ident.mode == "headers" else ():
+        if parse_network(text).prefixlen == 0:
+            found.append(f"identity.trusted_peers: {text} trusts every address")
+    if ident.mode == "jwt" and (ident.jwks_url or "").startswith("http://"):
+        found.append(
+            "identity.jwks_url is plain http: whoever can alter the traffic can swap the "
+            "provider's keys and sign any identity"
+        )
     return found
 
 

@@ -64,4 +64,19 @@ class RequestError(Exception):
         self.title = title
         self.detail = detail
         self.headers = headers
+
+
+class IdentityError(Exception):
+    """Who is asking could not be established, or is not who the license says.
+
+    ``code`` is stable: ``identity_untrusted`` and ``identity_invalid`` (401),
+    ``tenant_mismatch`` (403), or ``bad_header`` (400). Like ``LicenseError`` on the request
+    path, it is returned as a value (never raised there), so the common failures are built
+    once and shared."""
+
+    def __init__(self, code: str, status: int, title: str, detail: str) -> None:
+        self.code = code
+        self.status = status
+        self.title = title
+        self.detail = detail
         super().__init__(f"{code}: {detail}")

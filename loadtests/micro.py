@@ -10,6 +10,9 @@
 * RSS of a fresh process before and after caching 100,000 tenant licenses;
 * the seat holder check (``SeatBook.check`` for a known holder, 10,000 holders cached) and
   the usage count (``UsageMeter.count``) that an allowed request adds.
+* the per-request cost of ``Identifier.identify``: headers mode from a trusted peer (direct,
+  and through a trusted proxy), and jwt mode with a token already verified (cache hit), next
+  to a token's first verification.
 
 Timings are ``time.perf_counter_ns`` loops; each figure is the median of several rounds.
 ``bench.py`` runs this (pinned to CPU 0) and puts the results into ``RESULTS.md``.
@@ -436,6 +439,70 @@ def bench_ed25519(world: World, fleet: str, rounds: int) -> dict[str, dict[str, 
     return {"verify_cold": summary(cold), "cache_hit": summary(hit)}
 
 
+def bench_identity(rounds: int, calls: int) -> dict[str, dict[str, float]]:
+    """µs per ``Identifier.identify`` call, as the relay will make it (bytes in)."""
+    import jwt
+    import msgspec
+    from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+    from jwt.algorithms import ECAlgorithm
+
+    from gateway.config import IdentitySettings
+    from gateway.identity import Identifier, Identity
+
+    names = ("X-Tenant-Id", "X-User-Id", "X-User-Role")
+    headers_mode = msgspec.convert(
+        {"mode": "headers", "trusted_peers": ["10.0.0.5"], "trusted_proxies": ["10.1.0.0/16"]},
+        IdentitySettings,
+    )
+    by_headers = Identifier(headers_mode, names, REPO)
+
+    def trusted(peer: tuple[bytes, bytes | None]) -> object:
+        return by_headers.identify(
+            peer[0], peer[1], b"t1", b"u1", b"admin", None, has_license=False, now=0.0
+        )
+
+    out = {
+        "headers_trusted_peer": summary(
+            per_call_us(trusted, [(b"10.0.0.5", None)] * calls, rounds)
+        ),
+        "headers_via_proxy": summary(
+            per_call_us(trusted, [(b"10.1.0.9", b"203.0.113.7, 10.0.0.5")] * calls, rounds)
+        ),
+    }
+    key = generate_private_key(SECP256R1())
+    jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True) | {"kid": "bench"}
+    with tempfile.TemporaryDirectory(prefix="gateway-identity-") as tmp:
+        Path(tmp, "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+        jwt_mode = msgspec.convert(
+            {"mode": "jwt", "jwks_file": "jwks.json", "issuer": "bench", "audience": "gw"},
+            IdentitySettings,
+        )
+        by_token = Identifier(jwt_mode, names, Path(tmp))
+        asyncio.run(by_token.start())
+        now = int(time.time())
+        claims = {"iss": "bench", "aud": "gw", "exp": now + 3600, "tenant": "t1", "sub": "u1"}
+        per_round = 1_000
+        tokens = [
+            b"Bearer " + jwt.encode(claims | {"n": n}, key, "ES256", {"kid": "bench"}).encode()
+            for n in range(per_round * rounds)
+        ]
+
+        def identify(token: bytes) -> object:
+            found = by_token.identify(
+                b"", None, None, None, None, token, has_license=False, now=time.time()
+            )
+            assert isinstance(found, Identity), found
+            return found
+
+        first: list[float] = []
+        for start in range(0, len(tokens), per_round):  # never-seen tokens in every round
+            first += per_call_us(identify, tokens[start : start + per_round], 1)
+        out["jwt_first_verification_es256"] = summary(first)
+        out["jwt_cached_token"] = summary(per_call_us(identify, [tokens[0]] * calls, rounds))
+        asyncio.run(by_token.stop())
+    return out
+
+
 def bench_flood(
     world: World, fleet: str, rounds: int, valid_per_round: int
 ) -> dict[str, dict[str, Any]]:
@@ -618,6 +685,7 @@ def run(quick: bool) -> dict[str, Any]:
         results["ed25519"] = bench_ed25519(world, tokens["fleet"], rounds)
         results["flood"] = bench_flood(world, tokens["fleet"], rounds, 600 if quick else 2_000)
         results["seats"] = bench_seats(rounds, calls)
+        results["identity"] = bench_identity(rounds, calls)
         world.events.close()
     results["rss"] = bench_rss(20_000 if quick else 100_000)
     return results
@@ -704,6 +772,17 @@ def render(results: dict[str, Any]) -> str:
         f"{seats['count']['median'] - loop:.3f} µs |",
         f"| no-op call (the loop) | {_us(seats['loop'])} | — |",
     ]
+    identity = results.get("identity")
+    if identity:
+        lines += [
+            "",
+            "**Identity** — `Identifier.identify` per request (README, Identity):",
+            "",
+            "| case | µs per call |",
+            "|---|---|",
+        ]
+        for name, stat in identity.items():
+            lines.append(f"| {name.replace('_', ' ')} | {_us(stat)} |")
     rss = results["rss"]
     delta = rss["rss_after_kib"] - rss["rss_before_kib"]
     lines += [
