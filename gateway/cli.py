@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from gateway import report_cli
+from gateway import replay_cli, report_cli
 from gateway.config import Config, config_warnings, load_config
 from gateway.decision import Decision, decide, expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
@@ -156,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--role", choices=ROLES)
     explain.add_argument("--json", action="store_true")
     report_cli.add_parsers(commands)
+    replay_cli.add_parsers(commands)
     return parser
 
 
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "tenant": _tenant,
         "report": report_cli.run,
+        "replay": replay_cli.run,
     }
     try:
         return handlers[args.command](args)
