@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway import report_cli, routes_cli
+from gateway import replay_cli, report_cli, routes_cli
 from gateway.config import Config, config_warnings, load_config
 from gateway.decision import expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
@@ -159,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--role", choices=ROLES)
     explain.add_argument("--json", action="store_true")
     report_cli.add_parsers(commands)
+    replay_cli.add_parsers(commands)
     routes_cli.add_parsers(commands)
 
     from gateway import ops_cli  # here, not at the top: ops_cli imports this module
@@ -178,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tenant": _tenant,
         "report": report_cli.run,
         **routes_cli.HANDLERS,
+        "replay": replay_cli.run,
     }
     handler = getattr(args, "handler", None) or handlers[args.command]  # verbs of other modules
     try:

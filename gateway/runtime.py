@@ -79,9 +79,14 @@ def events_sink(config: Config) -> str:
 
 
 class Runtime:
-    def __init__(self, config_path: Path, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config_path: Path, *, reuse_port: bool = False, config: Config | None = None
+    ) -> None:
         self.config_path = config_path
         self.reuse_port = reuse_port
+        # Loaded by the caller (``gateway replay`` moves the listeners and the upstream of
+        # the file it was given); None: ``start`` loads config_path.
+        self._preloaded = config
         self.metrics = Metrics()
         self.tracker = Tracker()
         self.pools: dict[AppName, UpstreamPool] = {}
@@ -98,7 +103,7 @@ class Runtime:
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
         require_c_parsers()
-        config = load_config(self.config_path)
+        config = self._preloaded or load_config(self.config_path)
         self.config = config
         settings = config.settings
         self.events = EventLog(
