@@ -253,8 +253,11 @@ class Runtime:
                 return False
             self.shared.swap_rules(matrix, routes)
             if set(keyring.keys) != set(self.shared.licenses.keyring.keys):
-                self.shared.licenses.keyring = keyring
+                # One ring is shared by the license cache and the store (which verifies the
+                # keys it holds): swap its keys, so both follow a rotation.
+                self.shared.licenses.keyring.keys = keyring.keys
                 self.shared.licenses.clear()
+                self.shared.tenants.invalidate()
             self.metrics.reload_ok.inc()
             log.info("reload (%s): routes %s, matrix %s", why, routes.sha, matrix.sha)
             return True
