@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.audit import AuditLog
 from gateway.enforcer import PROBLEM_TYPE
 from gateway.metrics import multiprocess_dir
 from gateway.provision import (
@@ -114,6 +115,7 @@ async def provision(request: web.Request) -> web.Response:
         )
         event = parse_event(body)
         shared = runtime.shared
+        audit_log = runtime.config.settings.audit.log
         try:
             applied = await apply_event(
                 event,
@@ -122,6 +124,7 @@ async def provision(request: web.Request) -> web.Response:
                 shared.rules.matrix,
                 runtime.events,
                 shared.rules.revision,
+                AuditLog(runtime.config.resolve(audit_log)) if audit_log else None,
             )
         except StoreError as exc:
             runtime.metrics.store_errors.labels(op="provision").inc()

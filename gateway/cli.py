@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import audit_cli
 from gateway.config import Config, load_config
 from gateway.decision import Decision, decide, expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
@@ -134,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         revoke,
     ):
         verb_parser.add_argument("--config", type=Path, default=Path("gateway.toml"))
+    for verb in ("suspend", "reinstate", "usage", "revoke"):
+        audit_cli.add_options(tenant.choices[verb])
 
     serve = commands.add_parser("serve", help="run the gateway (listeners + admin)")
     serve.add_argument("--config", type=Path, default=Path("gateway.toml"))
@@ -154,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--addon", action="append", default=[], metavar="NAME")
     explain.add_argument("--role", choices=ROLES)
     explain.add_argument("--json", action="store_true")
+    audit_cli.add_parsers(commands)
     return parser
 
 
@@ -167,8 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "tenant": _tenant,
     }
+    # Verbs of the *_cli modules name their own handler (set_defaults(handler=...)).
+    handler = getattr(args, "handler", None) or handlers[args.command]
     try:
-        return handlers[args.command](args)
+        return int(handler(args))
     except ConfigError as exc:
         print(f"gateway: configuration invalid ({len(exc.problems)} problems):", file=sys.stderr)
         for problem in exc.problems:
@@ -230,17 +236,25 @@ async def _tenant_verb(args: argparse.Namespace, config: Config, store: Any) -> 
             f"{result.keys_unchanged} already present, {len(result.problems)} problems"
         )
         return EXIT_INVALID if result.problems else EXIT_OK
+    audit_log = config.resolve(config.settings.audit.log) if config.settings.audit.log else None
     if verb in ("suspend", "reinstate"):
         changed = await store.set_suspended(args.tenant_id, verb == "suspend")
+        if changed:
+            audit_cli.record(args, audit_log, action=verb, tenant=args.tenant_id)
         done = "suspended" if verb == "suspend" else "reinstated"
         print(f"{args.tenant_id}: {done}" if changed else f"{args.tenant_id}: no change")
         return EXIT_OK
     if verb == "usage":
         await store.set_usage(args.tenant_id, args.ops_users, args.drivers)
+        audit_cli.record(args, audit_log, action="seat_change", tenant=args.tenant_id,
+                         detail={"ops_users": args.ops_users, "drivers": args.drivers})  # fmt: skip
         print(f"{args.tenant_id}: {args.ops_users} ops users, {args.drivers} drivers in use")
         return EXIT_OK
     if verb == "revoke":
         changed = await store.revoke(args.tenant_id, args.license_id)
+        if changed:
+            audit_cli.record(args, audit_log, action="revoke", tenant=args.tenant_id,
+                             license_id=args.license_id)  # fmt: skip
         print(f"{args.tenant_id}: {args.license_id} revoked" if changed else "no change")
         return EXIT_OK
     record = await store.get(args.tenant_id)
@@ -345,6 +359,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  note: features with no route: {', '.join(unrouted)}")
     if not config.keyring.keys:
         print("  warning: no public keys: every signed license will be refused")
+    if config.settings.audit.log is None:
+        print("  note: no [audit] log: provisioning calls are not recorded in an audit trail")
     return EXIT_OK
 
 

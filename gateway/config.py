@@ -87,6 +87,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reload_poll_interval: float = 1.0  # seconds between checks of routes/matrix files
 
 
+class AuditSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    log: str | None = None  # the hash-chained audit log (gateway.audit); None: not kept
+
+
 class EntitlementsApi(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefix: str = "/_entitlements"
 
@@ -100,6 +104,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events: EventSettings = EventSettings()
     entitlements: EntitlementsApi = EntitlementsApi()
     server: ServerSettings = ServerSettings()
+    audit: AuditSettings = AuditSettings()
 
 
 class Config:
@@ -141,6 +146,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "events": EventSettings,
     "entitlements": EntitlementsApi,
     "server": ServerSettings,
+    "audit": AuditSettings,
 }
 
 
@@ -250,6 +256,9 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
             "expected memory://, sqlite:///path, redis://host:port/db or rediss:// (TLS)",
             header="[store]",
         )
+    audit_log = settings.audit.log
+    if audit_log is not None and not (doc.path.parent / audit_log).parent.is_dir():
+        doc.problem("audit.log", "its folder does not exist", header="[audit]")
     if not settings.events.sink.startswith(("stdout:", "file://")):
         doc.problem(
             "events.sink",
