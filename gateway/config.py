@@ -62,6 +62,10 @@ class LicenseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Ed25519 checks of never-seen keys per second per process (0: unlimited); past it a
     # new key gets 503 license_check_busy + Retry-After, cached keys are unaffected.
     max_verifications_per_second: float = 2000.0
+    # "file": revoked license ids also come from a signed list (gateway.revocations), for
+    # gateways that share no store.
+    revocation_list: Literal["store", "file"] = "store"
+    revocation_file: str = "revoked.jws"
 
 
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

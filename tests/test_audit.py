@@ -165,6 +165,33 @@ def test_tenant_verbs_write_audit_lines(
     assert parsed[3]["detail"] == {"ops_users": 2, "drivers": 3}
 
 
+def test_license_issue_writes_an_audit_line(tmp_path: Path, key_dir: Path, capsys: Capture) -> None:
+    log = tmp_path / "audit.jsonl"
+    argv = ["license", "issue", "--signing-key", str(key_dir / "test.key"), "--tenant", "acme",
+            "--tier", "fleet", "--audit-log", str(log), "--reason", "DEAL-7"]  # fmt: skip
+    assert main(argv) == 0
+    key = capsys.readouterr().out.strip()
+    (line,) = [json.loads(raw) for raw in lines_of(log)]
+    assert (line["action"], line["tenant"], line["tier"], line["reason"]) == (
+        "issue", "acme", "fleet", "DEAL-7",
+    )  # fmt: skip
+    assert line["kid"] == "test" and line["actor"]
+    from gateway.license import fingerprint
+
+    assert line["fingerprint"] == fingerprint(key)
+
+
+def test_license_issue_refuses_when_the_audit_log_cannot_be_written(
+    tmp_path: Path, key_dir: Path, capsys: Capture
+) -> None:
+    (tmp_path / "audit.jsonl").mkdir()
+    argv = ["license", "issue", "--signing-key", str(key_dir / "test.key"), "--tenant", "acme",
+            "--tier", "fleet", "--audit-log", str(tmp_path / "audit.jsonl")]  # fmt: skip
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "audit log" in err
+
+
 async def test_the_provisioning_hook_writes_audit_lines(
     tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
 ) -> None:

@@ -9,7 +9,6 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from gateway.matrix import APP_NAMES
 from gateway.provision import ProvisionError, parse_event, sign, verify_signature
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, running_gateway
-from tests.redis_server import RedisServer, RedisServerError
+from tests.redis_server import RedisServer
 
 SECRET = "billing-shared-secret"
 OPTIMIZE = "/api/v1/shipments/1/optimize"
@@ -30,16 +29,6 @@ OPTIMIZE = "/api/v1/shipments/1/optimize"
 @pytest.fixture(autouse=True)
 def provision_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    try:
-        server = RedisServer.start(tmp_path / "redis")
-    except RedisServerError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
 
 
 def ports_of(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
