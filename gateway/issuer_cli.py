@@ -17,15 +17,19 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from gateway.audit import os_user
 from gateway.audit_cli import add_options, record, write
 from gateway.issuing import BadOrder, Terms, build, issued_record, parse_when
 from gateway.ledger import Ledger, serial_floor
 from gateway.license import Seats, load_signing_key
-from gateway.skus import OrderRefused, Plan, SkuLine, check_plan, resolve
+from gateway.skus import OrderRefused, Plan, SkuLine, catalog_of, check_plan, resolve
+
+if TYPE_CHECKING:
+    from gateway.issuer_config import IssuerConfig
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -110,70 +114,80 @@ def add_issue_parser(lic: Any) -> None:
     issue.set_defaults(handler=_issue)
 
 
-def _issue(args: argparse.Namespace) -> int:
-    from gateway.cli import UsageError
+class _Sources:
+    """Where ``license issue`` takes its key, matrix, SKUs, ledger and audit log from."""
 
-    issuer_config = None
-    matrix = catalog = None
-    audit_path: Path | None = None
-    if args.issuer_config is not None:
-        from gateway.issuer_config import load_issuer_config
-        from gateway.signing_keys import signing_key
-
-        issuer_config = load_issuer_config(args.issuer_config)
-        matrix, catalog = issuer_config.matrix, issuer_config.catalog
-        audit_path = issuer_config.audit_path
-        key, kid = signing_key(issuer_config.keys_dir)
-        if args.serial is not None:
-            raise UsageError("--serial cannot be used with --issuer-config (the ledger numbers)")
-    else:
-        key, kid = load_signing_key(args.signing_key)
-        if args.config is None:  # never sign a plan no matrix has checked
-            args.config = Path("gateway.toml")
-            if not args.config.is_file():
-                raise UsageError(
-                    "no matrix to check the plan against: give --config gateway.toml "
-                    "(or --issuer-config issuer.toml)"
-                )
-    if args.config is not None:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from gateway.cli import UsageError
         from gateway.config import load_config
-        from gateway.skus import catalog_of
         from gateway.tomlfile import TomlDocument
 
-        config = load_config(args.config)
-        matrix = matrix or config.matrix
-        path = config.resolve(config.settings.files.tier_matrix)
-        catalog = catalog if catalog is not None else catalog_of(TomlDocument.read(path))
-        if config.settings.audit.log and audit_path is None:
-            audit_path = config.resolve(config.settings.audit.log)
+        self.issuer: IssuerConfig | None = None
+        self.audit: Path | None = None
+        if args.issuer_config is not None:
+            from gateway.issuer_config import load_issuer_config
+            from gateway.signing_keys import signing_key
+
+            self.issuer = load_issuer_config(args.issuer_config)
+            self.matrix, self.catalog = self.issuer.matrix, self.issuer.catalog
+            self.audit = self.issuer.audit_path
+            self.key, self.kid = signing_key(self.issuer.keys_dir)
+            if args.serial is not None:
+                raise UsageError(
+                    "--serial cannot be used with --issuer-config (the ledger numbers)"
+                )
+            return
+        self.key, self.kid = load_signing_key(args.signing_key)
+        path = args.config or Path("gateway.toml")  # never sign a plan no matrix has checked
+        if args.config is None and not path.is_file():
+            raise UsageError(
+                "no matrix to check the plan against: give --config gateway.toml "
+                "(or --issuer-config issuer.toml)"
+            )
+        config = load_config(path)
+        self.matrix = config.matrix
+        self.catalog = catalog_of(
+            TomlDocument.read(config.resolve(config.settings.files.tier_matrix))
+        )
+        if config.settings.audit.log:
+            self.audit = config.resolve(config.settings.audit.log)
+
+
+def _plan(args: argparse.Namespace, sources: _Sources) -> Plan:
+    """The plan the flags describe, checked against the matrix (``UsageError`` if not sold)."""
+    from gateway.cli import UsageError
+
     if (args.ops_users is None) != (args.drivers is None):
         raise UsageError("--ops-users and --drivers go together (they replace the tier's seats)")
     if (args.grandfather_tier is None) != (args.grandfather_until is None):
         raise UsageError("--grandfather-tier and --grandfather-until go together")
-    if args.sku is not None:
-        if matrix is None or catalog is None:
-            raise UsageError("--sku needs a matrix: give --config gateway.toml or --issuer-config")
-        if args.addon:
-            raise UsageError("--addon goes with --tier; with --sku the SKUs name the add-ons")
-        try:
-            plan = resolve(catalog, matrix, args.sku)
-        except OrderRefused as exc:
-            raise UsageError(f"SKU {exc.sku!r} refused ({exc.rule}): {exc.detail}") from exc
-    else:
-        plan = Plan(args.tier, tuple(args.addon), None, None)
-        if matrix is not None:
-            try:
-                check_plan(matrix, args.tier, plan.addons)
-            except OrderRefused as exc:
-                raise UsageError(exc.detail) from exc
-    if matrix is not None and args.grandfather_tier is not None:
-        if args.grandfather_tier not in matrix.tiers:
-            raise UsageError(f"unknown grandfather tier {args.grandfather_tier!r}")
+    if args.grandfather_tier is not None and args.grandfather_tier not in sources.matrix.tiers:
+        raise UsageError(f"unknown grandfather tier {args.grandfather_tier!r}")
+    try:
+        if args.sku is not None:
+            if args.addon:
+                raise UsageError("--addon goes with --tier; with --sku the SKUs name the add-ons")
+            plan = resolve(sources.catalog, sources.matrix, args.sku)
+        else:
+            check_plan(sources.matrix, args.tier, tuple(args.addon))
+            plan = Plan(args.tier, tuple(args.addon), None, None)
+    except OrderRefused as exc:
+        sku = f"SKU {exc.sku!r} refused ({exc.rule}): " if exc.sku else ""
+        raise UsageError(sku + exc.detail) from exc
     if args.ops_users is not None:
         plan = msgspec.structs.replace(plan, seats=Seats(args.ops_users, args.drivers))
-    now = int(time.time())
-    if issuer_config is not None:
-        settings = issuer_config.settings.issuer
+    if args.days is not None or args.trial:  # an explicit --days, or a trial, beats a SKU's term
+        plan = msgspec.structs.replace(plan, days=None)
+    return plan
+
+
+def _issue(args: argparse.Namespace) -> int:
+    from gateway.cli import UsageError
+
+    sources = _Sources(args)
+    plan = _plan(args, sources)
+    if sources.issuer is not None:
+        settings = sources.issuer.settings.issuer
         default_days = settings.trial_days if args.trial else settings.default_days
         issuer_name = args.issuer or settings.name
     else:
@@ -182,8 +196,8 @@ def _issue(args: argparse.Namespace) -> int:
         tenant=args.tenant,
         plan=plan,
         issuer=issuer_name,
-        actor=args.actor or _user(),
-        now=now,
+        actor=args.actor or os_user(),
+        now=int(time.time()),
         starts_at=args.not_before,
         ends_at=args.expires,
         days=args.days if args.days is not None else default_days,
@@ -192,32 +206,24 @@ def _issue(args: argparse.Namespace) -> int:
         grandfather_tier=args.grandfather_tier,
         grandfather_until=args.grandfather_until,
     )
-    if args.days is not None:  # an explicit --days beats a SKU's term
-        terms = msgspec.structs.replace(terms, plan=msgspec.structs.replace(plan, days=None))
+    key, kid, matrix = sources.key, sources.kid, sources.matrix
     try:
-        if issuer_config is not None:
-            assert matrix is not None
-            lic, _ = Ledger(issuer_config.ledger_path).mint(
+        if sources.issuer is not None:
+            lic, _ = Ledger(sources.issuer.ledger_path).mint(
                 args.tenant,
                 lambda serial, held: build(terms, matrix, serial, held, key, kid),
-                lambda minted: write(args, audit_path, issued_record(minted, args.reason)),
+                lambda minted: write(args, sources.audit, issued_record(minted, args.reason)),
             )
             print(f"serial {lic.serial}, {lic.change}, license id {lic.license_id}",
                   file=sys.stderr)  # fmt: skip
         else:
             serial = args.serial if args.serial is not None else serial_floor(time.time())
             lic = build(terms, matrix, serial, (), key, kid)
-            write(args, audit_path, issued_record(lic, args.reason))
+            write(args, sources.audit, issued_record(lic, args.reason))
     except BadOrder as exc:
         raise UsageError(exc.detail) from exc
     print(lic.token)
     return EXIT_OK
-
-
-def _user() -> str:
-    from gateway.audit import os_user
-
-    return os_user()
 
 
 def _serve(args: argparse.Namespace) -> int:
