@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
+from gateway.audit import AuditLog
 from gateway.enforcer import PROBLEM_TYPE
 from gateway.metrics import multiprocess_dir, multiprocess_registry
 from gateway.provision import (
@@ -117,6 +118,7 @@ async def provision(request: web.Request) -> web.Response:
         )
         event = parse_event(body)
         shared = runtime.shared
+        audit_log = runtime.config.settings.audit.log
         try:
             applied = await apply_event(
                 event,
@@ -125,6 +127,7 @@ async def provision(request: web.Request) -> web.Response:
                 shared.rules.policy,
                 runtime.events,
                 shared.rules.revision,
+                AuditLog(runtime.config.resolve(audit_log)) if audit_log else None,
             )
         except StoreError as exc:
             runtime.metrics.store_errors.labels(op="provision").inc()

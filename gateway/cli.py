@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway import replay_cli, report_cli, routes_cli
+from gateway import audit_cli, issuer_cli, keys_cli, replay_cli, report_cli, routes_cli
 from gateway.config import Config, config_warnings, load_config
 from gateway.decision import expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
@@ -31,13 +31,9 @@ from gateway.explain import evaluate, explanation_document, explanation_lines, h
 from gateway.license import (
     ClassicKeys,
     KeyRing,
-    LicenseClaims,
-    Seats,
     decode_unverified,
     fingerprint,
     generate_keypair,
-    load_signing_key,
-    sign_license,
 )
 from gateway.matrix import APP_NAMES
 from gateway.routes import ROLES
@@ -52,17 +48,8 @@ class UsageError(Exception):
     """A command line that parses but cannot be carried out as given (exit 2)."""
 
 
-def _date(text: str) -> int:
-    """``YYYY-MM-DD`` or ``YYYY-MM-DDTHH:MM[:SS]`` (UTC) or unix seconds → unix seconds."""
-    if text.isdigit():
-        return int(text)
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use YYYY-MM-DD)") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp())
+# The one date syntax of every verb (YYYY-MM-DD[THH:MM[:SS]] UTC, or unix seconds).
+_date = issuer_cli._date
 
 
 def _iso(ts: int | float) -> str:
@@ -83,31 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     generate = keys.add_parser("generate", help="new Ed25519 key pair: <kid>.key and <kid>.pub")
     generate.add_argument("--out", type=Path, required=True, help="folder to write into")
     generate.add_argument("--kid", help="key id (default: k<YYYYMMDD>-<random>)")
+    keys_cli.add_parsers(keys)
 
     lic = commands.add_parser("license", help="license keys").add_subparsers(
         dest="license_command", required=True, metavar="VERB"
     )
-    issue = lic.add_parser("issue", help="sign a license key and print it")
-    issue.add_argument("--signing-key", type=Path, required=True)
-    issue.add_argument("--tenant", required=True, help="tenant id (custID)")
-    issue.add_argument("--tier", required=True)
-    issue.add_argument("--addon", action="append", default=[], metavar="NAME")
-    until = issue.add_mutually_exclusive_group()
-    until.add_argument("--days", type=int, help="valid for N days (default 365)")
-    until.add_argument("--expires", type=_date, metavar="DATE")
-    issue.add_argument("--not-before", type=_date, metavar="DATE")
-    issue.add_argument("--trial", action="store_true")
-    issue.add_argument("--ops-users", type=int)
-    issue.add_argument("--drivers", type=int)
-    issue.add_argument("--serial", type=int, help="default: current unix time (increasing)")
-    issue.add_argument("--issuer", default="gateway-cli")
-    issue.add_argument("--expiry", choices=["restrict", "revoke", "maintain"])
-    issue.add_argument("--grandfather-tier")
-    issue.add_argument("--grandfather-until", type=_date, metavar="DATE")
-    issue.add_argument(
-        "--config", type=Path, help="gateway.toml: check tier and add-ons against its matrix"
-    )
-
+    issuer_cli.add_issue_parser(lic)
     inspect = lic.add_parser("inspect", help="show a key's claims and validity")
     inspect.add_argument("key")
     inspect.add_argument("--public-keys", type=Path, help="folder of <kid>.pub to verify with")
@@ -138,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import seats_cli  # here, not at the top: it imports this module
 
     seats_cli.add_parsers(commands, tenant)
+    for verb in ("suspend", "reinstate", "usage", "revoke"):
+        audit_cli.add_options(tenant.choices[verb])
 
     serve = commands.add_parser("serve", help="run the gateway (listeners + admin)")
     serve.add_argument("--config", type=Path, default=Path("gateway.toml"))
@@ -165,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import ops_cli  # here, not at the top: ops_cli imports this module
 
     ops_cli.add_parsers(commands, tenant)
+    issuer_cli.add_parsers(commands)
+    audit_cli.add_parsers(commands)
     return parser
 
 
@@ -173,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "check": _check,
         "keys": _keys_generate,
-        "license": _license_issue if getattr(args, "license_command", "") == "issue" else _inspect,
+        "license": _inspect,
         "explain": _explain,
         "serve": _serve,
         "tenant": _tenant,
@@ -183,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     handler = getattr(args, "handler", None) or handlers[args.command]  # verbs of other modules
     try:
-        return handler(args)
+        return int(handler(args))
     except ConfigError as exc:
         print(f"gateway: configuration invalid ({len(exc.problems)} problems):", file=sys.stderr)
         for problem in exc.problems:
@@ -251,17 +223,25 @@ async def _tenant_verb(args: argparse.Namespace, config: Config, store: Any) -> 
             f"{result.keys_unchanged} already present, {len(result.problems)} problems"
         )
         return EXIT_INVALID if result.problems else EXIT_OK
+    audit_log = config.resolve(config.settings.audit.log) if config.settings.audit.log else None
     if verb in ("suspend", "reinstate"):
         changed = await store.set_suspended(args.tenant_id, verb == "suspend")
+        if changed:
+            audit_cli.record(args, audit_log, action=verb, tenant=args.tenant_id)
         done = "suspended" if verb == "suspend" else "reinstated"
         print(f"{args.tenant_id}: {done}" if changed else f"{args.tenant_id}: no change")
         return EXIT_OK
     if verb == "usage":
         await store.set_usage(args.tenant_id, args.ops_users, args.drivers)
+        audit_cli.record(args, audit_log, action="seat_change", tenant=args.tenant_id,
+                         detail={"ops_users": args.ops_users, "drivers": args.drivers})  # fmt: skip
         print(f"{args.tenant_id}: {args.ops_users} ops users, {args.drivers} drivers in use")
         return EXIT_OK
     if verb == "revoke":
         changed = await store.revoke(args.tenant_id, args.license_id)
+        if changed:
+            audit_cli.record(args, audit_log, action="revoke", tenant=args.tenant_id,
+                             license_id=args.license_id)  # fmt: skip
         print(f"{args.tenant_id}: {args.license_id} revoked" if changed else "no change")
         return EXIT_OK
     raise UsageError(f"unknown tenant verb {verb!r}")
@@ -308,7 +288,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from gateway.issuer_config import is_issuer_config, load_issuer_config
+    from gateway.revocations import check_config
+
+    if is_issuer_config(args.config):
+        issuer = load_issuer_config(args.config)
+        print(f"{args.config}: OK (issuer: {len(issuer.catalog)} SKUs, "
+              f"{len(issuer.settings.targets)} delivery targets)")  # fmt: skip
+        return EXIT_OK
     config = load_config(args.config)
+    problems = check_config(config)
+    if problems:
+        raise ConfigError(problems)
     warnings = config_warnings(config)
     failed = args.strict and warnings
     print(f"{args.config}: {'FAILED (--strict: warnings are errors)' if failed else 'OK'}")
@@ -320,6 +311,8 @@ def _check(args: argparse.Namespace) -> int:
         f"revision {config.matrix.sha}"
     )
     print(f"  public keys       {len(config.keyring.keys)} ({', '.join(config.keyring.keys)})")
+    if config.settings.audit.log is None:
+        print("  note: no [audit] log: provisioning calls are not recorded in an audit trail")
     for warning in warnings:
         print(f"  {'error' if failed else 'warning'}: {warning}")
     return EXIT_INVALID if failed else EXIT_OK
@@ -331,50 +324,6 @@ def _keys_generate(args: argparse.Namespace) -> int:
     print(f"private key: {private_path} (mode 0600; keep it with the issuing tool only)")
     print(f"public key:  {public_path} (copy into the gateway's license.public_keys folder)")
     print(f"kid:         {kid}")
-    return EXIT_OK
-
-
-def _license_issue(args: argparse.Namespace) -> int:
-    key, kid = load_signing_key(args.signing_key)
-    now = int(time.time())
-    nbf = args.not_before if args.not_before is not None else now
-    days = 365 if args.days is None else args.days
-    exp = args.expires if args.expires is not None else nbf + days * 86400
-    if exp <= nbf:
-        raise UsageError("the license would expire before it starts")
-    if (args.ops_users is None) != (args.drivers is None):
-        raise UsageError("--ops-users and --drivers go together (they replace the tier's seats)")
-    if (args.grandfather_tier is None) != (args.grandfather_until is None):
-        raise UsageError("--grandfather-tier and --grandfather-until go together")
-    if args.config is not None:
-        matrix = load_config(args.config).matrix
-        if args.tier not in matrix.tiers:
-            raise UsageError(f"unknown tier {args.tier!r} (known: {', '.join(matrix.tiers)})")
-        for addon in args.addon:
-            known = matrix.addons.get(addon)
-            if known is None:
-                raise UsageError(f"unknown add-on {addon!r} (known: {', '.join(matrix.addons)})")
-            if args.tier not in known.available_to:
-                raise UsageError(f"add-on {addon!r} is not available to tier {args.tier!r}")
-        if args.grandfather_tier is not None and args.grandfather_tier not in matrix.tiers:
-            raise UsageError(f"unknown grandfather tier {args.grandfather_tier!r}")
-    claims = LicenseClaims(
-        iss=args.issuer,
-        sub=args.tenant,
-        jti=str(uuid.uuid4()),
-        iat=now,
-        nbf=nbf,
-        exp=exp,
-        tier=args.tier,
-        serial=args.serial if args.serial is not None else now,
-        addons=tuple(args.addon),
-        seats=Seats(args.ops_users, args.drivers) if args.ops_users is not None else None,
-        trial=args.trial,
-        grandfather_until=args.grandfather_until,
-        grandfather_tier=args.grandfather_tier,
-        expiry=args.expiry,
-    )
-    print(sign_license(key, kid, claims))
     return EXIT_OK
 
 

@@ -72,6 +72,10 @@ class LicenseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Ed25519 checks of never-seen keys per second per process (0: unlimited); past it a
     # new key gets 503 license_check_busy + Retry-After, cached keys are unaffected.
     max_verifications_per_second: float = 2000.0
+    # "file": revoked license ids also come from a signed list (gateway.revocations), for
+    # gateways that share no store.
+    revocation_list: Literal["store", "file"] = "store"
+    revocation_file: str = "revoked.jws"
 
 
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -112,6 +116,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout: float = 10.0  # to receive a request head, once it has started
     body_timeout: float = 60.0  # longest pause inside a request body
     reload_poll_interval: float = 1.0  # seconds between checks of routes/matrix files
+
+
+class AuditSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    log: str | None = None  # the hash-chained audit log (gateway.audit); None: not kept
 
 
 class EntitlementsApi(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -175,6 +183,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerSettings = ServerSettings()
     seats: SeatSettings = SeatSettings()
     identity: IdentitySettings | None = None  # None: headers trusted from any peer
+    audit: AuditSettings = AuditSettings()
 
 
 class Config:
@@ -219,6 +228,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "entitlements": EntitlementsApi,
     "server": ServerSettings,
     "seats": SeatSettings,
+    "audit": AuditSettings,
 }
 
 
@@ -338,6 +348,9 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
             "expected memory://, sqlite:///path, redis://host:port/db or rediss:// (TLS)",
             header="[store]",
         )
+    audit_log = settings.audit.log
+    if audit_log is not None and not (doc.path.parent / audit_log).parent.is_dir():
+        doc.problem("audit.log", "its folder does not exist", header="[audit]")
     _check_seats(doc, settings.seats)
     _check_spools(doc, settings)
     if settings.identity is not None:

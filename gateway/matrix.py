@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.skus import check_skus
 from gateway.tomlfile import TomlDocument
 
 AppName = Literal["operations", "client_portal", "driver_app"]
@@ -179,10 +180,10 @@ def load_matrix(path: Path) -> TierMatrix:
 
 def build_matrix(doc: TomlDocument) -> TierMatrix:
     data = dict(doc.data)
-    for unknown in sorted(set(data) - {"features", "tiers", "addons"}):
+    for unknown in sorted(set(data) - {"features", "tiers", "addons", "skus"}):
         doc.problem(
             unknown,
-            "unknown top-level key (expected features, tiers, addons)",
+            "unknown top-level key (expected features, tiers, addons, skus)",
             line=doc.line_of_key(unknown),
         )
 
@@ -260,6 +261,8 @@ def build_matrix(doc: TomlDocument) -> TierMatrix:
         granted_anywhere |= addon.features
     declared_addons = _declared(data.get("addons"))
     everything_loaded = len(tiers) == len(declared_tiers) and len(addons) == len(declared_addons)
+    if "skus" in data and everything_loaded:  # what billing sells (gateway.skus)
+        check_skus(doc, data["skus"], tiers, addons)
     for name in features:
         if name not in granted_anywhere and tiers and everything_loaded:
             doc.problem(

@@ -15,6 +15,7 @@ key is verified before anything is stored, and an older serial never replaces a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -24,6 +25,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
+from gateway.audit import AuditError, AuditLog, provision_record
 from gateway.decision import Policy, TenantRecord, current_license, expiry_state
 from gateway.errors import LicenseError
 from gateway.events import EventLog
@@ -119,15 +121,20 @@ def verify_signature(secret: bytes, header: str | None, body: bytes, now: float)
         raise ProvisionError(401, "signature_invalid", "signature does not match the body")
 
 
+def field_at_fault(error: msgspec.ValidationError) -> str | None:
+    """The field a msgspec validation error names (``$.key``, or a missing field)."""
+    message = str(error)
+    field = message.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in message else None
+    if field is None and "missing required field" in message:
+        field = message.rsplit("`", 2)[-2]
+    return field
+
+
 def parse_event(body: bytes) -> ProvisionEvent:
     try:
         event = msgspec.json.decode(body, type=ProvisionEvent)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        field = message.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in message else None
-        if field is None and "missing required field" in message:
-            field = message.rsplit("`", 2)[-2]
-        raise ProvisionError(400, "bad_body", message, field) from exc
+        raise ProvisionError(400, "bad_body", str(exc), field_at_fault(exc)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProvisionError(400, "bad_body", f"not JSON: {exc}") from exc
     if not event.event_id:
@@ -154,14 +161,23 @@ async def apply_event(
     policy: Policy,
     events: EventLog,
     revision: str,
+    audit: AuditLog | None = None,
 ) -> bool:
     """Apply once; ``False`` for a repeated event id or a change that changes nothing.
-    Raises ``ProvisionError`` for a bad key; ``StoreError`` propagates (the event id is
-    then released, so billing's retry is applied)."""
+    Raises ``ProvisionError`` for a bad key or an audit log that cannot be written;
+    ``StoreError`` propagates (the event id is then released, so billing's retry is
+    applied)."""
     if not await store.claim_event(event.event_id):
         return False
     try:
-        return await _apply(event, store, keyring, policy, events, revision)
+        applied = await _apply(event, store, keyring, policy, events, revision)
+        if audit is not None:
+            await asyncio.to_thread(audit.append, provision_record(event, applied))
+        return applied
+    except AuditError as exc:
+        with contextlib.suppress(StoreError):
+            await store.release_event(event.event_id)
+        raise ProvisionError(503, "audit_unavailable", str(exc)) from exc
     except BaseException:
         # If the store is down this fails too; the original error is the one to report.
         with contextlib.suppress(StoreError):

@@ -18,7 +18,7 @@ from gateway.funnel import DEFAULT_WINDOW, EventReader, Funnel, FunnelRow
 
 
 def _since(text: str) -> int:
-    from gateway.cli import _date  # the one date syntax of every verb (cli imports us)
+    from gateway.issuer_cli import _date  # the one date syntax of every verb
 
     return _date(text)
 

@@ -32,6 +32,7 @@ from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
+from gateway.revocations import with_revocation_list
 from gateway.seats import SeatBook
 from gateway.store import StoreError, TenantStore, open_store, per_process
 from gateway.store.seed import import_tenants, read_tenants
@@ -112,7 +113,9 @@ class Runtime:
             settings.events.max_queue,
             per_second={"license_invalid": settings.events.license_invalid_per_second},
         )
-        self.store: TenantStore = open_store(store_url(config), config.keyring)
+        self.store: TenantStore = with_revocation_list(
+            open_store(store_url(config), config.keyring), config
+        )
         if settings.store.seed is not None:
             await self._seed(config.resolve(settings.store.seed))
         self.shared = Shared(config, self.metrics, self.events, self.store)

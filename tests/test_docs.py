@@ -153,7 +153,7 @@ def test_licensing_guide_points_at_the_generated_matrix_instead_of_copying_it() 
 
 _CODE = re.compile(r"^[a-z]+(?:_[a-z]+)+$")
 # Constructors whose first argument is the code; elsewhere a code follows an HTTP status.
-_CODE_FIRST = {"LicenseError", "_deny"}
+_CODE_FIRST = {"LicenseError", "IdentityError", "_deny"}
 # f-string codes and what they expand to.
 _TEMPLATES = {"upstream_": tuple(f"upstream_{kind}" for kind in UPSTREAM_ERROR_KINDS)}
 

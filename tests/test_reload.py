@@ -22,6 +22,7 @@ from gateway.license import generate_keypair, load_signing_key
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey, sign_key
 from tests.harness import REPO, EchoUpstream, running_gateway, write_config
+from tests.test_provision import SECRET, provision
 
 OPTIMIZE = "/api/v1/shipments/1/optimize"
 OPTIMIZE_ROUTE = (
@@ -522,3 +523,40 @@ async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
         assert json.loads(body)["path"] == "/slow/1"
         assert headers["connection"].lower() == "close"
         assert await asyncio.wait_for(gw.proc.wait(), DEADLINE) == 0
+
+
+async def test_a_reload_with_new_keys_reaches_the_stores_verification(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
+    ports = {app: server.port for app, server in upstreams.items()}
+    extra = NO_WATCH + '\n[store]\nurl = "sqlite://tenants.db"\n'  # verifies keys it reads
+    async with (
+        running_gateway(tmp_path, key_dir, ports, extra=extra) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def by_tenant() -> tuple[int, str | None]:
+            url = gateway.url("operations", "/api/v1/account")
+            async with session.get(url, headers={"X-Tenant-Id": "acme"}) as response:
+                code = (await response.json())["code"] if response.status != 200 else None
+                return response.status, code
+
+        old = issue_key(sub="acme", serial=1)
+        body = {"event_id": "e1", "action": "license", "tenant": "acme", "key": old}
+        assert await provision(session, gateway, body) == (200, {"applied": True})
+        # A new kid appears in the gateway's key folder, the old one goes: reload.
+        new_private, _ = generate_keypair(tmp_path / "keys", "k2")
+        (tmp_path / "keys" / "test.pub").unlink()
+        assert await gateway.runtime.reload("test")
+        # The store verifies what it holds with the new ring: the old kid's key is gone...
+        assert await by_tenant() == (401, "license_missing")
+        # ...and a key of the new kid is accepted by the hook and stored.
+        new = sign_key(load_signing_key(new_private)[0], "k2", sub="acme", serial=2)
+        body = {"event_id": "e2", "action": "license", "tenant": "acme", "key": new}
+        assert await provision(session, gateway, body) == (200, {"applied": True})
+        assert await by_tenant() == (200, None)
