@@ -12,6 +12,8 @@ decision service) runs on CPU 0; ``wrk`` and the upstream nginx run on CPU 1.
     python loadtests/bench.py                   # the full run (what `make bench` does)
     python loadtests/bench.py --quick           # smoke test: 1 repetition of 2 s
     python loadtests/bench.py --only gw-allowed,aiohttp-proxy --duration 10
+    python loadtests/bench.py --baseline e9b96f6  # also the gateway of that commit ("before"),
+                                                 # interleaved with this tree's ("after")
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -87,6 +90,25 @@ class Target:
     seen_tier: str | None  # X-Entitlement-Tier the upstream must have seen ("" = none)
     meaning: str
     tenants: int = 0  # > 0: X-Tenant-Id cycles over bench-tenant-1 … bench-tenant-N
+
+
+BEFORE_AFTER = ("gw-allowed", "gw-blocked", "gw-classic")
+
+
+def baseline_targets(targets: list[Target]) -> list[Target]:
+    """``--baseline``: the gateway rows again, answered by the baseline tree's gateway."""
+    return [
+        dataclasses.replace(
+            t,
+            name=f"{t.name}-base",
+            label=f"{t.label} (baseline)",
+            server="gateway-base",
+            under_test=("gateway-base",),
+            meaning=f"{t.meaning} The `--baseline` commit's gateway, interleaved with this one.",
+        )
+        for t in targets
+        if t.name in BEFORE_AFTER
+    ]
 
 
 def make_targets(keys: dict[str, str]) -> list[Target]:
@@ -284,7 +306,9 @@ class Processes:
         self.logs = logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, argv: list[str], cpu: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], cpu: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the child
         proc = subprocess.Popen(
             ["taskset", "-c", cpu, *argv],
@@ -293,7 +317,7 @@ class Processes:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches bench.py only; it stops the children
             preexec_fn=_die_with_parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         log.close()
         self.procs[name] = proc
@@ -555,9 +579,18 @@ def issue_keys(folder: Path) -> dict[str, str]:
     return keys
 
 
-def gateway_toml(folder: Path, name: str, ports: dict[str, int], upstream: int, store: str) -> Path:
-    shutil.copy(REPO / "routes.toml", folder / "routes.toml")
-    shutil.copy(REPO / "tier_matrix.toml", folder / "tier_matrix.toml")
+def gateway_toml(
+    folder: Path,
+    name: str,
+    ports: dict[str, int],
+    upstream: int,
+    store: str,
+    source: Path = REPO,
+) -> Path:
+    """A gateway.toml for one server; ``source`` is the tree whose route table and matrix it
+    uses (another tree's for ``--baseline``, whose code may not know newer keys)."""
+    shutil.copy(source / "routes.toml", folder / "routes.toml")
+    shutil.copy(source / "tier_matrix.toml", folder / "tier_matrix.toml")
     lines = ["[files]", 'routes = "routes.toml"', 'tier_matrix = "tier_matrix.toml"', ""]
     for app in ("operations", "client_portal", "driver_app"):
         lines += [
@@ -822,6 +855,23 @@ def start_servers(bench: Bench) -> None:
             argv = [python, "-m", "gateway.cli", "serve", "--config", str(configs[name])]
             argv += ["--log-level", "WARNING"]
             started.append((name, procs.start(name, argv, UNDER_TEST_CPU)))
+    if "gateway-base" in needed:
+        base = bench.args.baseline_tree
+        folder = tmp / "base"
+        folder.mkdir()
+        shutil.copytree(tmp / "keys", folder / "keys")
+        shutil.copy(tmp / "tenants.toml", folder / "tenants.toml")
+        gw_ports = {
+            app: free_port() for app in ("operations", "client_portal", "driver_app", "admin")
+        }
+        upstream = ports["upstream"]
+        config = gateway_toml(folder, "gateway-base", gw_ports, upstream, "memory://", base)
+        ports["gateway-base"] = gw_ports["operations"]
+        ports["gateway-base-admin"] = gw_ports["admin"]
+        argv = [python, "-m", "gateway.cli", "serve", "--config", str(config)]
+        argv += ["--log-level", "WARNING"]
+        env = {"PYTHONPATH": str(base)}  # ahead of the editable install of this tree
+        started.append(("gateway-base", procs.start("gateway-base", argv, UNDER_TEST_CPU, env)))
     if "auth-service" in needed:
         ports["auth-service"] = free_port()
         argv = [python, str(HERE / "auth_service.py"), "--config", str(configs["gateway"])]
@@ -994,6 +1044,32 @@ def verdict(value: float | None, threshold: float, mode: str) -> tuple[str, str]
         else:
             how = f"over by {(value / threshold - 1) * 100:.0f} %"
     return ("**PASS**" if ok else "**MISS**"), how
+
+
+def before_after_table(bench: Bench) -> list[str]:
+    """``--baseline``: this tree's gateway rows against the baseline commit's, run for run
+    interleaved; the spread of each (min–max over the repetitions) next to the ratio."""
+    lines = [
+        "| target | connections | before req/s | after req/s | after ÷ before "
+        "| before CPU-s / 10k | after CPU-s / 10k |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in BEFORE_AFTER:
+        for conns in bench.args.connections:
+            before = bench.runs.get((f"{name}-base", conns))
+            after = bench.runs.get((name, conns))
+            if not before or not after:
+                continue
+            ratio = statistics.median(r.rps for r in after) / statistics.median(
+                r.rps for r in before
+            )
+            lines.append(
+                f"| {name} | {conns} | {median_range([r.rps for r in before], ',.0f')} "
+                f"| {median_range([r.rps for r in after], ',.0f')} | {ratio:.2f}× "
+                f"| {median_range([r.cpu_per_10k for r in before], '.2f')} "
+                f"| {median_range([r.cpu_per_10k for r in after], '.2f')} |"
+            )
+    return lines
 
 
 def targets_table(bench: Bench, micro_results: dict[str, Any] | None) -> list[str]:
@@ -1224,6 +1300,18 @@ def write_report(
     ]
     for conns in args.connections:
         lines += [f"## Results at {conns} connections", "", *results_table(bench, conns), ""]
+    if getattr(args, "baseline_commit", None):
+        lines += [
+            f"## Before and after (baseline {args.baseline_commit})",
+            "",
+            "The gateway of the baseline commit (`--baseline`, run from `git archive` of it "
+            "with this venv) and this tree's, each run interleaved with the other, same "
+            "requests, same upstream. Medians with (min–max) over the repetitions: a ratio "
+            "inside both spreads is no measurable change.",
+            "",
+            *before_after_table(bench),
+            "",
+        ]
     lines += ["## Micro-benchmarks", ""]
     if micro_results:
         lines += [micro.render(micro_results), ""]
@@ -1292,6 +1380,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--connections", default="16,64", help="wrk -c values (16,64)")
     parser.add_argument("--skip-micro", action="store_true", help="no micro-benchmarks")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="also run the gateway rows against this commit's gateway (before/after)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.reps = 2, 1
@@ -1299,6 +1392,23 @@ def parse_args() -> argparse.Namespace:
     if args.duration < 1 or args.reps < 1:
         parser.error("--duration and --reps must be at least 1")
     return args
+
+
+def export_tree(commit: str, tmp: Path) -> tuple[Path, str]:
+    """The baseline commit's files in ``tmp/baseline-tree`` (``git archive``), and its id."""
+    full = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    tree = tmp / "baseline-tree"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", full], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree, full[:12]
 
 
 def select(targets: list[Target], only: str | None) -> list[Target]:
@@ -1328,7 +1438,10 @@ def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started in background
     started = time.monotonic()
-    names = {t.name for t in select(make_targets({"fleet": "", "core": ""}), args.only)}
+    everything = make_targets({"fleet": "", "core": ""})
+    if args.baseline:
+        everything += baseline_targets(everything)
+    names = {t.name for t in select(everything, args.only)}
     ensure_tools(redis="gw-tenant-redis" in names)
     wrk = shutil.which("wrk") or "wrk"
     loads = [Path("/proc/loadavg").read_text().split()[0], ""]
@@ -1340,7 +1453,11 @@ def main() -> int:
     with stop_on_sigterm():
         try:
             keys = issue_keys(tmp)
-            targets = [t for t in make_targets(keys) if t.name in names]
+            targets = make_targets(keys)
+            if args.baseline:
+                args.baseline_tree, args.baseline_commit = export_tree(args.baseline, tmp)
+                targets += baseline_targets(targets)
+            targets = [t for t in targets if t.name in names]
             bench = Bench(args, tmp, procs, targets, wrk=wrk)
             start_servers(bench)
             run_matrix(bench, args.connections, args.duration, args.reps, started)
