@@ -307,7 +307,12 @@ class Processes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(
-        self, name: str, argv: list[str], cpu: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        cpu: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the child
         proc = subprocess.Popen(
@@ -318,6 +323,7 @@ class Processes:
             start_new_session=True,  # Ctrl-C reaches bench.py only; it stops the children
             preexec_fn=_die_with_parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=cwd,
         )
         log.close()
         self.procs[name] = proc
@@ -870,8 +876,11 @@ def start_servers(bench: Bench) -> None:
         ports["gateway-base-admin"] = gw_ports["admin"]
         argv = [python, "-m", "gateway.cli", "serve", "--config", str(config)]
         argv += ["--log-level", "WARNING"]
-        env = {"PYTHONPATH": str(base)}  # ahead of the editable install of this tree
-        started.append(("gateway-base", procs.start("gateway-base", argv, UNDER_TEST_CPU, env)))
+        # `python -m` puts the working folder first on sys.path, ahead of the editable
+        # install of this tree: run in the baseline tree, which then is what is imported.
+        env = {"PYTHONPATH": str(base)}
+        proc = procs.start("gateway-base", argv, UNDER_TEST_CPU, env, cwd=base)
+        started.append(("gateway-base", proc))
     if "auth-service" in needed:
         ports["auth-service"] = free_port()
         argv = [python, str(HERE / "auth_service.py"), "--config", str(configs["gateway"])]
