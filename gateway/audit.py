@@ -40,18 +40,6 @@ if TYPE_CHECKING:
     from gateway.provision import ProvisionEvent
 
 GENESIS = "0" * 64  # the ``prev`` of the first line
-ACTIONS = (
-    "issue",
-    "provision",
-    "suspend",
-    "reinstate",
-    "revoke",
-    "seat_change",
-    "key_rotate",
-    "key_activate",
-    "key_retire",
-    "revocations_export",
-)
 _TAIL = re.compile(rb',"hash":"([0-9a-f]{64})"}$')
 _READ_BACK = 4096
 

@@ -48,6 +48,13 @@ NEED_TENANT: Final = 4  # await Enforcer.prefetch(head), then check(head, fetche
 COLLECT: Final = 5
 
 PROBLEM_JSON: Final = b"application/problem+json"
+_KIND_NAMES: Final = {
+    FORWARD: "FORWARD",
+    CLASSIC: "CLASSIC",
+    RESPOND: "RESPOND",
+    NEED_TENANT: "NEED_TENANT",
+    COLLECT: "COLLECT",
+}
 
 PROBLEM_TYPE = "https://errors.gateway.local/"
 _json = msgspec.json.Encoder()
@@ -153,6 +160,10 @@ class Verdict:
         self.strip = strip  # lower-case request header names not to forward (untrusted identity)
         self.close = close  # close the connection after this answer
         self.max_body = max_body  # COLLECT: the most request body bytes to read
+
+    def __repr__(self) -> str:  # readable in test failures and logs
+        kind = _KIND_NAMES.get(self.kind, str(self.kind))
+        return f"Verdict({kind}, status={self.status}, outcome={self.outcome!r})"
 
 
 _CLASSIC_VERDICT = Verdict(CLASSIC, outcome="classic")

@@ -54,6 +54,8 @@ def test_check_warns_for_apps_that_allow_unmatched_paths(capsys: Capture, config
 
 def test_check_strict_turns_warnings_into_errors(capsys: Capture, config_dir: Path) -> None:
     config = str(config_dir / "gateway.toml")
+    with open(config, "a") as file:  # the identity warning is not this test's subject
+        file.write('\n[identity]\nmode = "headers"\ntrusted_peers = ["127.0.0.1/32"]\n')
     code, out, _ = run(capsys, "check", "--config", config, "--strict")
     assert code == 1
     assert out.splitlines()[0].endswith("FAILED (--strict: warnings are errors)")
