@@ -102,7 +102,8 @@ async def _accepts(host: str, port: int, timeout: float) -> bool:
 
 
 async def provision(request: web.Request) -> web.Response:
-    """The billing hook (see ``gateway.provision``): 200 ``{"applied": bool}``, 401 bad or
+    """The billing hook (see ``gateway.provision``): 200 ``{"applied": true}`` or
+    ``{"applied": false, "reason": …}``, 401 bad or
     stale signature, 400 bad body naming the field, 503 store unreachable or no secret."""
     runtime = request.app[RUNTIME]
     secret_env = runtime.config.settings.admin.provision_secret_env
@@ -120,7 +121,7 @@ async def provision(request: web.Request) -> web.Response:
         shared = runtime.shared
         audit_log = runtime.config.settings.audit.log
         try:
-            applied = await apply_event(
+            outcome = await apply_event(
                 event,
                 runtime.store,
                 shared.licenses.keyring,
@@ -147,9 +148,13 @@ async def provision(request: web.Request) -> web.Response:
         )
     runtime.shared.tenants.invalidate(event.tenant)
     log.info(
-        "provision %s %s for %s: applied=%s", event.event_id, event.action, event.tenant, applied
+        "provision %s %s for %s: %s",
+        event.event_id,
+        event.action,
+        event.tenant,
+        "applied" if outcome.applied else f"not applied ({outcome.reason})",
     )
-    return web.json_response({"applied": applied})
+    return web.json_response(outcome.body())
 
 
 async def config(request: web.Request) -> web.Response:

@@ -3,14 +3,15 @@
 The body is signed with HMAC-SHA256 over ``"<t>.<raw body>"`` in a
 ``Gateway-Signature: t=<unix seconds>,v1=<hex>`` header (several ``v1`` values are
 accepted, so the secret can rotate), with a 5-minute tolerance against replays. Each
-``event_id`` is applied at most once; a repeat answers ``{"applied": false}``. A license
+``event_id`` is applied at most once; a repeat answers ``{"applied": false, "reason":
+"duplicate_event"}``, and every other call that changes nothing says why too. A license
 key is verified before anything is stored, and an older serial never replaces a newer one.
 
     signature = sign(secret, body, time.time())   # what billing computes
     body = await read_body(request.content)       # the whole body; ProvisionError(413)
     verify_signature(secret, header, body, now)   # raises ProvisionError(401)
     event = parse_event(body)                     # raises ProvisionError(400, field)
-    applied = await apply_event(event, store, keyring, policy, events, revision)
+    outcome = await apply_event(event, store, keyring, policy, events, revision)
 """
 
 from __future__ import annotations
@@ -154,6 +155,29 @@ def parse_event(body: bytes) -> ProvisionEvent:
     return event
 
 
+class Outcome(NamedTuple):
+    """What the hook answers: ``{"applied": true}``, or ``{"applied": false, "reason": …}``
+    with ``reason`` one of ``NOT_APPLIED``."""
+
+    applied: bool
+    reason: str | None = None
+
+    def body(self) -> dict[str, object]:
+        return {"applied": True} if self.applied else {"applied": False, "reason": self.reason}
+
+
+# Why a call changed nothing: a repeated event id, an older (or equal) serial than the one
+# stored, a suspend of a suspended tenant, a reinstate of an active one, a revoked id again.
+NOT_APPLIED = (
+    "duplicate_event",
+    "not_newer",
+    "already_suspended",
+    "not_suspended",
+    "already_revoked",
+)
+_APPLIED = Outcome(True)
+
+
 async def apply_event(
     event: ProvisionEvent,
     store: TenantStore,
@@ -162,18 +186,18 @@ async def apply_event(
     events: EventLog,
     revision: str,
     audit: AuditLog | None = None,
-) -> bool:
-    """Apply once; ``False`` for a repeated event id or a change that changes nothing.
-    Raises ``ProvisionError`` for a bad key or an audit log that cannot be written;
-    ``StoreError`` propagates (the event id is then released, so billing's retry is
-    applied)."""
+) -> Outcome:
+    """Apply once; an ``Outcome`` that says why when the call changed nothing (a repeated
+    event id, an older serial, a change already made). Raises ``ProvisionError`` for a bad
+    key or an audit log that cannot be written; ``StoreError`` propagates (the event id is
+    then released, so billing's retry is applied)."""
     if not await store.claim_event(event.event_id):
-        return False
+        return Outcome(False, "duplicate_event")
     try:
-        applied = await _apply(event, store, keyring, policy, events, revision)
+        outcome = await _apply(event, store, keyring, policy, events, revision)
         if audit is not None:
-            await asyncio.to_thread(audit.append, provision_record(event, applied))
-        return applied
+            await asyncio.to_thread(audit.append, provision_record(event, outcome.applied))
+        return outcome
     except AuditError as exc:
         with contextlib.suppress(StoreError):
             await store.release_event(event.event_id)
@@ -192,18 +216,21 @@ async def _apply(
     policy: Policy,
     events: EventLog,
     revision: str,
-) -> bool:
+) -> Outcome:
     if event.action == "suspend":
-        return await store.set_suspended(event.tenant, True)
+        changed = await store.set_suspended(event.tenant, True)
+        return _APPLIED if changed else Outcome(False, "already_suspended")
     if event.action == "reinstate":
-        return await store.set_suspended(event.tenant, False)
+        changed = await store.set_suspended(event.tenant, False)
+        return _APPLIED if changed else Outcome(False, "not_suspended")
     if event.action == "revoke":
         assert event.license_id is not None
-        return await store.revoke(event.tenant, event.license_id)
+        changed = await store.revoke(event.tenant, event.license_id)
+        return _APPLIED if changed else Outcome(False, "already_revoked")
     if event.action == "seats":
         assert event.ops_users is not None and event.drivers is not None
         await store.set_extra_seats(event.tenant, event.ops_users, event.drivers)
-        return True
+        return _APPLIED
     assert event.key is not None
     try:
         new = keyring.verify(event.key)  # before anything is stored
@@ -216,9 +243,9 @@ async def _apply(
     before = await store.get(event.tenant)
     stored = await store.put_license(event.key)
     if stored is None:
-        return False
+        return Outcome(False, "not_newer")
     _maybe_upgrade(before, stored, policy, events, revision)
-    return True
+    return _APPLIED
 
 
 class Plan(NamedTuple):

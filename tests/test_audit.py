@@ -202,7 +202,8 @@ async def test_the_provisioning_hook_writes_audit_lines(
     ):
         body = {"event_id": "e1", "action": "license", "tenant": "acme", "key": key}
         assert await provision(session, gateway, body) == (200, {"applied": True})
-        assert await provision(session, gateway, body) == (200, {"applied": False})  # repeated
+        repeated = (200, {"applied": False, "reason": "duplicate_event"})
+        assert await provision(session, gateway, body) == repeated
         suspend = {"event_id": "e2", "action": "suspend", "tenant": "acme"}
         assert await provision(session, gateway, suspend) == (200, {"applied": True})
     log = tmp_path / "audit.jsonl"
@@ -228,7 +229,8 @@ async def test_the_hook_refuses_when_its_audit_log_cannot_be_written(
         assert (status, answer["code"]) == (503, "audit_unavailable")
         os.rmdir(tmp_path / "audit.jsonl")
         # The event id was released: billing's retry is applied and recorded.
-        assert await provision(session, gateway, body) == (200, {"applied": False})
+        again = (200, {"applied": False, "reason": "already_suspended"})
+        assert await provision(session, gateway, body) == again
     assert verify(tmp_path / "audit.jsonl") == (1, None)
 
 

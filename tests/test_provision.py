@@ -187,11 +187,13 @@ async def test_provisioning_applies_once_and_upgrades_at_once(
         assert await status_of(session, gateway, {"X-License-Key": core}) == 403
         first = event("license", key=fleet)
         assert await provision(session, gateway, first) == (200, {"applied": True})
-        assert await provision(session, gateway, first) == (200, {"applied": False})
+        repeated = (200, {"applied": False, "reason": "duplicate_event"})
+        assert await provision(session, gateway, first) == repeated
         assert await status_of(session, gateway, {"X-License-Key": core}) == 200
         # An older serial arriving late never replaces the newer license.
         stale = event("license", key=issue_key(sub="acme", tier="core", serial=1))
-        assert await provision(session, gateway, stale) == (200, {"applied": False})
+        older = (200, {"applied": False, "reason": "not_newer"})
+        assert await provision(session, gateway, stale) == older
         assert await status_of(session, gateway, {"X-Tenant-Id": "acme"}) == 200
 
         assert await provision(session, gateway, event("suspend")) == (200, {"applied": True})
@@ -250,7 +252,8 @@ async def test_extra_seats_bought_through_billing(gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as session:
         bought = event("seats", ops_users=3, drivers=10)
         assert await provision(session, gateway, bought) == (200, {"applied": True})
-        assert await provision(session, gateway, bought) == (200, {"applied": False})
+        repeated = (200, {"applied": False, "reason": "duplicate_event"})
+        assert await provision(session, gateway, bought) == repeated
         assert await store.extra_seats("acme") == Seats(ops_users=3, drivers=10)
         # The next purchase replaces the numbers (billing sends the totals bought).
         fewer = event("seats", ops_users=0, drivers=4)
@@ -575,3 +578,25 @@ async def test_seat_usage_recorded_by_the_cli_is_enforced(
         async with session.post(add_driver, headers=headers) as response:
             assert response.status == 429
             assert (await response.json())["code"] == "seat_limit_exceeded"
+
+
+async def test_the_hook_says_why_a_call_changed_nothing(
+    gateway: Gateway, issue_key: IssueKey
+) -> None:
+    """Billing must tell a repeat from a no-op from an older key: ``applied: false`` always
+    comes with its ``reason``."""
+    key = issue_key(sub="acme", tier="fleet", serial=5)
+    lic_id = json.loads(base64.urlsafe_b64decode(key.split(".")[1] + "=="))["jti"]
+    async with aiohttp.ClientSession() as session:
+        calls = [
+            (event("license", key=key), {"applied": True}),
+            (event("license", key=key), {"applied": False, "reason": "not_newer"}),
+            (event("suspend"), {"applied": True}),
+            (event("suspend"), {"applied": False, "reason": "already_suspended"}),
+            (event("reinstate"), {"applied": True}),
+            (event("reinstate"), {"applied": False, "reason": "not_suspended"}),
+            (event("revoke", license_id=lic_id), {"applied": True}),
+            (event("revoke", license_id=lic_id), {"applied": False, "reason": "already_revoked"}),
+        ]
+        for body, expected in calls:
+            assert await provision(session, gateway, body) == (200, expected), body
