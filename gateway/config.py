@@ -22,7 +22,7 @@ from gateway.errors import ConfigError, ConfigProblem
 from gateway.license import DEFAULT_CLASSIC_PATTERN, ClassicKeys, KeyRing
 from gateway.matrix import APP_NAMES, AppName, TierMatrix, build_matrix
 from gateway.routes import PathCase, RouteTable, build_routes
-from gateway.sinks import sink_problem
+from gateway.sinks import resolve_sink, sink_problem
 from gateway.tomlfile import TomlDocument
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -172,6 +172,24 @@ class Config:
     def resolve(self, relative: str) -> Path:
         """A path from the config, relative to the config file's folder."""
         return (self.path.parent / relative).resolve()
+
+    @property
+    def store_url(self) -> str:
+        """``store.url``; ``sqlite://relative.db`` is relative to the config file's folder."""
+        url = self.settings.store.url
+        if url.startswith("sqlite://") and not url.startswith("sqlite:///"):
+            return "sqlite:///" + str(self.resolve(url[len("sqlite://") :]))
+        return url
+
+    @property
+    def events_sink(self) -> str:
+        """``events.sink``; ``file://relative/path`` is relative to the config file's folder."""
+        return resolve_sink(self.settings.events.sink, self.path.parent)
+
+    @property
+    def access_log_sink(self) -> str:
+        """``access_log.sink``, resolved like ``events_sink``."""
+        return resolve_sink(self.settings.access_log.sink, self.path.parent)
 
 
 _SECTIONS: dict[str, type[Any]] = {

@@ -333,6 +333,20 @@ def test_bad_values_name_the_key(config_dir: Path, old: str, new: str, key: str)
     assert (problem.file, problem.key) == (str(path), key)
 
 
+def test_store_and_sink_urls_resolve_against_the_file_folder(config_dir: Path) -> None:
+    path = edit(
+        config_dir,
+        "gateway.toml",
+        'url = "memory://"\n\n[events]\nsink = "stdout:"',
+        'url = "sqlite://data/tenants.db"\n\n[events]\nsink = "file://logs/events.jsonl"\n'
+        '\n[access_log]\nsink = "file:///var/log/access.jsonl"',
+    )
+    config = load_config(path)
+    assert config.store_url == f"sqlite:///{config_dir.resolve()}/data/tenants.db"
+    assert config.events_sink == f"file://{config_dir.resolve()}/logs/events.jsonl"
+    assert config.access_log_sink == "file:///var/log/access.jsonl"
+
+
 def test_seats_section(config_dir: Path) -> None:
     path = edit(
         config_dir,
