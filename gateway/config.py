@@ -129,6 +129,22 @@ class SeatSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_header: str | None = None  # names the API client in usage metering
 
 
+# Reminders are deduplicated by claiming an id in the store's provisioning-event table, which
+# forgets ids after 30 days (gateway.store: the Redis expiry and the SQLite clean-up). A
+# threshold's claim is made within its lead time of the end, so it outlives that end as
+# long as no lead time is longer than the retention (README "Reminders").
+MAX_LEAD_DAYS = 30
+
+
+class ReminderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[reminders]``: ``license_expiring`` events before a license, trial or grandfather
+    window ends (README "Reminders")."""
+
+    enabled: bool = True
+    lead_days: tuple[int, ...] = (30, 7, 1)
+    interval_seconds: float = 3600.0  # between scans of the store's tenants
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     apps: dict[AppName, AppSettings]
     files: Files = Files()
@@ -140,6 +156,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     entitlements: EntitlementsApi = EntitlementsApi()
     server: ServerSettings = ServerSettings()
     seats: SeatSettings = SeatSettings()
+    reminders: ReminderSettings = ReminderSettings()
 
 
 class Config:
@@ -202,6 +219,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "entitlements": EntitlementsApi,
     "server": ServerSettings,
     "seats": SeatSettings,
+    "reminders": ReminderSettings,
 }
 
 
@@ -319,6 +337,7 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
         )
     _check_seats(doc, settings.seats)
     _check_spools(doc, settings)
+    _check_reminders(doc, settings.reminders)
 
 
 def _check_spools(doc: TomlDocument, settings: Settings) -> None:
@@ -361,6 +380,26 @@ def _check_seats(doc: TomlDocument, seats: SeatSettings) -> None:
         doc.problem("seats.warning_ratio", "must be above 0 and at most 1", header="[seats]")
     if seats.client_header is not None and not _HEADER.match(seats.client_header):
         doc.problem("seats.client_header", "not a valid header name", header="[seats]")
+
+
+def _check_reminders(doc: TomlDocument, reminders: ReminderSettings) -> None:
+    if not _positive(reminders.interval_seconds):
+        doc.problem("reminders.interval_seconds", "must be positive", header="[reminders]")
+    if reminders.enabled and not reminders.lead_days:
+        doc.problem(
+            "reminders.lead_days", "must list at least one lead time (or enabled = false)",
+            header="[reminders]",
+        )  # fmt: skip
+    for days in reminders.lead_days:
+        if not 1 <= days <= MAX_LEAD_DAYS:
+            doc.problem(
+                "reminders.lead_days",
+                f"{days}: each lead time must be 1 to {MAX_LEAD_DAYS} days (the store "
+                f"remembers a sent reminder for {MAX_LEAD_DAYS} days)",
+                header="[reminders]",
+            )
+    if len(set(reminders.lead_days)) != len(reminders.lead_days):
+        doc.problem("reminders.lead_days", "lists a lead time twice", header="[reminders]")
 
 
 def load_config(path: Path) -> Config:

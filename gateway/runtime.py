@@ -3,7 +3,7 @@
 A ``Runtime`` is built whole from a loaded ``Config`` (store, event log, access log, caches,
 pools, enforcers); ``start`` opens one listener per app plus the admin listener and starts
 the background work (event and access log flushers, the config file watcher, store change
-follower, metrics and usage flushes), held by reference and ended in ``stop``.
+follower, metrics and usage flushes, reminders), held by reference and ended in ``stop``.
 ``reload`` re-reads ``routes.toml`` and ``tier_matrix.toml`` (and the key ring), validates
 them fully and swaps one reference; on any error the last good config stays. SIGHUP
 reloads; SIGUSR1 reopens the log files; SIGTERM and SIGINT drain in-flight requests,
@@ -31,6 +31,7 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_app, public_key_fingerprint
 from gateway.config import AppSettings, Config, Settings, load_rules
+from gateway.decision import Policy
 from gateway.enforcer import Enforcer, Shared
 from gateway.errors import ConfigError
 from gateway.events import EventLog
@@ -38,6 +39,7 @@ from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
+from gateway.reminders import Reminders
 from gateway.seats import SeatBook
 from gateway.store import StoreError, TenantStore, open_store
 from gateway.store.seed import import_tenants, read_tenants
@@ -87,6 +89,9 @@ class Runtime:
         # Seat holders and usage counts ([seats], README "Seats and usage").
         self.seats = SeatBook(self.store, settings.seats, self.metrics)
         self.usage = UsageMeter(self.store, self.metrics)
+        self.reminders = Reminders(
+            self.store, self.events, self._policy, settings.reminders, self.metrics
+        )
         self.pools: dict[AppName, UpstreamPool] = {}
         self._listeners: list[tuple[str, Callable[[], asyncio.Protocol]]] = []
         for app, app_settings in settings.apps.items():
@@ -106,6 +111,9 @@ class Runtime:
         self._mtimes: dict[Path, tuple[int, int, int]] = {}
         self._reload_lock = asyncio.Lock()
         self._admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
+
+    def _policy(self) -> Policy:
+        return self.shared.rules.policy  # the one the last reload swapped in
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
@@ -133,6 +141,7 @@ class Runtime:
         self._tasks.append(loop.create_task(self._follow_store(), name="store-changes"))
         self._tasks.append(loop.create_task(self._flush_metrics(), name="metrics"))
         self._tasks.append(loop.create_task(self.usage.run(), name="usage"))
+        self.reminders.start()
         for pool in self.pools.values():
             await pool.probe()
         log.info(
@@ -295,6 +304,7 @@ class Runtime:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         flush_deadline = self.config.settings.events.flush_deadline
+        await self.reminders.aclose(flush_deadline)  # a claimed reminder is still emitted
         self.metrics.flush()
         # What is queued or in flight reaches its sink (a collector too) within the deadline.
         await self.events.aclose(flush_deadline)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +17,7 @@ from gateway.license import KeyRing, LicenseClaims, generate_keypair, load_signi
 from gateway.matrix import APP_NAMES, TierMatrix, load_matrix
 from gateway.routes import RouteTable, load_routes
 from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.redis_server import RedisServer, RedisServerError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,6 +135,17 @@ async def gateway(
     """A gateway runtime with the shipped routes and matrix in front of ``upstreams``."""
     async with running_gateway(tmp_path, key_dir, upstream_ports) as running:
         yield running
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` of this test's own (fails, never skips, when it is missing)."""
+    try:
+        server = RedisServer.start(tmp_path / "redis")
+    except RedisServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

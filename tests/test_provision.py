@@ -9,7 +9,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from gateway.matrix import APP_NAMES
 from gateway.provision import ProvisionError, parse_event, sign, verify_signature
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, running_gateway
-from tests.redis_server import RedisServer, RedisServerError
+from tests.redis_server import RedisServer
 from tests.test_hardening_paths import Reply, read_reply
 
 SECRET = "billing-shared-secret"
@@ -33,16 +33,6 @@ OPTIMIZE = "/api/v1/shipments/1/optimize"
 @pytest.fixture(autouse=True)
 def provision_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    try:
-        server = RedisServer.start(tmp_path / "redis")
-    except RedisServerError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
 
 
 def ports_of(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
