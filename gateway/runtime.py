@@ -93,7 +93,7 @@ class Runtime:
             self.store, self.events, self._policy, settings.reminders, self.metrics
         )
         self.pools: dict[AppName, UpstreamPool] = {}
-        self._listeners: list[tuple[str, Callable[[], asyncio.Protocol]]] = []
+        self._factories: dict[AppName, Callable[[], asyncio.Protocol]] = {}
         for app, app_settings in settings.apps.items():
             proxy_settings = _proxy_settings(settings, app_settings)
             up_host, up_port = _upstream_address(app_settings.upstream)
@@ -101,7 +101,7 @@ class Runtime:
             self.pools[app] = pool
             enforcer = Enforcer(app, config, self.shared)
             factory = downstream_factory(enforcer, pool, proxy_settings, self.tracker)
-            self._listeners.append((app_settings.listen, factory))
+            self._factories[app] = factory
         self.servers: list[asyncio.Server] = []
         self.started = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -125,15 +125,16 @@ class Runtime:
             await self._seed(self.config.resolve(settings.store.seed))
         self._remember_mtimes()
         loop = asyncio.get_running_loop()
-        for (app, app_settings), (listen, factory) in zip(
-            settings.apps.items(), self._listeners, strict=True
-        ):
-            host, port = split_host_port(listen)
+        for app, factory in self._factories.items():
+            app_settings = settings.apps[app]
+            host, port = split_host_port(app_settings.listen)
             server = await loop.create_server(
                 factory, host, port, reuse_port=self.reuse_port or None, backlog=1024
             )
             self.servers.append(server)
-            log.info("%s: listening on %s, upstream %s", app, listen, app_settings.upstream)
+            log.info(
+                "%s: listening on %s, upstream %s", app, app_settings.listen, app_settings.upstream
+            )
         await self._start_admin(settings.admin.listen)
         self._tasks.append(
             loop.create_task(self._watch(settings.server.reload_poll_interval), name="watcher")
