@@ -162,9 +162,6 @@ async def config(request: web.Request) -> web.Response:
     ``config_dump``): revisions, key ids with fingerprints, apps, store and events. Never a
     secret: the store URL's password is masked, the provisioning secret only said to be set."""
     runtime = request.app[RUNTIME]
-    # runtime.py imports this module; its path helpers are needed only at request time
-    from gateway.runtime import events_sink, store_url
-
     cfg = runtime.config
     settings = cfg.settings
     rules = runtime.shared.rules
@@ -192,12 +189,12 @@ async def config(request: web.Request) -> web.Response:
         },
         "apps": apps,
         "store": {
-            "url": redact_url(store_url(cfg)),
+            "url": redact_url(cfg.store_url),
             "required_for_ready": settings.store.required_for_ready,
             "seed": settings.store.seed,
         },
         "events": {
-            "sink": events_sink(cfg),
+            "sink": cfg.events_sink,
             "max_queue": settings.events.max_queue,
             "license_invalid_per_second": settings.events.license_invalid_per_second,
         },

@@ -180,10 +180,9 @@ def run_on_store(config: Config, job: Callable[[Config, TenantStore], Awaitable[
     the gateway process); a store failure is exit 1 with its message."""
     import asyncio
 
-    from gateway.runtime import store_url
     from gateway.store import StoreError, open_store, per_process
 
-    url = store_url(config)
+    url = config.store_url
     if per_process(url):
         raise UsageError(
             f"store.url is {url}: that store lives inside the gateway process; "
@@ -262,7 +261,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if args.workers > 1:
-        from gateway.runtime import ParserError, supervise
+        from gateway.runtime import ParserError
+        from gateway.supervisor import supervise
 
         try:
             return supervise(args.config, args.workers, args.log_level)
@@ -271,7 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_INVALID
 
     async def run() -> None:
-        runtime = Runtime(args.config, reuse_port=args.reuse_port)
+        runtime = Runtime(load_config(args.config), reuse_port=args.reuse_port)
         await runtime.start()
         runtime.install_signal_handlers()
         await runtime.wait_closed()

@@ -24,7 +24,7 @@ from gateway.license import DEFAULT_CLASSIC_PATTERN, ClassicKeys, KeyRing
 from gateway.matrix import APP_NAMES, AppName, TierMatrix, build_matrix
 from gateway.peers import parse_network
 from gateway.routes import ROLES, PathCase, RouteTable, build_routes
-from gateway.sinks import sink_problem
+from gateway.sinks import resolve_sink, sink_problem
 from gateway.tomlfile import TomlDocument
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -171,6 +171,22 @@ class IdentitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     jwks_min_refresh_seconds: float = 10.0  # between refreshes asked for by unknown kids
 
 
+# Reminders are deduplicated by claiming an id in the store's provisioning-event table, which
+# forgets ids after 30 days (gateway.store: the Redis expiry and the SQLite clean-up). A
+# threshold's claim is made within its lead time of the end, so it outlives that end as
+# long as no lead time is longer than the retention (README "Reminders").
+MAX_LEAD_DAYS = 30
+
+
+class ReminderSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[reminders]``: ``license_expiring`` events before a license, trial or grandfather
+    window ends (README "Reminders")."""
+
+    enabled: bool = True
+    lead_days: tuple[int, ...] = (30, 7, 1)
+    interval_seconds: float = 3600.0  # between scans of the store's tenants
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     apps: dict[AppName, AppSettings]
     files: Files = Files()
@@ -184,6 +200,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seats: SeatSettings = SeatSettings()
     identity: IdentitySettings | None = None  # None: headers trusted from any peer
     audit: AuditSettings = AuditSettings()
+    reminders: ReminderSettings = ReminderSettings()
 
 
 class Config:
@@ -217,6 +234,24 @@ class Config:
         """A path from the config, relative to the config file's folder."""
         return (self.path.parent / relative).resolve()
 
+    @property
+    def store_url(self) -> str:
+        """``store.url``; ``sqlite://relative.db`` is relative to the config file's folder."""
+        url = self.settings.store.url
+        if url.startswith("sqlite://") and not url.startswith("sqlite:///"):
+            return "sqlite:///" + str(self.resolve(url[len("sqlite://") :]))
+        return url
+
+    @property
+    def events_sink(self) -> str:
+        """``events.sink``; ``file://relative/path`` is relative to the config file's folder."""
+        return resolve_sink(self.settings.events.sink, self.path.parent)
+
+    @property
+    def access_log_sink(self) -> str:
+        """``access_log.sink``, resolved like ``events_sink``."""
+        return resolve_sink(self.settings.access_log.sink, self.path.parent)
+
 
 _SECTIONS: dict[str, type[Any]] = {
     "files": Files,
@@ -229,6 +264,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "seats": SeatSettings,
     "audit": AuditSettings,
+    "reminders": ReminderSettings,
 }
 
 
@@ -353,6 +389,7 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
         doc.problem("audit.log", "its folder does not exist", header="[audit]")
     _check_seats(doc, settings.seats)
     _check_spools(doc, settings)
+    _check_reminders(doc, settings.reminders)
     if settings.identity is not None:
         _check_identity(doc, settings.identity, lic)
 
@@ -484,6 +521,26 @@ def _jwks_file_problem(settings: Settings, base: Path) -> ConfigProblem | None:
     except JwksError as exc:
         return ConfigProblem(str(base / "gateway.toml"), "identity.jwks_file", str(exc))
     return None
+
+
+def _check_reminders(doc: TomlDocument, reminders: ReminderSettings) -> None:
+    if not _positive(reminders.interval_seconds):
+        doc.problem("reminders.interval_seconds", "must be positive", header="[reminders]")
+    if reminders.enabled and not reminders.lead_days:
+        doc.problem(
+            "reminders.lead_days", "must list at least one lead time (or enabled = false)",
+            header="[reminders]",
+        )  # fmt: skip
+    for days in reminders.lead_days:
+        if not 1 <= days <= MAX_LEAD_DAYS:
+            doc.problem(
+                "reminders.lead_days",
+                f"{days}: each lead time must be 1 to {MAX_LEAD_DAYS} days (the store "
+                f"remembers a sent reminder for {MAX_LEAD_DAYS} days)",
+                header="[reminders]",
+            )
+    if len(set(reminders.lead_days)) != len(reminders.lead_days):
+        doc.problem("reminders.lead_days", "lists a lead time twice", header="[reminders]")
 
 
 def load_config(path: Path) -> Config:

@@ -113,8 +113,9 @@ class EventLog(Spool):
             sink_label=label,
         )
 
-    def emit(self, kind: str, **fields: Any) -> None:
-        """Queue one event; never blocks, never raises. ``ts`` is added here."""
+    def emit(self, kind: str, /, **fields: Any) -> None:
+        """Queue one event; never blocks, never raises. ``ts`` is added here. (``kind`` is
+        positional-only: an event may have a field of that name, as ``license_expiring``.)"""
         if kind == "feature_block":
             admitted = self.admit_block(
                 fields.get("tenant"), fields.get("feature"), fields.get("app"), fields.get("tier")
@@ -153,7 +154,7 @@ class EventLog(Spool):
         count.folded += 1
         return False
 
-    def emit_admitted(self, kind: str, **fields: Any) -> None:
+    def emit_admitted(self, kind: str, /, **fields: Any) -> None:
         """Queue an event ``admit`` (or ``admit_block``) said yes to."""
         fields["event"] = kind
         fields["ts"] = time.time()

@@ -276,7 +276,6 @@ def _export(args: argparse.Namespace) -> int:
 
     from gateway.config import load_config
     from gateway.revocations import sign_list
-    from gateway.runtime import store_url
     from gateway.signing_keys import signing_key, write_atomically
     from gateway.store import open_store
 
@@ -289,7 +288,7 @@ def _export(args: argparse.Namespace) -> int:
     config = load_config(args.config)
 
     async def collect() -> dict[str, list[str]]:
-        store = open_store(store_url(config), config.keyring)
+        store = open_store(config.store_url, config.keyring)
         try:
             revoked: dict[str, list[str]] = {}
             for tenant in await store.tenants():

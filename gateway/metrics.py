@@ -43,7 +43,7 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
-STORE_OPS = ("get", "classic_key", "provision", "seats", "usage")
+STORE_OPS = ("get", "classic_key", "provision", "seats", "usage", "reminders")
 OUTCOMES = ("allowed", "blocked", "classic", "public", "unlicensed", "rejected", "upstream_error")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "bad_response", "overloaded")
 LICENSE_RESULTS = (

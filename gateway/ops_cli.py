@@ -302,10 +302,9 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _store_exists(config: Config) -> bool:
     """A dry run reads the store but must not create it (SQLite creates its file on open)."""
-    from gateway.runtime import store_url
     from gateway.store.sqlite import sqlite_path
 
-    url = store_url(config)
+    url = config.store_url
     if url.startswith("memory://"):
         return False
     if url.startswith("sqlite://"):

@@ -394,7 +394,7 @@ async def _through_gateway(
     try:
         with tempfile.TemporaryDirectory(prefix="gateway-replay-") as scratch:
             adjusted = for_replay(config, app, upstream.port, Path(scratch))
-            runtime = Runtime(config.path, config=adjusted)
+            runtime = Runtime(adjusted)
             try:
                 await runtime.start()
                 port = runtime.servers[0].sockets[0].getsockname()[1]

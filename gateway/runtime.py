@@ -1,13 +1,17 @@
 """The running gateway: listeners, upstream pools, admin listener, reloads and shutdown.
 
-``Runtime.start`` loads the config and opens one listener per app plus the admin listener;
-background work (event flushing, the config file watcher) runs in tasks the runtime holds
-and cancels in ``stop``. ``reload`` re-reads ``routes.toml`` and ``tier_matrix.toml`` (and
-the key ring), validates them fully and swaps one reference; on any error the last good
-config stays. SIGHUP reloads; SIGTERM and SIGINT drain in-flight requests, then stop.
+A ``Runtime`` is built whole from a loaded ``Config`` (store, event log, access log, caches,
+pools, enforcers); ``start`` opens one listener per app plus the admin listener and starts
+the background work (event and access log flushers, the config file watcher, store change
+follower, metrics and usage flushes, reminders), held by reference and ended in ``stop``.
+``reload`` re-reads ``routes.toml`` and ``tier_matrix.toml`` (and the key ring), validates
+them fully and swaps one reference; on any error the last good config stays. SIGHUP
+reloads; SIGUSR1 reopens the log files; SIGTERM and SIGINT drain in-flight requests,
+deliver what the event sinks still hold, then stop. (``--workers``: gateway.supervisor.)
 
-    runtime = Runtime(Path("gateway.toml"))
+    runtime = Runtime(load_config(Path("gateway.toml")))
     await runtime.start()
+    runtime.install_signal_handlers()
     await runtime.wait_closed()
 """
 
@@ -18,13 +22,16 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import admin_app
-from gateway.config import Config, load_config, load_rules
+from gateway.accesslog import AccessLog
+from gateway.admin import admin_app, public_key_fingerprint
+from gateway.config import AppSettings, Config, Settings, load_rules
+from gateway.decision import Policy
 from gateway.enforcer import Enforcer, Shared
 from gateway.errors import ConfigError
 from gateway.events import EventLog
@@ -32,9 +39,10 @@ from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
+from gateway.reminders import Reminders
 from gateway.revocations import with_revocation_list
 from gateway.seats import SeatBook
-from gateway.store import StoreError, TenantStore, open_store, per_process
+from gateway.store import StoreError, TenantStore, open_store
 from gateway.store.seed import import_tenants, read_tenants
 from gateway.usage import UsageMeter
 
@@ -58,123 +66,95 @@ def require_c_parsers() -> None:
         )
 
 
-def store_url(config: Config) -> str:
-    """``sqlite://relative.db`` is relative to the config file's folder."""
-    url = config.settings.store.url
-    if url.startswith("sqlite://") and not url.startswith("sqlite:///"):
-        return "sqlite:///" + str(config.resolve(url[len("sqlite://") :]))
-    return url
-
-
 def split_host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
 
 
-def events_sink(config: Config) -> str:
-    """``file://relative/path`` is relative to the config file's folder."""
-    sink = config.settings.events.sink
-    if sink.startswith("file://") and not sink.startswith("file:///"):
-        return "file://" + str(config.resolve(sink[len("file://") :]))
-    return sink
-
-
 class Runtime:
-    def __init__(
-        self, config_path: Path, *, reuse_port: bool = False, config: Config | None = None
-    ) -> None:
-        self.config_path = config_path
+    """One gateway process, built complete from a loaded ``Config``: ``start`` opens the
+    listeners and starts the background work, ``stop`` drains and closes everything."""
+
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+        settings = config.settings
+        self.config = config
         self.reuse_port = reuse_port
-        # Loaded by the caller (``gateway replay`` moves the listeners and the upstream of
-        # the file it was given); None: ``start`` loads config_path.
-        self._preloaded = config
         self.metrics = Metrics()
         self.tracker = Tracker()
+        self.events = EventLog.from_settings(config.events_sink, settings.events, self.metrics)
+        self.access_log = AccessLog.from_settings(
+            config.access_log_sink, settings.access_log, self.metrics
+        )
+        self.store: TenantStore = with_revocation_list(
+            open_store(config.store_url, config.keyring), config
+        )
+        self.shared = Shared(config, self.metrics, self.events, self.store)
+        # Seat holders and usage counts ([seats], README "Seats and usage").
+        self.seats = SeatBook(self.store, settings.seats, self.metrics)
+        self.usage = UsageMeter(self.store, self.metrics)
+        self.reminders = Reminders(
+            self.store, self.events, self._policy, settings.reminders, self.metrics
+        )
         self.pools: dict[AppName, UpstreamPool] = {}
+        self._factories: dict[AppName, Callable[[], asyncio.Protocol]] = {}
+        for app, app_settings in settings.apps.items():
+            proxy_settings = _proxy_settings(settings, app_settings)
+            up_host, up_port = _upstream_address(app_settings.upstream)
+            pool = UpstreamPool(up_host, up_port, proxy_settings, self.metrics.for_app(app))
+            self.pools[app] = pool
+            enforcer = Enforcer(app, config, self.shared)
+            factory = downstream_factory(enforcer, pool, proxy_settings, self.tracker)
+            self._factories[app] = factory
         self.servers: list[asyncio.Server] = []
         self.started = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
         # (mtime_ns, size, inode): mtimes come from a coarse clock, so an edit in the same
         # tick as the last one keeps its mtime; the size or inode then still tells.
         self._mtimes: dict[Path, tuple[int, int, int]] = {}
         self._reload_lock = asyncio.Lock()
+        self._admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
+
+    def _policy(self) -> Policy:
+        return self.shared.rules.policy  # the one the last reload swapped in
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
         require_c_parsers()
-        config = self._preloaded or load_config(self.config_path)
-        self.config = config
-        settings = config.settings
-        self.events = EventLog(
-            events_sink(config),
-            self.metrics,
-            settings.events.max_queue,
-            per_second={"license_invalid": settings.events.license_invalid_per_second},
-        )
-        self.store: TenantStore = with_revocation_list(
-            open_store(store_url(config), config.keyring), config
-        )
+        settings = self.config.settings
+        self.events.start()
+        self.access_log.start()
         if settings.store.seed is not None:
-            await self._seed(config.resolve(settings.store.seed))
-        self.shared = Shared(config, self.metrics, self.events, self.store)
-        # Seat holders and usage counts ([seats], README "Seats and usage").
-        self.seats = SeatBook(self.store, settings.seats, self.metrics)
-        self.usage = UsageMeter(self.store, self.metrics)
+            await self._seed(self.config.resolve(settings.store.seed))
         self._remember_mtimes()
-        lic = settings.license
         loop = asyncio.get_running_loop()
-        for app, app_settings in settings.apps.items():
-            up_host, up_port = _upstream_address(app_settings.upstream)
-            proxy_settings = ProxySettings(
-                license_header=lic.header,
-                tenant_header=lic.tenant_header,
-                role_header=lic.role_header,
-                user_header=lic.user_header,
-                host_header=(
-                    None if app_settings.host == "preserve" else f"{up_host}:{up_port}".encode()
-                ),
-                connect_timeout=app_settings.connect_timeout,
-                read_timeout=app_settings.read_timeout,
-                keepalive_timeout=settings.server.keepalive_timeout,
-                max_header_bytes=settings.server.max_header_bytes,
-                max_headers=settings.server.max_headers,
-                max_body_bytes=settings.server.max_body_bytes,
-                header_timeout=settings.server.header_timeout,
-                body_timeout=settings.server.body_timeout,
-                max_connections=app_settings.max_connections,
-                queue_timeout=app_settings.queue_timeout,
-            )
-            pool = UpstreamPool(up_host, up_port, proxy_settings, self.metrics.for_app(app))
-            self.pools[app] = pool
-            enforcer = Enforcer(app, config, self.shared)
+        for app, factory in self._factories.items():
+            app_settings = settings.apps[app]
             host, port = split_host_port(app_settings.listen)
             server = await loop.create_server(
-                downstream_factory(enforcer, pool, proxy_settings, self.tracker),
-                host,
-                port,
-                reuse_port=self.reuse_port or None,
-                backlog=1024,
+                factory, host, port, reuse_port=self.reuse_port or None, backlog=1024
             )
             self.servers.append(server)
             log.info(
                 "%s: listening on %s, upstream %s", app, app_settings.listen, app_settings.upstream
             )
         await self._start_admin(settings.admin.listen)
-        self._tasks.append(loop.create_task(self.events.run(), name="events"))
         self._tasks.append(
             loop.create_task(self._watch(settings.server.reload_poll_interval), name="watcher")
         )
         self._tasks.append(loop.create_task(self._follow_store(), name="store-changes"))
         self._tasks.append(loop.create_task(self._flush_metrics(), name="metrics"))
         self._tasks.append(loop.create_task(self.usage.run(), name="usage"))
+        self.reminders.start()
         for pool in self.pools.values():
             await pool.probe()
+        log.info(
+            "started: routes %s, matrix %s, %s",
+            self.config.routes.sha, self.config.matrix.sha, describe_keys(self.config.keyring),
+        )  # fmt: skip
         self.started = True
 
     async def _start_admin(self, listen: str) -> None:
-        self._admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
         await self._admin.setup()
         host, port = split_host_port(listen)
         site = web.TCPSite(self._admin, host, port, reuse_port=self.reuse_port or None)
@@ -196,12 +176,20 @@ class Runtime:
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
 
     def _on_sighup(self) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(self.reload("SIGHUP")))
         self._tasks = [task for task in self._tasks if not task.done()]
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1, after logrotate moved the files: the event and access log files are
+        opened again by name (in their writer threads, between two whole batches)."""
+        self.events.reopen()
+        self.access_log.reopen()
+        log.info("SIGUSR1: reopening the events and access log files")
 
     def _on_stop_signal(self) -> None:
         if not self.tracker.closing:
@@ -267,10 +255,15 @@ class Runtime:
                 )
                 return False
             self.shared.swap_rules(matrix, routes)
-            if not keyring.same_keys(self.shared.licenses.keyring):
+            changed = not keyring.same_keys(self.shared.licenses.keyring)
+            if changed:
                 self._swap_keyring(keyring)
             self.metrics.reload_ok.inc()
-            log.info("reload (%s): routes %s, matrix %s", why, routes.sha, matrix.sha)
+            log.info(
+                "reload (%s): routes %s, matrix %s, %s%s",
+                why, routes.sha, matrix.sha, describe_keys(keyring),
+                " (key ring changed)" if changed else "",
+            )  # fmt: skip
             return True
 
     def _swap_keyring(self, keyring: KeyRing) -> None:
@@ -282,7 +275,6 @@ class Runtime:
         self.shared.licenses.clear()
         self.store.use_keyring(keyring)
         self.shared.tenants.invalidate()
-        log.info("reload: key ring now %s", ", ".join(sorted(keyring.keys)) or "empty")
 
     # ------------------------------------------------------------------ stop
     async def stop(self, deadline: float | None = None) -> None:
@@ -306,8 +298,7 @@ class Runtime:
                 conn.transport.abort()
         for pool in self.pools.values():
             pool.close()
-        if self._admin is not None:
-            await self._admin.cleanup()
+        await self._admin.cleanup()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -316,8 +307,12 @@ class Runtime:
             if task is not current:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        flush_deadline = self.config.settings.events.flush_deadline
+        await self.reminders.aclose(flush_deadline)  # a claimed reminder is still emitted
         self.metrics.flush()
-        self.events.close()
+        # What is queued or in flight reaches its sink (a collector too) within the deadline.
+        await self.events.aclose(flush_deadline)
+        await self.access_log.aclose(flush_deadline)
         await self.usage.close()  # the last counts (kept in memory if the store is down)
         await self.store.close()
         self._stopped.set()
@@ -330,89 +325,42 @@ def _signature(stat: os.stat_result) -> tuple[int, int, int]:
     return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
+def describe_keys(keyring: KeyRing) -> str:
+    """The loaded public keys for a log line: ``keys k1 sha256:…, k2 sha256:…`` (the
+    fingerprints ``/admin/config`` shows, so pods can be compared from their logs)."""
+    if not keyring.keys:
+        return "no public keys"
+    listed = ", ".join(
+        f"{kid} {public_key_fingerprint(key)}" for kid, key in sorted(keyring.keys.items())
+    )
+    return f"keys {listed}"
+
+
+def _proxy_settings(settings: Settings, app: AppSettings) -> ProxySettings:
+    up_host, up_port = _upstream_address(app.upstream)
+    lic, server = settings.license, settings.server
+    return ProxySettings(
+        license_header=lic.header,
+        tenant_header=lic.tenant_header,
+        role_header=lic.role_header,
+        user_header=lic.user_header,
+        host_header=None if app.host == "preserve" else f"{up_host}:{up_port}".encode(),
+        connect_timeout=app.connect_timeout,
+        read_timeout=app.read_timeout,
+        keepalive_timeout=server.keepalive_timeout,
+        max_header_bytes=server.max_header_bytes,
+        max_headers=server.max_headers,
+        max_body_bytes=server.max_body_bytes,
+        header_timeout=server.header_timeout,
+        body_timeout=server.body_timeout,
+        max_connections=app.max_connections,
+        queue_timeout=app.queue_timeout,
+    )
+
+
 def _upstream_address(url: str) -> tuple[str, int]:
     rest = url[len("http://") :].rstrip("/")
     if ":" in rest.rsplit("]", 1)[-1]:
         host, port = split_host_port(rest)
         return host, port
     return rest.strip("[]"), 80
-
-
-def supervise(config_path: Path, workers: int, log_level: str) -> int:
-    """``gateway serve --workers N``: N worker processes share the listeners through
-    ``SO_REUSEPORT`` (the kernel spreads connections), and their metrics through
-    prometheus-client multiprocess mode, so any worker answers ``/metrics`` for all.
-
-    The supervisor forwards SIGHUP (reload) and SIGTERM/SIGINT (drain, then exit) to the
-    workers and restarts a worker that dies unexpectedly."""
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    from prometheus_client import multiprocess
-
-    require_c_parsers()
-    config = load_config(config_path)  # fail here, once, with the full list of problems
-    url = store_url(config)
-    if per_process(url):
-        # Each worker would hold its own tenants: a replayed signed suspend is applied once
-        # per worker, a reinstate reaches one worker in N.
-        raise ConfigError.single(
-            str(config_path),
-            "store.url",
-            f"{url} lives inside one process, so {workers} workers would each keep their own "
-            'tenants; use a shared store (store.url = "sqlite:///path/tenants.db" or '
-            '"redis://host:6379/0") or --workers 1',
-        )
-    metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    command = [
-        sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path),
-        "--log-level", log_level, "--reuse-port",
-    ]  # fmt: skip
-    children: list[subprocess.Popen[bytes]] = []
-    stopping = False
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
-
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-    def spawn(index: int) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(command, env={**env, "GATEWAY_WORKER": str(index)})
-        log.info("worker %d started (pid %d)", index, child.pid)
-        return child
-
-    try:
-        children = [spawn(index) for index in range(workers)]
-        while True:
-            while received:
-                signum = received.pop(0)
-                if signum == signal.SIGHUP:
-                    for child in children:
-                        child.send_signal(signal.SIGHUP)
-                else:
-                    stopping = True
-                    for child in children:
-                        child.send_signal(signal.SIGTERM)
-            if stopping:
-                if all(child.poll() is not None for child in children):
-                    return 0
-            else:
-                for index, child in enumerate(children):
-                    if child.poll() is not None:
-                        log.error("worker %d exited with %s; restarting", index, child.returncode)
-                        multiprocess.mark_process_dead(child.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
-                        time.sleep(0.5)  # a worker that cannot start must not spin
-                        children[index] = spawn(index)
-            time.sleep(0.1)
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.config import load_config
 from gateway.matrix import APP_NAMES
 from gateway.runtime import Runtime
 
@@ -33,6 +34,17 @@ def free_port() -> int:
         if port not in _handed_out:
             _handed_out.add(port)
             return port
+
+
+async def start_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on a free loopback port: its runner (``cleanup()`` stops it) and port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    return runner, server.sockets[0].getsockname()[1]
 
 
 class EchoUpstream:
@@ -55,13 +67,7 @@ class EchoUpstream:
         app.router.add_get("/download/{size}", self._download)
         app.router.add_route("*", "/upload", self._upload)
         app.router.add_route("*", "/{tail:.*}", self._echo)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self._runner, self.port = await start_app(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -168,8 +174,10 @@ def write_config(
     extra: str = "",
     app_extra: str = "",
     routes: Path | None = None,
+    events: str = 'sink = "file://events.jsonl"',
 ) -> tuple[Path, dict[str, int], int]:
-    """A gateway.toml in ``folder`` with free listener ports; returns (path, ports, admin)."""
+    """A gateway.toml in ``folder`` with free listener ports; returns (path, ports, admin).
+    ``events`` is the body of its ``[events]`` section."""
     shutil.copy(routes or REPO / "routes.toml", folder / "routes.toml")
     shutil.copy(REPO / "tier_matrix.toml", folder / "tier_matrix.toml")
     keys = folder / "keys"
@@ -197,10 +205,9 @@ def write_config(
         listen = "127.0.0.1:{admin}"
 
         [events]
-        sink = "file://events.jsonl"
         """
     )
-    text += extra
+    text += events + "\n" + extra
     path = folder / "gateway.toml"
     path.write_text(text)
     return path, listen, admin
@@ -239,7 +246,7 @@ async def running_gateway(
     **config: Any,
 ) -> AsyncIterator[Gateway]:
     path, listen, admin = write_config(folder, key_dir, upstream_ports, **config)
-    runtime = Runtime(path)
+    runtime = Runtime(load_config(path))
     await runtime.start()
     try:
         yield Gateway(runtime, listen, admin, folder)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,6 @@ from tests.redis_server import RedisServer
 
 PASSWORD = "hunter2-do-not-leak"
 PROVISION_SECRET = "provision-secret-do-not-leak"
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer.start(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 async def admin_config(client: aiohttp.ClientSession, gateway: Gateway) -> tuple[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.config import load_config, load_settings
+from gateway.config import ReminderSettings, load_config, load_settings
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.license import DEFAULT_CLASSIC_PATTERN
 
@@ -325,12 +325,54 @@ def test_check_refuses_server_timeouts_and_limits_that_are_not_positive(
             "seats.tier_overage.platinum",
             id="unknown-tier",
         ),
+        pytest.param("", "\n[reminders]\nlead_days = [0]\n", "reminders.lead_days", id="lead-0"),
+        pytest.param(
+            "", "\n[reminders]\nlead_days = [60, 7]\n", "reminders.lead_days", id="lead-too-long"
+        ),
+        pytest.param("", "\n[reminders]\nlead_days = [7, 7]\n", "reminders.lead_days", id="twice"),
+        pytest.param("", "\n[reminders]\nlead_days = []\n", "reminders.lead_days", id="no-lead"),
+        pytest.param(
+            "", '\n[reminders]\nlead_days = ["7"]\n', "reminders.lead_days[0]", id="lead-type"
+        ),
+        pytest.param(
+            "",
+            "\n[reminders]\ninterval_seconds = 0\n",
+            "reminders.interval_seconds",
+            id="reminder-interval",
+        ),
     ],
 )
 def test_bad_values_name_the_key(config_dir: Path, old: str, new: str, key: str) -> None:
     path = edit(config_dir, "gateway.toml", old, new)
     (problem,) = config_problems(path)
     assert (problem.file, problem.key) == (str(path), key)
+
+
+def test_reminders_section(config_dir: Path) -> None:
+    assert load_config(config_dir / "gateway.toml").settings.reminders == ReminderSettings(
+        enabled=True, lead_days=(30, 7, 1), interval_seconds=3600.0
+    )
+    path = edit(
+        config_dir,
+        "gateway.toml",
+        "",
+        "\n[reminders]\nenabled = false\nlead_days = []\ninterval_seconds = 600\n",
+    )
+    assert load_config(path).settings.reminders == ReminderSettings(False, (), 600.0)
+
+
+def test_store_and_sink_urls_resolve_against_the_file_folder(config_dir: Path) -> None:
+    path = edit(
+        config_dir,
+        "gateway.toml",
+        'url = "memory://"\n\n[events]\nsink = "stdout:"',
+        'url = "sqlite://data/tenants.db"\n\n[events]\nsink = "file://logs/events.jsonl"\n'
+        '\n[access_log]\nsink = "file:///var/log/access.jsonl"',
+    )
+    config = load_config(path)
+    assert config.store_url == f"sqlite:///{config_dir.resolve()}/data/tenants.db"
+    assert config.events_sink == f"file://{config_dir.resolve()}/logs/events.jsonl"
+    assert config.access_log_sink == "file:///var/log/access.jsonl"
 
 
 def test_seats_section(config_dir: Path) -> None:

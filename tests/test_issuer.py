@@ -17,6 +17,7 @@ import pytest
 
 from gateway.audit import verify
 from gateway.cli import main
+from gateway.config import load_config
 from gateway.runtime import Runtime
 from tests.harness import EchoUpstream, Gateway, running_gateway, write_config
 from tests.issuer_harness import hook_target, running_issuer, store_target, write_issuer
@@ -140,7 +141,7 @@ async def stopped_gateway(folder: Path, keys: Path, ports: dict[str, int]) -> As
 
     class Handle:
         def __init__(self) -> None:
-            self.gateway = Gateway(Runtime(path), listen, admin, folder)
+            self.gateway = Gateway(Runtime(load_config(path)), listen, admin, folder)
 
         async def start(self) -> Gateway:
             await self.gateway.runtime.start()

@@ -287,7 +287,7 @@ async def test_metrics_of_a_fresh_gateway_pass_promtool(
     assert value(parsed, "process_resident_memory_bytes") > 0
     assert value(parsed, "process_open_fds") > 0
     assert set(parsed["gateway_store_errors_total"]) == {
-        (("op", op),) for op in ("get", "classic_key", "provision", "seats", "usage")
+        (("op", op),) for op in ("get", "classic_key", "provision", "seats", "usage", "reminders")
     }
     promtool_check(text)
 

@@ -29,7 +29,6 @@ from gateway.migration import (
     plan_customer,
     read_plan,
 )
-from gateway.runtime import store_url
 from gateway.store import TenantStore, open_store
 from tests.conftest import REPO, IssueKey
 from tests.harness import EchoUpstream, running_gateway, write_config
@@ -248,7 +247,7 @@ def on_store(config: Path, job: Callable[[TenantStore], Awaitable[T]]) -> T:
     loaded = load_config(config)
 
     async def run() -> T:
-        store = open_store(store_url(loaded), loaded.keyring)
+        store = open_store(loaded.store_url, loaded.keyring)
         try:
             return await job(store)
         finally:

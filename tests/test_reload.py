@@ -7,21 +7,24 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.license import generate_keypair, load_signing_key
+from gateway.admin import public_key_fingerprint
+from gateway.license import KeyRing, generate_keypair, load_signing_key
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey, sign_key
-from tests.harness import REPO, EchoUpstream, running_gateway, write_config
+from tests.harness import REPO, EchoUpstream, running_gateway, start_app, write_config
 from tests.test_provision import SECRET, provision
 
 OPTIMIZE = "/api/v1/shipments/1/optimize"
@@ -377,9 +380,19 @@ class ServeProcess:
 
 @contextlib.asynccontextmanager
 async def serve(
-    folder: Path, key_dir: Path, upstream_ports: dict[str, int], client: aiohttp.ClientSession
+    folder: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    *,
+    extra: str = "",
+    workers: int = 1,
+    **config: Any,
 ) -> AsyncIterator[ServeProcess]:
-    path, listen, admin = write_config(folder, key_dir, upstream_ports, extra=NO_WATCH)
+    """``gateway serve`` (``--workers N`` above 1: the supervisor and its workers)."""
+    path, listen, admin = write_config(
+        folder, key_dir, upstream_ports, extra=NO_WATCH + extra, **config
+    )
     log_path = folder / "serve.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
@@ -389,6 +402,8 @@ async def serve(
             "serve",
             "--config",
             str(path),
+            "--workers",
+            str(workers),
             cwd=REPO,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
@@ -409,6 +424,10 @@ async def serve(
         await eventually(ready, "gateway serve to be ready")
         yield running
     finally:
+        if proc.returncode is None and workers > 1:
+            proc.terminate()  # the supervisor stops its workers (a kill would orphan them)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), DEADLINE)
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
@@ -560,3 +579,128 @@ async def test_a_reload_with_new_keys_reaches_the_stores_verification(
         body = {"event_id": "e2", "action": "license", "tenant": "acme", "key": new}
         assert await provision(session, gateway, body) == (200, {"applied": True})
         assert await by_tenant() == (200, None)
+
+
+def event_lines(path: Path, kind: str) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    found = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [event for event in found if event.get("event") == kind]
+
+
+@pytest.mark.parametrize(
+    "workers", [pytest.param(1, id="one-process"), pytest.param(2, id="supervisor-forwards")]
+)
+async def test_sigusr1_reopens_the_event_and_access_log_files_logrotate_moved(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+    workers: int,
+) -> None:
+    """logrotate's ``postrotate`` sends SIGUSR1 (with ``--workers``, to the supervisor):
+    the files are opened again by name, the next event lands in the new file, and the
+    process keeps serving (SIGUSR1's default action is to terminate)."""
+    core = {"X-License-Key": issue_key(tier="core")}
+    extra = '\n[access_log]\nsink = "file://access.jsonl"\n'
+    if workers > 1:
+        extra += '\n[store]\nurl = "sqlite://tenants.db"\n'  # workers need a shared store
+    events, access = tmp_path / "events.jsonl", tmp_path / "access.jsonl"
+    rotated = tmp_path / "events.jsonl.1"
+    async with serve(tmp_path, key_dir, upstream_ports, client, extra=extra, workers=workers) as gw:
+        url = gw.url("operations", OPTIMIZE)
+        assert await status_of(client, url, core) == 403
+
+        async def blocked_in(path: Path) -> bool:
+            return len(event_lines(path, "feature_block")) == 1
+
+        await eventually(lambda: blocked_in(events), "the first feature_block to be written")
+        os.replace(events, rotated)
+        os.replace(access, tmp_path / "access.jsonl.1")
+        gw.proc.send_signal(signal.SIGUSR1)
+
+        async def reopened() -> bool:
+            # Nothing writes to the access log yet: only a reopen creates the file again.
+            return events.exists() and access.exists()
+
+        await eventually(reopened, "SIGUSR1 to open the files again")
+        assert await status_of(client, url, core) == 403
+        await eventually(lambda: blocked_in(events), "the next feature_block in the new file")
+        assert len(event_lines(rotated, "feature_block")) == 1
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gw.proc.wait(), DEADLINE) == 0
+
+
+class Collector:
+    """A real HTTP events collector that refuses batches (503) until ``accept`` is set."""
+
+    def __init__(self) -> None:
+        self.accept = asyncio.Event()
+        self.refused = asyncio.Event()
+        self.events: list[dict[str, object]] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/ingest", self._ingest)
+        self._runner, self.port = await start_app(app)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _ingest(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if not self.accept.is_set():
+            self.refused.set()
+            return web.Response(status=503)
+        self.events += [json.loads(line) for line in body.splitlines() if line]
+        return web.Response(status=204)
+
+
+async def test_shutdown_delivers_queued_events_to_the_http_collector_before_exit(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    client: aiohttp.ClientSession,
+    issue_key: IssueKey,
+) -> None:
+    """Events still queued (the collector was refusing them) when SIGTERM comes are
+    delivered within ``events.flush_deadline`` once it takes them, then the process exits."""
+    collector = Collector()
+    await collector.start()
+    sink = f'sink = "http://127.0.0.1:{collector.port}/ingest"\n'
+    events = sink + f"retry_max_backoff = 0.2\nflush_deadline = {DEADLINE}\n"
+    core = {"X-License-Key": issue_key(tier="core", sub="acme")}
+    try:
+        async with serve(tmp_path, key_dir, upstream_ports, client, events=events) as gw:
+            for _ in range(3):
+                assert await status_of(client, gw.url("operations", OPTIMIZE), core) == 403
+            await asyncio.wait_for(collector.refused.wait(), DEADLINE)
+            gw.proc.send_signal(signal.SIGTERM)
+            collector.accept.set()
+            assert await asyncio.wait_for(gw.proc.wait(), DEADLINE * 2) == 0
+    finally:
+        await collector.stop()
+    blocks = [event for event in collector.events if event["event"] == "feature_block"]
+    assert [event["tenant"] for event in blocks] == ["acme"] * 3
+
+
+async def test_start_and_reload_log_the_loaded_key_ids_and_fingerprints(
+    tmp_path: Path,
+    key_dir: Path,
+    upstream_ports: dict[str, int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Operators compare pods from their logs: which keys each one verifies with."""
+    fingerprint = public_key_fingerprint(KeyRing.load(key_dir).keys["test"])
+    caplog.set_level(logging.INFO, logger="gateway.runtime")
+    async with running_gateway(tmp_path, key_dir, upstream_ports, extra=NO_WATCH) as gw:
+        (started,) = [r.message for r in caplog.records if r.message.startswith("started:")]
+        assert f"keys test {fingerprint}" in started
+        caplog.clear()
+        assert await gw.runtime.reload("test") is True
+    (reloaded,) = [r.message for r in caplog.records if r.message.startswith("reload (test)")]
+    assert f"keys test {fingerprint}" in reloaded
