@@ -12,7 +12,7 @@ the ``[[billing]]`` secrets; the key id that verifies is the audit actor.
     GET  /v1/orders/{order_id}           the license and its delivery state per target
     POST /v1/orders/{order_id}/retry     dead-lettered deliveries back to pending
     GET  /v1/dead-letters                every dead-lettered delivery
-    GET  /healthz                        unauthenticated liveness
+    GET  /healthz                        unauthenticated liveness, with the pid
 """
 
 from __future__ import annotations
@@ -231,7 +231,8 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    # the pid: a supervisor (``make demo``) checks the port is held by the process it started
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 @web.middleware

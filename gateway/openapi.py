@@ -261,8 +261,11 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "200": _json(
                         {
                             "type": "object",
-                            "required": ["status"],
-                            "properties": {"status": {"const": "ok"}},
+                            "required": ["status", "pid"],
+                            "properties": {
+                                "status": {"const": "ok"},
+                                "pid": {"type": "integer", "description": "the answering process"},
+                            },
                         },
                         "alive",
                     )
