@@ -4,4 +4,4 @@ The pure core (``routes``, ``matrix``, ``license``, ``decision``) knows nothing 
 ``config`` loads and cross-checks the three TOML files; ``cli`` is the operator's door.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

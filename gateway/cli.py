@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway import audit_cli, issuer_cli, keys_cli, replay_cli, report_cli, routes_cli
+from gateway import __version__, audit_cli, issuer_cli, keys_cli, replay_cli, report_cli, routes_cli
 from gateway.config import Config, config_warnings, load_config
 from gateway.decision import expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
@@ -58,6 +58,7 @@ def _iso(ts: int | float) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="validate gateway.toml and the files it names")

@@ -626,3 +626,19 @@ def test_check_the_shipped_configuration(capsys: Capture, config_dir: Path) -> N
     assert out.splitlines()[0].endswith("gateway.toml: OK")
     assert "public keys       1 (test)" in out
     assert "features with no route" not in out
+
+
+def test_version_is_the_package_version_and_the_changelog_s_newest_section(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One version: ``gateway --version``, ``gateway_build_info{version}`` (the package's
+    ``__version__``) and the newest dated section of CHANGELOG.md agree."""
+    from gateway import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gateway {__version__}"
+    changelog = (Path(__file__).resolve().parent.parent / "CHANGELOG.md").read_text()
+    newest = re.search(r"^## (\S+) — \d{4}-\d{2}-\d{2}$", changelog, re.M)
+    assert newest is not None and newest.group(1) == __version__
