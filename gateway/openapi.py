@@ -20,7 +20,7 @@ from gateway.clicks import MAX_EVENT_BYTES, ClickBody
 from gateway.config import Settings
 from gateway.entitlements import Entitlements
 from gateway.matrix import APP_NAMES
-from gateway.provision import ProvisionEvent
+from gateway.provision import NOT_APPLIED, ProvisionEvent
 
 _REF = "#/components/schemas/{name}"
 
@@ -230,10 +230,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                             "required": ["applied"],
                             "properties": {
                                 "applied": {"type": "boolean"},
-                                "reason": {"type": ["string", "null"]},
+                                "reason": {"enum": list(NOT_APPLIED)},
                             },
                         },
-                        "applied, or not (a repeated event id, an older serial)",
+                        "applied, or not, and then why (`reason`)",
                     ),
                     "400": _problem("bad body; `field` names the field"),
                     "401": _problem("bad or stale signature"),
