@@ -34,6 +34,7 @@ from gateway.decision import TenantRecord
 from gateway.errors import LicenseError
 from gateway.license import ClassicKeys, KeyRing, License, LicenseClaims, Seats
 from gateway.matrix import TierMatrix
+from gateway.skus import OrderRefused, check_plan
 from gateway.store import StoreError, TenantStore
 
 log = logging.getLogger(__name__)
@@ -122,19 +123,11 @@ def read_plan(path: Path, matrix: TierMatrix, classic: ClassicKeys) -> list[Cust
 def _customer(row: Row, matrix: TierMatrix, classic: ClassicKeys) -> Customer:
     tenant = row.required("tenant")
     tier = row.required("tier")
-    if tier not in matrix.tiers:
-        raise row.error("tier", f"unknown tier {tier!r} (known: {', '.join(matrix.tiers)})")
     addons = row.names("addons")
-    for addon in addons:
-        known = matrix.addons.get(addon)
-        if known is None:
-            raise row.error(
-                "addons", f"unknown add-on {addon!r} (known: {', '.join(matrix.addons)})"
-            )
-        if tier not in known.available_to:
-            raise row.error("addons", f"add-on {addon!r} is not available to tier {tier!r}")
-    if len(set(addons)) != len(addons):
-        raise row.error("addons", "an add-on is listed twice")
+    try:
+        check_plan(matrix, tier, addons)
+    except OrderRefused as exc:
+        raise row.error("tier" if exc.rule == "unknown_tier" else "addons", exc.detail) from exc
     ops_users, drivers = row.count("ops_users"), row.count("drivers")
     if (ops_users is None) != (drivers is None):
         raise row.error("ops_users", "ops_users and drivers go together (or both empty)")
