@@ -51,6 +51,8 @@ ACTIONS = (
     "key_activate",
     "key_retire",
     "revocations_export",
+    "migrate",
+    "migrate_undo",
 )
 _TAIL = re.compile(rb',"hash":"([0-9a-f]{64})"}$')
 _READ_BACK = 4096
