@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -33,10 +32,11 @@ from gateway.audit_cli import add_options, audit_log
 from gateway.cli import EXIT_INVALID, EXIT_OK, UsageError, _date, run_on_store
 from gateway.config import Config, load_config
 from gateway.csvrows import utc_day
+from gateway.decision import TenantRecord
 from gateway.docs import feature_titles, money
 from gateway.issuer_client import IssuerClient, IssuerError
 from gateway.issuing import Order
-from gateway.license import LicenseClaims, Seats, load_signing_key, sign_license
+from gateway.license import License, LicenseClaims, Seats, load_signing_key, sign_license
 from gateway.matrix import TierMatrix
 from gateway.skus import OrderRefused, SkuCatalog, catalog_of, skus_for
 from gateway.store import TenantStore
@@ -166,7 +166,7 @@ def _store_exists(config: Config) -> bool:
     return True
 
 
-async def _migrated(record: Any, issuer: IssuerClient | None) -> frozenset[str]:
+async def _migrated(record: TenantRecord | None, issuer: IssuerClient | None) -> frozenset[str]:
     """The tenant's newest license id when the issuing service minted it for a migration
     order (a re-run after ``--issuer`` must recognise its own licenses)."""
     newest = migration.newest_license(record)
@@ -239,7 +239,7 @@ async def _apply(
     issuer: IssuerClient | None,
     now: int,
 ) -> dict[str, migration.Outcome]:
-    signed: dict[str, tuple[str, Any]] = {}
+    signed: dict[str, tuple[str, License]] = {}
     if run.signer is not None:  # before any write: a key the gateways distrust stops the run
         signed = migration.sign_steps(steps, run.signer, run.config.keyring, now)
     outcomes: dict[str, migration.Outcome] = {}
@@ -248,7 +248,7 @@ async def _apply(
         if step.action in ("conflict", "refused"):
             continue
         issue: migration.IssueLicense | None = None
-        token, verified = signed.get(tenant, (None, None))
+        token, verified = signed.get(tenant) or (None, None)
         order = orders.get(tenant)
         if token is not None:
             issue = migration.store_license(store, token)
