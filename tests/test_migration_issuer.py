@@ -19,7 +19,7 @@ from gateway.matrix import TierMatrix
 from gateway.migration import DAY, ORDER_PREFIX, next_step, order_for, plan_customer
 from gateway.skus import SkuLine
 from tests.conftest import REPO
-from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.harness import EchoUpstream, Gateway, free_port, running_gateway
 from tests.issuer_harness import BILLING_SECRET, hook_target, running_issuer, write_issuer
 from tests.test_migration import (
     KEY_A,
@@ -210,7 +210,6 @@ def test_issuer_usage_errors(
 def test_an_issuer_that_does_not_answer_writes_nothing(
     capsys: Capture, tmp_path: Path, key_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.harness import free_port
 
     monkeypatch.setenv(SECRET_ENV, BILLING_SECRET)
     config, _ = sqlite_config(tmp_path, key_dir)
@@ -223,3 +222,24 @@ def test_an_issuer_that_does_not_answer_writes_nothing(
     assert "did not answer" in out and "a re-run places the same order" in out
     assert "1 classic keys removed again, customer untouched" in out
     assert set(read_store(config)) == {"_init"} and classic_imported(config, KEY_A) == [False]
+
+
+def test_a_dry_run_with_the_issuer_shows_each_order_and_places_none(
+    capsys: Capture, tmp_path: Path, key_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, BILLING_SECRET)
+    config, _ = sqlite_config(tmp_path, key_dir)
+    (tmp_path / "tier_matrix.toml").write_text(
+        (tmp_path / "tier_matrix.toml").read_text() + "\n[skus.FLEET-EMERGENCY]\n"
+        'addons = ["emergency_support", "personalized_url"]\n'
+    )  # a bundle granting more than cust-0042's plan: not used for it
+    sample = REPO / "docs" / "examples" / "customers.csv"
+    nobody = f"http://127.0.0.1:{free_port()}"  # a new customer needs no answer from it
+    code = main(["migrate", "--plan", str(sample), "--config", str(config), "--dry-run",
+                 "--issuer", nobody, "--billing-secret-env", SECRET_ENV])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "order:       FLEET + ADDON-EMERGENCY (migrate-cust-0042-" in out
+    assert "order:       CORE + ADDON-ADV-OPT + ADDON-ROUTE-DIST (migrate-cust-0043-" in out
+    assert "order:       ENTERPRISE (migrate-cust-0044-" in out
+    assert "dry run: nothing written" in out and set(read_store(config)) == {"_init"}
