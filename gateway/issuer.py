@@ -10,6 +10,7 @@ the ``[[billing]]`` secrets; the key id that verifies is the audit actor.
     POST /v1/orders                      201 minted, 200 the same order again, 409 another
                                          order under that id, 422 refused by the matrix
     GET  /v1/orders/{order_id}           the license and its delivery state per target
+    GET  /v1/licenses/{license_id}       the same for a license id (its order_id says whence)
     POST /v1/orders/{order_id}/retry     dead-lettered deliveries back to pending
     GET  /v1/dead-letters                every dead-lettered delivery
     GET  /healthz                        unauthenticated liveness, with the pid
@@ -43,9 +44,10 @@ from gateway.issuing import (
     parse_when,
 )
 from gateway.ledger import Delivery, Ledger, LedgerError, LedgerLicense, OrderConflict
+from gateway.license import decode_unverified
 from gateway.provision import MAX_BODY_BYTES, ProvisionError, verify_signature
 from gateway.signing_keys import KeyStateError, signing_key
-from gateway.skus import OrderRefused, resolve
+from gateway.skus import OrderRefused, check_grandfather, resolve
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,13 @@ class Issuer:
             plan = resolve(self.config.catalog, self.config.matrix, order.lines())
         except OrderRefused as exc:
             raise Refusal(422, "order_refused", exc.detail, sku=exc.sku, rule=exc.rule) from exc
+        if order.grandfather_tier is not None:
+            try:
+                check_grandfather(self.config.matrix, plan.tier, order.grandfather_tier)
+            except OrderRefused as exc:
+                raise Refusal(
+                    422, "order_refused", exc.detail, rule=exc.rule, field="grandfather_tier"
+                ) from exc
         if order.seats is not None:
             plan = msgspec.structs.replace(plan, seats=order.seats)
         if order.trial:  # a trial runs trial_days, whatever term the tier SKU sells
@@ -123,6 +132,10 @@ class Issuer:
             days=settings.issuer.trial_days if order.trial else settings.issuer.default_days,
             trial=order.trial,
             order_id=order.order_id,
+            grandfather_tier=order.grandfather_tier,
+            grandfather_until=None
+            if order.grandfather_until is None
+            else parse_when(order.grandfather_until, ""),
         )
         return self.ledger.mint(
             order.tenant,
@@ -137,6 +150,7 @@ class Issuer:
 
 
 def view(lic: LedgerLicense, deliveries: list[Delivery]) -> dict[str, Any]:
+    claims = decode_unverified(lic.token)[1]  # the ledger keeps no grandfather columns
     return {
         "order_id": lic.order_id,
         "tenant": lic.tenant,
@@ -150,6 +164,8 @@ def view(lic: LedgerLicense, deliveries: list[Delivery]) -> dict[str, Any]:
         "trial": lic.trial,
         "nbf": lic.nbf,
         "exp": lic.exp,
+        "grandfather_tier": claims.get("grandfather_tier"),
+        "grandfather_until": claims.get("grandfather_until"),
         "change": lic.change,
         "key": lic.token,
         "deliveries": [
@@ -209,6 +225,16 @@ async def post_order(request: web.Request) -> web.Response:
 async def get_order(request: web.Request) -> web.Response:
     await _body(request)
     return web.json_response(await _order_view(request.app[STATE], request.match_info["order_id"]))
+
+
+async def get_license(request: web.Request) -> web.Response:
+    issuer = request.app[STATE]
+    await _body(request)
+    license_id = request.match_info["license_id"]
+    found = await asyncio.to_thread(issuer.ledger.license_deliveries, license_id)
+    if found is None:
+        raise Refusal(404, "license_unknown", f"no license {license_id!r} in the ledger")
+    return web.json_response(view(*found))
 
 
 async def retry_order(request: web.Request) -> web.Response:
@@ -272,6 +298,7 @@ def issuer_app(config: IssuerConfig) -> web.Application:
     app.router.add_post("/v1/orders", post_order)
     app.router.add_get("/v1/orders/{order_id}", get_order)
     app.router.add_post("/v1/orders/{order_id}/retry", retry_order)
+    app.router.add_get("/v1/licenses/{license_id}", get_license)
     app.router.add_get("/v1/dead-letters", dead_letters)
     app.router.add_get("/healthz", healthz)
     return app

@@ -26,7 +26,15 @@ from gateway.audit_cli import add_options, record, write
 from gateway.issuing import BadOrder, Terms, build, issued_record, parse_when
 from gateway.ledger import Ledger, serial_floor
 from gateway.license import Seats, load_signing_key
-from gateway.skus import OrderRefused, Plan, SkuLine, catalog_of, check_plan, resolve
+from gateway.skus import (
+    OrderRefused,
+    Plan,
+    SkuLine,
+    catalog_of,
+    check_grandfather,
+    check_plan,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from gateway.issuer_config import IssuerConfig
@@ -161,8 +169,6 @@ def _plan(args: argparse.Namespace, sources: _Sources) -> Plan:
         raise UsageError("--ops-users and --drivers go together (they replace the tier's seats)")
     if (args.grandfather_tier is None) != (args.grandfather_until is None):
         raise UsageError("--grandfather-tier and --grandfather-until go together")
-    if args.grandfather_tier is not None and args.grandfather_tier not in sources.matrix.tiers:
-        raise UsageError(f"unknown grandfather tier {args.grandfather_tier!r}")
     try:
         if args.sku is not None:
             if args.addon:
@@ -171,6 +177,8 @@ def _plan(args: argparse.Namespace, sources: _Sources) -> Plan:
         else:
             check_plan(sources.matrix, args.tier, tuple(args.addon))
             plan = Plan(args.tier, tuple(args.addon), None, None)
+        if args.grandfather_tier is not None:
+            check_grandfather(sources.matrix, plan.tier, args.grandfather_tier)
     except OrderRefused as exc:
         sku = f"SKU {exc.sku!r} refused ({exc.rule}): " if exc.sku else ""
         raise UsageError(sku + exc.detail) from exc

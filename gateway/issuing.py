@@ -43,6 +43,10 @@ class Order(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     starts_at: int | str | None = None
     ends_at: int | str | None = None
     trial: bool = False
+    # A window granting a higher tier until a date (the migration of classic customers);
+    # both or neither, the tier ranked above the order's (``skus.check_grandfather``).
+    grandfather_tier: str | None = None
+    grandfather_until: int | str | None = None
 
     def lines(self) -> list[SkuLine]:
         return [SkuLine(item) if isinstance(item, str) else item for item in self.skus]
@@ -82,16 +86,19 @@ def parse_order(body: bytes) -> Order:
     for name in ("order_id", "tenant"):
         if not getattr(order, name).strip():
             raise BadOrder(name, "must not be empty")
-    for name in ("starts_at", "ends_at"):
+    for name in ("starts_at", "ends_at", "grandfather_until"):
         value = getattr(order, name)
         if value is not None:
             parse_when(value, name)
+    if (order.grandfather_tier is None) != (order.grandfather_until is None):
+        missing = "grandfather_until" if order.grandfather_until is None else "grandfather_tier"
+        raise BadOrder(missing, "grandfather_tier and grandfather_until go together")
     return order
 
 
 def order_digest(order: Order) -> str:
     """The same order however it is spelled (key order, date format, bare SKU strings)."""
-    canonical = {
+    canonical: dict[str, Any] = {
         "tenant": order.tenant,
         "skus": [msgspec.to_builtins(line) for line in order.lines()],
         "seats": msgspec.to_builtins(order.seats),
@@ -99,6 +106,9 @@ def order_digest(order: Order) -> str:
         "ends_at": None if order.ends_at is None else parse_when(order.ends_at, ""),
         "trial": order.trial,
     }
+    if order.grandfather_until is not None:  # only when given: older orders keep their digest
+        canonical["grandfather_tier"] = order.grandfather_tier
+        canonical["grandfather_until"] = parse_when(order.grandfather_until, "")
     return hashlib.sha256(msgspec.json.encode(canonical)).hexdigest()
 
 

@@ -253,17 +253,19 @@ class Ledger:
         return self._read(job, None)
 
     def order(self, order_id: str) -> tuple[LedgerLicense, list[Delivery]] | None:
+        """The license an order minted, with its deliveries."""
+
         def job(conn: sqlite3.Connection) -> tuple[LedgerLicense, list[Delivery]] | None:
             row = conn.execute(
                 "SELECT license_id FROM orders WHERE order_id = ?", (order_id,)
             ).fetchone()
-            if row is None:
-                return None
-            lic = _license(conn, row[0])
-            assert lic is not None
-            return lic, _deliveries(conn, "WHERE license_id = ?", (row[0],))
+            return None if row is None else _with_deliveries(conn, row[0])
 
         return self._read(job, None)
+
+    def license_deliveries(self, license_id: str) -> tuple[LedgerLicense, list[Delivery]] | None:
+        """A license by its id, with its deliveries (and its ``order_id``, if an order)."""
+        return self._read(lambda conn: _with_deliveries(conn, license_id), None)
 
     def licenses(self, tenant: str) -> tuple[LedgerLicense, ...]:
         return self._read(lambda conn: _licenses_of(conn, tenant), ())
@@ -379,6 +381,15 @@ def _licenses_of(conn: sqlite3.Connection, tenant: str) -> tuple[LedgerLicense, 
         (tenant,),
     ).fetchall()
     return tuple(_row_license(row) for row in rows)
+
+
+def _with_deliveries(
+    conn: sqlite3.Connection, license_id: str
+) -> tuple[LedgerLicense, list[Delivery]] | None:
+    lic = _license(conn, license_id)
+    if lic is None:
+        return None
+    return lic, _deliveries(conn, "WHERE license_id = ?", (license_id,))
 
 
 def _deliveries(conn: sqlite3.Connection, where: str, args: tuple[object, ...]) -> list[Delivery]:

@@ -4,48 +4,59 @@ A plan file (CSV: ``tenant, classic_key, tier, addons, ops_users, drivers,
 grandfather_days``) names each customer's plan after the grandfather window. Each gets one
 license: the purchased tier and add-ons, raised to the top tier (the all-inclusive product
 they had) until ``grandfather_until``, and their classic keys are imported into the store
-(for ``license.classic_keys = "store"``).
+(for ``license.classic_keys = "store"``). The license is signed here (``--signing-key``) or
+ordered from the issuing service (``--issuer``: ``order_for`` turns the plan into SKUs and
+a grandfather window, under an ``order_id`` derived from the plan).
 
     customers = read_plan(Path("customers.csv"), config.matrix, config.classic)
     plan = plan_customer(customer, matrix, start=start, exp=start + 365 * DAY)
     step = next_step(plan, await store.get(customer.tenant), now)  # issue, unchanged, ...
-    tokens = sign_steps(steps, signer, config.keyring, now)       # every key, before writing
-    outcome = await apply_step(step, tokens.get(customer.tenant), store)  # not in dry runs
+    signed = sign_steps(steps, signer, config.keyring, now)       # every key, before writing
+    outcome = await apply_step(step, store_license(store, token), line, store, audit)
+
+Per customer, ``apply_step`` writes the audit line first, then imports the classic keys,
+then puts the license in force (the one step that cannot be taken back once the issuer has
+minted it); when the keys or the license fail, the keys it imported are removed again, so
+a customer is either fully migrated or untouched, and never migrated unrecorded.
 
 Re-running is idempotent: a customer whose newest license is a migration license with the
 same plan is left alone, and the window is anchored on the first migration (the previous
-license's ``nbf``), so a re-run on a later day changes nothing. A customer whose newest
+license's ``nbf``), so a re-run on a later day changes nothing (and an order placed again
+is the same order, which the issuer answers with the same license). A customer whose newest
 license was issued outside the migration (billing sold them something since) is never
 overwritten: that is a conflict for a person to resolve.
 """
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
+from gateway.audit import AuditError, AuditRecord
 from gateway.csvrows import CsvError, Row, read_rows, utc_day
 from gateway.decision import TenantRecord
 from gateway.errors import LicenseError
+from gateway.issuing import Order, order_digest
 from gateway.license import ClassicKeys, KeyRing, License, LicenseClaims, Seats
 from gateway.matrix import TierMatrix
+from gateway.skus import OrderRefused, SkuLine, check_plan
 from gateway.store import StoreError, TenantStore
-
-log = logging.getLogger(__name__)
 
 DEFAULT_GRANDFATHER_DAYS = 90
 DEFAULT_TERM_DAYS = 365
-ISSUER = "gateway-migrate"  # the ``iss`` of migration licenses: how a re-run recognises them
+ISSUER = "gateway-migrate"  # the ``iss`` of licenses signed here: how a re-run recognises them
+ORDER_PREFIX = "migrate-"  # of order ids: how a re-run recognises what the issuer minted
 PLAN_COLUMNS = ("tenant", "classic_key", "tier", "addons", "ops_users", "drivers")
 OPTIONAL_COLUMNS = ("grandfather_days",)
 DAY = 86400
 
-Action = Literal["issue", "reissue", "unchanged", "conflict"]
+# "refused": the issuing service could not be asked for this plan (no SKUs express it).
+Action = Literal["issue", "reissue", "unchanged", "conflict", "refused"]
 Signer = Callable[[LicenseClaims], str]
 
 
@@ -83,13 +94,30 @@ class Step(msgspec.Struct, frozen=True):
     serial: int  # the serial a new license gets (above every serial the tenant has)
 
 
+class Issued(msgspec.Struct, frozen=True):
+    """The license a step put in force: stored here, or minted by the issuing service."""
+
+    license_id: str
+    fingerprint: str
+    how: str  # "stored"; "ordered (migrate-...): delivered to gw-a" for the issuer
+
+
 class Outcome(msgspec.Struct, frozen=True):
     tenant: str
     action: Action
     applied: bool
-    license: License | None = None
+    issued: Issued | None = None
     classic_imported: int = 0
     error: str | None = None
+
+
+class NotIssued(Exception):
+    """The license was not put in force (a newer one meanwhile, the issuer refused or did
+    not answer); the message says what to do."""
+
+
+IssueLicense = Callable[[], Awaitable[Issued]]
+Audit = Callable[[AuditRecord], Awaitable[None]]  # appends one line or raises AuditError
 
 
 def read_plan(path: Path, matrix: TierMatrix, classic: ClassicKeys) -> list[Customer]:
@@ -122,19 +150,11 @@ def read_plan(path: Path, matrix: TierMatrix, classic: ClassicKeys) -> list[Cust
 def _customer(row: Row, matrix: TierMatrix, classic: ClassicKeys) -> Customer:
     tenant = row.required("tenant")
     tier = row.required("tier")
-    if tier not in matrix.tiers:
-        raise row.error("tier", f"unknown tier {tier!r} (known: {', '.join(matrix.tiers)})")
     addons = row.names("addons")
-    for addon in addons:
-        known = matrix.addons.get(addon)
-        if known is None:
-            raise row.error(
-                "addons", f"unknown add-on {addon!r} (known: {', '.join(matrix.addons)})"
-            )
-        if tier not in known.available_to:
-            raise row.error("addons", f"add-on {addon!r} is not available to tier {tier!r}")
-    if len(set(addons)) != len(addons):
-        raise row.error("addons", "an add-on is listed twice")
+    try:
+        check_plan(matrix, tier, addons)
+    except OrderRefused as exc:
+        raise row.error("tier" if exc.rule == "unknown_tier" else "addons", exc.detail) from exc
     ops_users, drivers = row.count("ops_users"), row.count("drivers")
     if (ops_users is None) != (drivers is None):
         raise row.error("ops_users", "ops_users and drivers go together (or both empty)")
@@ -184,29 +204,38 @@ def plan_customer(
     )
 
 
-def migration_start(record: TenantRecord | None) -> int | None:
-    """The start of this tenant's earlier migration, if any: a re-run keeps its window."""
-    newest = _newest(record)
-    if newest is not None and newest.claims.iss == ISSUER:
+def migration_start(
+    record: TenantRecord | None, migrated: frozenset[str] = frozenset()
+) -> int | None:
+    """The start of this tenant's earlier migration, if any: a re-run keeps its window.
+    ``migrated``: license ids the issuing service minted for migration orders."""
+    newest = newest_license(record)
+    if newest is not None and _ours(newest, migrated):
         return newest.claims.nbf
     return None
 
 
-def _newest(record: TenantRecord | None) -> License | None:
+def _ours(lic: License, migrated: frozenset[str]) -> bool:
+    return lic.claims.iss == ISSUER or lic.claims.jti in migrated
+
+
+def newest_license(record: TenantRecord | None) -> License | None:
     """The tenant's newest license that is not revoked (records are newest first)."""
     if record is None:
         return None
     return next((lic for lic in record.licenses if lic.claims.jti not in record.revoked), None)
 
 
-def next_step(plan: Plan, record: TenantRecord | None, now: float) -> Step:
+def next_step(
+    plan: Plan, record: TenantRecord | None, now: float, migrated: frozenset[str] = frozenset()
+) -> Step:
     """Issue, re-issue (the plan changed), leave alone, or refuse (not ours to change)."""
     held = max((lic.claims.serial for lic in record.licenses), default=0) if record else 0
     serial = max(int(now), held + 1)  # put_license refuses anything not above every held serial
-    newest = _newest(record)
+    newest = newest_license(record)
     if newest is None:
         return Step(plan, "issue", "no license yet", serial)
-    if newest.claims.iss != ISSUER:
+    if not _ours(newest, migrated):
         return Step(
             plan,
             "conflict",
@@ -257,86 +286,159 @@ def claims_for(step: Step, now: int) -> LicenseClaims:
     )
 
 
-def sign_steps(steps: list[Step], sign: Signer, keyring: KeyRing, now: int) -> dict[str, str]:
+def sign_steps(
+    steps: list[Step], sign: Signer, keyring: KeyRing, now: int
+) -> dict[str, tuple[str, License]]:
     """Sign every license to be written and verify it as the gateways will, before anything
     is written: a signing key the gateways do not trust fails the run, not half of it."""
-    tokens: dict[str, str] = {}
+    signed: dict[str, tuple[str, License]] = {}
     for step in steps:
         if step.action not in ("issue", "reissue"):
             continue
         token = sign(claims_for(step, now))
         try:
-            keyring.verify(token)
+            verified = keyring.verify(token)
         except LicenseError as exc:
             raise ValueError(
                 f"the signing key does not verify with license.public_keys ({exc}): "
                 "add its .pub to the gateways' key folder first"
             ) from exc
-        tokens[step.plan.customer.tenant] = token
-    return tokens
+        signed[step.plan.customer.tenant] = (token, verified)
+    return signed
 
 
-async def apply_step(step: Step, token: str | None, store: TenantStore) -> Outcome:
-    """Write one customer: the license, then the classic keys. If the classic keys cannot
-    be written, the license just stored is revoked again, so the customer is either fully
-    migrated or still on the classic product (a re-run then completes the migration)."""
+def order_for(step: Step, skus: list[SkuLine], revoked: frozenset[str] = frozenset()) -> Order:
+    """The issuing service's order for a step. Its id is derived from what is ordered, so
+    running the same plan again places the same order (answered with the same license) and
+    a changed line places a new one. The tenant's ``revoked`` license ids count too: once
+    the license of an order was revoked, the same plan needs a new license, not that one."""
+    plan = step.plan
+    customer = plan.customer
+    order = Order(
+        order_id="",
+        tenant=customer.tenant,
+        skus=list(skus),
+        seats=customer.seats,
+        starts_at=plan.nbf,
+        ends_at=plan.exp,
+        grandfather_tier=plan.grandfather_tier,
+        grandfather_until=plan.grandfather_until,
+    )
+    digest = order_digest(order)
+    if revoked:
+        digest = hashlib.sha256("\n".join([digest, *sorted(revoked)]).encode()).hexdigest()
+    order_id = f"{ORDER_PREFIX}{customer.tenant}-{digest[:16]}"
+    return msgspec.structs.replace(order, order_id=order_id)
+
+
+def audit_line(
+    step: Step,
+    *,
+    actor: str,
+    reason: str | None,
+    signed: License | None = None,
+    order: Order | None = None,
+) -> AuditRecord:
+    """The line written before a customer is changed: the plan, and the license signed for
+    it (``signed``) or the order placed for it (``order``; the issuer records the license)."""
+    plan, customer = step.plan, step.plan.customer
+    detail: dict[str, Any] = {
+        "step": step.action,
+        "why": step.why,
+        "nbf": plan.nbf,
+        "exp": plan.exp,
+        "grandfather_tier": plan.grandfather_tier,
+        "grandfather_until": plan.grandfather_until,
+        "seats": msgspec.to_builtins(customer.seats),
+        "plan_line": customer.line,
+    }
+    if signed is not None:
+        detail["serial"] = signed.claims.serial
+    if order is not None:
+        detail["skus"] = [line.sku for line in order.lines()]
+    return AuditRecord(
+        actor=actor,
+        action="migrate",
+        tenant=customer.tenant,
+        license_id=signed.claims.jti if signed else None,
+        fingerprint=signed.fingerprint if signed else None,
+        kid=signed.kid if signed else None,
+        tier=customer.tier,
+        addons=customer.addons,
+        reason=reason,
+        ref=order.order_id if order else None,
+        detail=detail,
+    )
+
+
+def store_license(store: TenantStore, token: str) -> IssueLicense:
+    """Put a license signed here in force: into the store of gateway.toml."""
+
+    async def put() -> Issued:
+        stored = await store.put_license(token)
+        if stored is None:
+            raise NotIssued("the store took a newer license meanwhile; re-run to see it")
+        return Issued(stored.claims.jti, stored.fingerprint, "stored")
+
+    return put
+
+
+async def apply_step(
+    step: Step,
+    issue: IssueLicense | None,
+    line: AuditRecord,
+    store: TenantStore,
+    audit: Audit,
+) -> Outcome:
+    """Migrate one customer: the audit line, the classic keys, then the license (``issue``;
+    None when the license is unchanged). The audit line comes first, so a log that cannot
+    be written leaves the customer untouched; if the keys or the license then fail, the
+    keys imported here are removed again."""
     customer = step.plan.customer
     tenant = customer.tenant
-    stored: License | None = None
     try:
-        if token is not None:
-            stored = await store.put_license(token)
-            if stored is None:
-                return Outcome(
-                    tenant, step.action, False,
-                    error="the store took a newer license meanwhile; re-run to see it",
-                )  # fmt: skip
-            _audit(
-                "migrate.license",
-                tenant=tenant,
-                license=stored,
-                reason=f"{step.action}: {step.why}",
-            )
-        imported = 0
-        for key in customer.classic_keys:
-            if not await store.is_classic_key(key):
-                await store.import_classic_key(tenant, key)
-                imported += 1
-        if imported:
-            _audit(
-                "migrate.classic_keys", tenant=tenant, license=None, reason=f"{imported} imported"
-            )
+        missing = [key for key in customer.classic_keys if not await store.is_classic_key(key)]
     except StoreError as exc:
-        return Outcome(tenant, step.action, False, error=await _undo(store, stored, exc))
-    return Outcome(tenant, step.action, True, license=stored, classic_imported=imported)
-
-
-async def _undo(store: TenantStore, stored: License | None, exc: StoreError) -> str:
-    if stored is None:
-        return f"nothing written: {exc}"
+        return Outcome(tenant, step.action, False, error=f"{exc}: nothing written")
+    if issue is None and not missing:
+        return Outcome(tenant, step.action, True)
+    line = msgspec.structs.replace(
+        line, detail={**(line.detail or {}), "classic_keys": len(missing)}
+    )
     try:
-        await store.revoke(stored.claims.sub, stored.claims.jti)
+        await audit(line)
+    except AuditError as exc:
+        return Outcome(tenant, step.action, False, error=f"{exc}: nothing written")
+    imported: list[str] = []
+    try:
+        for key in missing:
+            await store.import_classic_key(tenant, key)
+            imported.append(key)
+        issued = await issue() if issue is not None else None
+    except (StoreError, NotIssued) as exc:
+        error = await _undo(store, imported, str(exc))
+        try:
+            await audit(_undo_line(line, error))
+        except AuditError as again:
+            error += f" (the undo could not be recorded: {again})"
+        return Outcome(tenant, step.action, False, error=error)
+    return Outcome(tenant, step.action, True, issued=issued, classic_imported=len(imported))
+
+
+async def _undo(store: TenantStore, imported: list[str], error: str) -> str:
+    if not imported:
+        return f"{error}: nothing written"
+    try:
+        for key in imported:
+            await store.remove_classic_key(key)
     except StoreError as again:
         return (
-            f"{exc}; license {stored.claims.jti} was stored and could not be revoked again "
-            f"({again}): re-run to complete this customer"
+            f"{error}; the classic keys imported could not be removed again ({again}): "
+            "re-run to complete this customer"
         )
-    _audit("migrate.undo", tenant=stored.claims.sub, license=stored, reason=str(exc))
-    return f"{exc}; license {stored.claims.jti} revoked again, customer untouched"
+    return f"{error}; {len(imported)} classic keys removed again, customer untouched"
 
 
-def _audit(action: str, *, tenant: str, license: License | None, reason: str) -> None:
-    """The migration's one audit call site: every license issued, classic key import and
-    undo passes here. To be connected to the audit trail (``gateway.audit``, hash-chained
-    JSON lines) when it lands; until then the line goes to the log."""
-    claims = license.claims if license is not None else None
-    log.info(
-        "audit %s tenant=%s license=%s fingerprint=%s tier=%s addons=%s reason=%s",
-        action,
-        tenant,
-        claims.jti if claims else None,
-        license.fingerprint if license else None,
-        claims.tier if claims else None,
-        ",".join(claims.addons) if claims else None,
-        reason,
-    )
+def _undo_line(line: AuditRecord, error: str) -> AuditRecord:
+    """The line after a ``migrate`` line whose change did not happen (or only in part)."""
+    return msgspec.structs.replace(line, action="migrate_undo", detail={"error": error})

@@ -6,7 +6,7 @@ reconciliation with billing, and the migration of classic customers.
     gateway tenant show acme [--json]
     gateway tenant list [--json]
     gateway tenant reconcile --billing export.csv [--json]
-    gateway migrate --plan customers.csv --config gateway.toml (--dry-run | --apply --signing-key K)
+    gateway migrate ...                              (gateway.migrate_cli)
 
 Registered from ``gateway.cli`` by ``add_parsers``; each verb's parser carries its handler.
 """
@@ -21,13 +21,12 @@ from typing import Any
 
 import msgspec
 
-from gateway import migration
-from gateway.cli import EXIT_INVALID, EXIT_OK, UsageError, _date, _iso, run_on_store
+from gateway import migrate_cli, migration
+from gateway.cli import EXIT_INVALID, EXIT_OK, UsageError, _iso, run_on_store
 from gateway.config import Config, LicenseSettings, load_config
 from gateway.csvrows import utc_day
-from gateway.docs import feature_titles, fill_blocks, kb_blocks, money, plans_markdown
-from gateway.license import LicenseClaims, Seats, load_signing_key, sign_license
-from gateway.matrix import TierMatrix, load_matrix
+from gateway.docs import fill_blocks, kb_blocks, plans_markdown
+from gateway.matrix import load_matrix
 from gateway.store import TenantStore
 from gateway.tenant_view import SeatView, TenantView, read_billing, reconcile, tenant_view
 
@@ -61,22 +60,7 @@ def add_parsers(
         verb.add_argument("--config", type=Path, default=Path("gateway.toml"))
         verb.add_argument("--json", action="store_true")
 
-    migrate = commands.add_parser("migrate", help="move classic customers to the new tiers")
-    migrate.set_defaults(handler=_migrate)
-    migrate.add_argument("--plan", type=Path, required=True, metavar="CSV")
-    migrate.add_argument("--config", type=Path, default=Path("gateway.toml"))
-    mode = migrate.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--dry-run", action="store_true", help="report only; nothing is written")
-    mode.add_argument("--apply", action="store_true", help="issue, store and import")
-    migrate.add_argument("--signing-key", type=Path, help="the private key (with --apply)")
-    migrate.add_argument(
-        "--start", type=_date, metavar="DATE", help="migration day (default: today, or the day "
-        "of the customer's earlier migration)"
-    )  # fmt: skip
-    term = migrate.add_mutually_exclusive_group()
-    term.add_argument("--days", type=int, default=migration.DEFAULT_TERM_DAYS)
-    term.add_argument("--expires", type=_date, metavar="DATE")
-    migrate.add_argument("--grandfather-tier", help="the window's tier (default: the top tier)")
+    migrate_cli.add_parser(commands)
 
 
 # -- docs ---------------------------------------------------------------------------------------
@@ -266,170 +250,3 @@ def _tenant_reconcile(args: argparse.Namespace) -> int:
         return EXIT_INVALID if drift else EXIT_OK
 
     return run_on_store(config, job)
-
-
-# -- migrate --------------------------------------------------------------------------------
-
-
-def _migrate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if args.apply and args.signing_key is None:
-        raise UsageError("--apply needs --signing-key (the issuing service is not supported yet)")
-    if args.grandfather_tier is not None and args.grandfather_tier not in config.matrix.tiers:
-        raise UsageError(
-            f"unknown grandfather tier {args.grandfather_tier!r} "
-            f"(known: {', '.join(config.matrix.tiers)})"
-        )
-    if args.days is not None and args.days <= 0:
-        raise UsageError("--days must be at least 1")
-    customers = migration.read_plan(args.plan, config.matrix, config.classic)
-    signer: migration.Signer | None = None
-    if args.apply:
-        key, kid = load_signing_key(args.signing_key)
-
-        def signer(claims: LicenseClaims) -> str:
-            return sign_license(key, kid, claims)
-
-    if args.dry_run and not _store_exists(config):
-        import asyncio
-
-        print("(no store to read yet: every customer is treated as new)")
-        return asyncio.run(_run_migration(args, config, customers, None, None))
-    return run_on_store(
-        config, lambda config, store: _run_migration(args, config, customers, store, signer)
-    )
-
-
-def _store_exists(config: Config) -> bool:
-    """A dry run reads the store but must not create it (SQLite creates its file on open)."""
-    from gateway.store.sqlite import sqlite_path
-
-    url = config.store_url
-    if url.startswith("memory://"):
-        return False
-    if url.startswith("sqlite://"):
-        path = sqlite_path(url)
-        return path == ":memory:" or Path(path).exists()
-    return True
-
-
-async def _run_migration(
-    args: argparse.Namespace,
-    config: Config,
-    customers: list[migration.Customer],
-    store: TenantStore | None,
-    signer: migration.Signer | None,
-) -> int:
-    now = int(time.time())
-    today = now - now % migration.DAY
-    steps: list[migration.Step] = []
-    present: dict[str, int] = {}  # classic keys already in the store, per tenant
-    for customer in customers:
-        record = await store.get(customer.tenant) if store is not None else None
-        start = args.start or migration.migration_start(record) or today
-        exp = args.expires if args.expires is not None else start + args.days * migration.DAY
-        if exp <= start:
-            raise UsageError(f"{customer.tenant}: the license would end before it starts")
-        plan = migration.plan_customer(
-            customer, config.matrix, start=start, exp=exp, grandfather_tier=args.grandfather_tier
-        )
-        steps.append(migration.next_step(plan, record, now))
-        present[customer.tenant] = (
-            sum([await store.is_classic_key(key) for key in customer.classic_keys])
-            if store is not None
-            else 0
-        )
-    outcomes: dict[str, migration.Outcome] = {}
-    if store is not None and signer is not None:
-        tokens = migration.sign_steps(steps, signer, config.keyring, now)  # before any write
-        for step in steps:
-            if step.action != "conflict":
-                tenant = step.plan.customer.tenant
-                outcomes[tenant] = await migration.apply_step(step, tokens.get(tenant), store)
-    for step in steps:
-        _print_step(step, config.matrix, present, outcomes.get(step.plan.customer.tenant))
-    return _print_summary(steps, present, outcomes, config, applied=signer is not None)
-
-
-def _print_step(
-    step: migration.Step,
-    matrix: TierMatrix,
-    present: dict[str, int],
-    outcome: migration.Outcome | None,
-) -> None:
-    plan, customer = step.plan, step.plan.customer
-    tier = matrix.tiers[customer.tier]
-    price = " + ".join(
-        [money(tier.price_usd_month) + "/mo"]
-        + [matrix.addons[name].prices[tier.name] for name in customer.addons]
-    )
-    addons = f" + {', '.join(customer.addons)}" if customer.addons else ""
-    print(f"{customer.tenant} (line {customer.line}): {step.action}: {step.why}")
-    print(
-        f"  new plan:    {tier.title}{addons}; {_seats(plan.seats_after)}; {price}; "
-        f"{utc_day(plan.nbf)} .. {utc_day(plan.exp)}"
-    )
-    if plan.grandfather_tier is None:
-        why = "no grandfather window" if customer.grandfather_days == 0 else "nothing to keep"
-        print(f"  window:      none ({why}: the new plan applies from the start)")
-    else:
-        top = matrix.tiers[plan.grandfather_tier]
-        until = utc_day(plan.grandfather_until)
-        print(
-            f"  until {until}: keeps {top.title} ({_seats(plan.seats_during)}), beyond the plan: "
-            f"{feature_titles(matrix, plan.keeps) or 'nothing'}"
-        )
-        lost = [feature_titles(matrix, plan.keeps)] if plan.keeps else []
-        if plan.seats_during != plan.seats_after:
-            lost.append(f"seats {_seats(plan.seats_during)} -> {_seats(plan.seats_after)}")
-        print(f"  from {until}: loses {'; '.join(lost) or 'nothing'}")
-    keys = len(customer.classic_keys)
-    if keys:
-        have = present[customer.tenant]
-        print(f"  classic keys: {keys} ({have} already imported, {keys - have} to import)")
-    if outcome is not None:
-        if outcome.error is not None:
-            print(f"  FAILED:      {outcome.error}")
-        else:
-            done = []
-            if outcome.license is not None:
-                lic = outcome.license
-                done.append(f"license {lic.claims.jti} stored (fingerprint {lic.fingerprint})")
-            if outcome.classic_imported:
-                done.append(f"{outcome.classic_imported} classic keys imported")
-            print(f"  done:        {'; '.join(done) or 'nothing to write'}")
-
-
-def _seats(seats: Seats) -> str:
-    return f"{seats.ops_users} Operations users / {seats.drivers} drivers"
-
-
-def _print_summary(
-    steps: list[migration.Step],
-    present: dict[str, int],
-    outcomes: dict[str, migration.Outcome],
-    config: Config,
-    *,
-    applied: bool,
-) -> int:
-    counts = {action: 0 for action in ("issue", "reissue", "unchanged", "conflict")}
-    for step in steps:
-        counts[step.action] += 1
-    failed = [o for o in outcomes.values() if o.error is not None]
-    to_import = sum(len(s.plan.customer.classic_keys) for s in steps) - sum(present.values())
-    summary = (
-        f"{len(steps)} customers: {counts['issue']} to issue, {counts['reissue']} to re-issue, "
-        f"{counts['unchanged']} unchanged, {counts['conflict']} conflicts; "
-        f"{to_import} classic keys to import"
-    )
-    if applied:
-        summary += f"; applied, {len(failed)} failed"
-    else:
-        summary += " (dry run: nothing written)"
-    print(summary)
-    if config.settings.license.classic_keys != "store" and to_import:
-        print(
-            'note: license.classic_keys is "pattern": imported classic keys take effect once '
-            'it is "store" (docs/licensing.md, Classic keys)'
-        )
-    return EXIT_INVALID if counts["conflict"] or failed else EXIT_OK

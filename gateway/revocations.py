@@ -209,6 +209,9 @@ class RevocationListStore(TenantStore):
     async def import_classic_key(self, tenant: str, key: str) -> None:
         await self.inner.import_classic_key(tenant, key)
 
+    async def remove_classic_key(self, key: str) -> bool:
+        return await self.inner.remove_classic_key(key)
+
     async def is_classic_key(self, key: str) -> bool:
         return await self.inner.is_classic_key(key)
 

@@ -185,9 +185,11 @@ def resolve(catalog: SkuCatalog, matrix: TierMatrix, lines: list[SkuLine]) -> Pl
 
 
 def check_plan(matrix: TierMatrix, tier: str, addons: tuple[str, ...]) -> None:
-    """The same rules for a tier and add-ons given by name (``license issue --tier``)."""
+    """The same rules for a tier and add-ons given by name (``license issue --tier``, the
+    lines of ``gateway migrate``'s plan file)."""
     if tier not in matrix.tiers:
-        raise OrderRefused("unknown_tier", None, f"unknown tier {tier!r}")
+        known = ", ".join(matrix.tiers)
+        raise OrderRefused("unknown_tier", None, f"unknown tier {tier!r} (known: {known})")
     for name in addons:
         addon = matrix.addons.get(name)
         if addon is None:
@@ -196,3 +198,62 @@ def check_plan(matrix: TierMatrix, tier: str, addons: tuple[str, ...]) -> None:
         refused = addon_rule(matrix.tiers[tier], addon)
         if refused is not None:
             raise OrderRefused(refused[0], None, refused[1])
+    if len(set(addons)) != len(addons):
+        raise OrderRefused("addon_repeated", None, "an add-on is listed twice")
+
+
+def check_grandfather(matrix: TierMatrix, tier: str, grandfather_tier: str) -> None:
+    """A grandfather window's tier must be known and rank above the license's tier (the
+    gateways ignore one that does not, so signing it would be a mistake)."""
+    window = matrix.tiers.get(grandfather_tier)
+    if window is None:
+        known = ", ".join(matrix.tiers)
+        raise OrderRefused(
+            "unknown_grandfather_tier",
+            None,
+            f"unknown grandfather tier {grandfather_tier!r} (known: {known})",
+        )
+    if window.rank <= matrix.tiers[tier].rank:
+        raise OrderRefused(
+            "grandfather_not_above_tier",
+            None,
+            f"grandfather tier {grandfather_tier!r} does not rank above tier {tier!r}: "
+            "the window would grant nothing",
+        )
+
+
+def skus_for(
+    catalog: SkuCatalog, matrix: TierMatrix, tier: str, addons: tuple[str, ...]
+) -> list[SkuLine]:
+    """SKUs whose order is exactly ``tier`` + ``addons`` (no seat packs: an order's
+    ``seats`` say those), or ``OrderRefused`` (rule ``no_sku``) naming what no SKU sells.
+    Only SKUs that grant nothing beyond the plan qualify; the first tier SKU by name, then
+    add-on SKUs covering the most of what is still missing, so the choice is stable."""
+    wanted = set(addons)
+    fits = {
+        name: spec
+        for name, spec in sorted(catalog.items())
+        if spec.seats is None and spec.tier in (None, tier) and set(spec.addons) <= wanted
+    }
+    tier_skus = [name for name, spec in fits.items() if spec.tier == tier]
+    if not tier_skus:
+        raise OrderRefused("no_sku", None, f"no SKU sells tier {tier!r} on its own")
+    chosen = [tier_skus[0]]
+    missing = wanted - set(fits[chosen[0]].addons)
+    while missing:
+        best = max(
+            (name for name, spec in fits.items() if spec.tier is None),
+            key=lambda name: len(missing & set(fits[name].addons)),
+            default=None,
+        )
+        if best is None or not missing & set(fits[best].addons):
+            names = ", ".join(repr(name) for name in sorted(missing))
+            raise OrderRefused(
+                "no_sku", None, f"no SKU sells add-on {names} (alone, or bundled within the plan)"
+            )
+        chosen.append(best)
+        missing -= set(fits[best].addons)
+    lines = [SkuLine(name) for name in chosen]
+    plan = resolve(catalog, matrix, lines)  # the matrix's rules, as the issuer applies them
+    assert (plan.tier, set(plan.addons), plan.seats) == (tier, wanted, None), plan
+    return lines

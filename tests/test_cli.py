@@ -147,7 +147,7 @@ def test_license_issue_defaults(
 def test_license_issue_dates(issue: Callable[..., tuple[int, str, str]], keyring: KeyRing) -> None:
     code, out, _ = issue(
         "--tier",
-        "enterprise",
+        "fleet",
         "--not-before",
         "2030-01-01",
         "--expires",
@@ -212,6 +212,22 @@ def test_license_issue_usage_errors(
             id="addon-not-for-enterprise",
         ),
         pytest.param(["--tier", "core", "--addon", "jetpack"], "unknown add-on", id="no-addon"),
+        pytest.param(
+            ["--tier", "core", "--addon", "sms_messaging", "--addon", "sms_messaging"],
+            "an add-on is listed twice",
+            id="addon-twice",
+        ),
+        pytest.param(
+            ["--tier", "enterprise", "--grandfather-tier", "fleet"]
+            + ["--grandfather-until", "2030-01-01"],
+            "grandfather tier 'fleet' does not rank above tier 'enterprise'",
+            id="grandfather-not-above",
+        ),
+        pytest.param(
+            ["--tier", "core", "--grandfather-tier", "gold", "--grandfather-until", "2030-01-01"],
+            "unknown grandfather tier 'gold'",
+            id="grandfather-unknown",
+        ),
     ],
 )
 def test_license_issue_checks_the_matrix_with_config(

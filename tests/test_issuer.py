@@ -18,6 +18,7 @@ import pytest
 from gateway.audit import verify
 from gateway.cli import main
 from gateway.config import load_config
+from gateway.license import decode_unverified
 from gateway.runtime import Runtime
 from tests.harness import EchoUpstream, Gateway, running_gateway, write_config
 from tests.issuer_harness import hook_target, running_issuer, store_target, write_issuer
@@ -122,13 +123,48 @@ async def test_orders_the_matrix_does_not_allow_are_refused(tmp_path: Path) -> N
             assert status == 422, answer
             assert (answer["code"], answer["sku"], answer["rule"]) == ("order_refused", sku, rule)
             assert answer["type"].endswith("/order_refused") and answer["detail"]
+        for window, rule in (("core", "grandfather_not_above_tier"),
+                             ("gold", "unknown_grandfather_tier")):  # fmt: skip
+            status, answer = await issuer.order(
+                order_id=f"o-{window}", tenant="acme", skus=["FLEET"], grandfather_tier=window,
+                grandfather_until="2030-01-01",
+            )  # fmt: skip
+            assert status == 422, answer
+            assert (answer["rule"], answer["field"]) == (rule, "grandfather_tier")
+        status, answer = await issuer.order(
+            order_id="o-half", tenant="acme", skus=["CORE"], grandfather_tier="enterprise"
+        )
+        assert (status, answer["code"], answer["field"]) == (400, "bad_body", "grandfather_until")
         status, answer = await issuer.order(order_id="o", tenant="acme")
         assert (status, answer["code"], answer["field"]) == (400, "bad_body", "skus")
         status, answer = await issuer.call("POST", "/v1/orders", {"x": 1}, secret="wrong")
         assert (status, answer["code"]) == (401, "signature_invalid")
         status, answer = await issuer.call("GET", "/v1/orders/nope")
         assert (status, answer["code"]) == (404, "order_unknown")
+        status, answer = await issuer.call("GET", "/v1/licenses/nope")
+        assert (status, answer["code"]) == (404, "license_unknown")
     assert not (tmp_path / "issuer" / "audit.jsonl").exists()  # nothing was minted
+
+
+async def test_an_order_with_a_grandfather_window(tmp_path: Path) -> None:
+    config, port = write_issuer(tmp_path / "issuer", "")
+    until = int(time.time()) + 90 * 86400
+    async with running_issuer(config, port) as issuer:
+        order = {"order_id": "ord-gf", "tenant": "acme", "skus": ["CORE", "ADDON-SMS"],
+                 "grandfather_tier": "enterprise", "grandfather_until": until}  # fmt: skip
+        status, minted = await issuer.order(**order)
+        assert status == 201, minted
+        claims = decode_unverified(minted["key"])[1]
+        assert (claims["tier"], claims["grandfather_tier"], claims["grandfather_until"]) == (
+            "core", "enterprise", until,
+        )  # fmt: skip
+        assert (minted["grandfather_tier"], minted["grandfather_until"]) == ("enterprise", until)
+        status, again = await issuer.order(**order)
+        assert status == 200 and again["license_id"] == minted["license_id"]
+        status, other = await issuer.order(**{**order, "grandfather_until": until + 86400})
+        assert (status, other["code"]) == (409, "order_conflict")  # the window is the order
+        status, found = await issuer.call("GET", f"/v1/licenses/{minted['license_id']}")
+        assert status == 200 and found["order_id"] == "ord-gf" and found == minted
 
 
 @asynccontextmanager

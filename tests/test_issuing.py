@@ -198,6 +198,18 @@ def test_the_same_order_spelled_differently_has_one_digest() -> None:
     assert order_digest(one) == order_digest(two) != order_digest(three)
 
 
+def test_a_grandfather_window_is_part_of_the_order() -> None:
+    plain = Order("o", "t", ["CORE"])
+    window = Order("o", "t", ["CORE"], grandfather_tier="enterprise", grandfather_until=1893456000)
+    spelled = Order("o", "t", ["CORE"], grandfather_tier="enterprise",
+                    grandfather_until="2030-01-01")  # fmt: skip
+    assert order_digest(window) == order_digest(spelled) != order_digest(plain)
+    # An order without a window keeps the digest it had before windows existed.
+    assert order_digest(plain) == (
+        "375e3d7038413e27ea7ba899df7092680ed05ced4ece4bb0cb1eea801722f5fb"
+    )  # so a ledger's earlier orders still match when billing repeats them
+
+
 def test_nothing_is_minted_when_the_audit_line_cannot_be_written(issuer_dir: Path) -> None:
     matrix = load_issuer_config(issuer_dir / "issuer.toml").matrix
     key, kid = signing_key(issuer_dir / "issuer-keys")

@@ -5,29 +5,36 @@ real stores (SQLite files, a real redis-server) and through a real gateway."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
 
+from gateway.audit import AuditLog, AuditRecord
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.csvrows import CsvError
 from gateway.decision import TenantRecord
-from gateway.license import ClassicKeys, KeyRing, Seats
+from gateway.license import ClassicKeys, KeyRing, Seats, load_signing_key, sign_license
 from gateway.matrix import APP_NAMES, TierMatrix
 from gateway.migration import (
     DAY,
     ISSUER,
     Customer,
+    Outcome,
+    apply_step,
+    audit_line,
     next_step,
     plan_customer,
     read_plan,
+    sign_steps,
+    store_license,
 )
 from gateway.store import TenantStore, open_store
 from tests.conftest import REPO, IssueKey
@@ -290,7 +297,7 @@ def test_apply_twice_issues_once(capsys: Capture, setup: Path, key_dir: Path) ->
     signing = ["--signing-key", str(key_dir / "test.key")]
     code, out = migrate(capsys, setup, SAMPLE, "--apply", *signing)
     assert code == 0, out
-    assert "applied, 0 failed" in out and out.count("stored (fingerprint") == 4
+    assert "applied, 0 failed" in out and len(re.findall(r"\(fingerprint \w+\) stored", out)) == 4
     first = read_store(setup)
     assert sorted(first) == ["cust-0042", "cust-0043", "cust-0044", "cust-0045"]
     fleet = first["cust-0042"].licenses[0].claims
@@ -317,7 +324,7 @@ def test_apply_twice_issues_once(capsys: Capture, setup: Path, key_dir: Path) ->
 
     code, out = migrate(capsys, setup, SAMPLE, "--apply", *signing)
     assert code == 0, out
-    assert "0 to issue, 0 to re-issue, 4 unchanged" in out and "stored (fingerprint" not in out
+    assert "0 to issue, 0 to re-issue, 4 unchanged" in out and ") stored" not in out
     assert read_store(setup) == first
 
 
@@ -430,18 +437,18 @@ def sqlite_config(tmp_path: Path, key_dir: Path) -> tuple[Path, Path]:
     return config, tmp_path / "t.db"
 
 
-def refuse(db: Path, table: str) -> None:
-    """Make the real database refuse inserts into ``table`` (as a full disk would)."""
+def refuse(db: Path, table: str, operation: str = "INSERT") -> None:
+    """Make the real database refuse ``operation`` on ``table`` (as a full disk would)."""
     with sqlite3.connect(db) as conn:
         conn.execute(
-            f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+            f"CREATE TRIGGER refuse_{table}_{operation} BEFORE {operation} ON {table} "
             "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
         )
 
 
-def allow(db: Path, table: str) -> None:
+def allow(db: Path, table: str, operation: str = "INSERT") -> None:
     with sqlite3.connect(db) as conn:
-        conn.execute(f"DROP TRIGGER refuse_{table}")
+        conn.execute(f"DROP TRIGGER refuse_{table}_{operation}")
 
 
 def test_a_customer_whose_classic_keys_cannot_be_written_is_left_untouched(
@@ -454,10 +461,8 @@ def test_a_customer_whose_classic_keys_cannot_be_written_is_left_untouched(
 
     code, out = migrate(capsys, config, plan, "--apply", *signing)
     assert code == 1
-    assert "FAILED:" in out and "revoked again, customer untouched" in out
-    record = read_store(config)["acme"]
-    (stored,) = record.licenses
-    assert record.revoked == {stored.claims.jti}  # never in force: requests see no license
+    assert "FAILED:" in out and "disk says no" in out and "nothing written" in out
+    assert "acme" not in read_store(config)  # the license comes after the keys: never stored
     assert classic_imported(config, KEY_A) == [False]
 
     allow(db, "classic_keys")
@@ -465,7 +470,7 @@ def test_a_customer_whose_classic_keys_cannot_be_written_is_left_untouched(
     assert code == 0, out
     assert "acme (line 2): issue" in out
     record = read_store(config)["acme"]
-    assert record.licenses[0].claims.jti not in record.revoked
+    assert len(record.licenses) == 1 and not record.revoked
     assert classic_imported(config, KEY_A) == [True]
 
 
@@ -477,7 +482,7 @@ def test_a_license_that_cannot_be_written_leaves_nothing_behind(
     refuse(db, "licenses")
     code, out = migrate(capsys, config, plan, "--apply", "--signing-key", str(key_dir / "test.key"))
     assert code == 1
-    assert out.count("nothing written") == 2 and "2 failed" in out
+    assert out.count("1 classic keys removed again, customer untouched") == 2 and "2 failed" in out
     assert set(read_store(config)) == {"_init"}
     assert classic_imported(config, KEY_A, KEY_B) == [False, False]
 
@@ -488,17 +493,113 @@ def test_when_even_the_undo_fails_a_rerun_completes_the_customer(
     config, db = sqlite_config(tmp_path, key_dir)
     plan = plan_file(tmp_path, f"acme,{KEY_A},fleet,,,,")
     signing = ["--signing-key", str(key_dir / "test.key")]
-    refuse(db, "classic_keys")
-    refuse(db, "revoked")
+    refuse(db, "licenses")
+    refuse(db, "classic_keys", "DELETE")
     code, out = migrate(capsys, config, plan, "--apply", *signing)
-    assert code == 1 and "could not be revoked again" in out and "re-run" in out
+    assert code == 1 and "could not be removed again" in out and "re-run" in out
 
-    allow(db, "classic_keys")
-    allow(db, "revoked")
+    allow(db, "licenses")
+    allow(db, "classic_keys", "DELETE")
     code, out = migrate(capsys, config, plan, "--apply", *signing)
-    assert code == 0 and "acme (line 2): unchanged" in out and "1 classic keys imported" in out
+    assert code == 0 and "acme (line 2): issue" in out and "(1 already imported" in out
     assert classic_imported(config, KEY_A) == [True]
     assert len(read_store(config)["acme"].licenses) == 1
+
+
+# -- the audit trail ------------------------------------------------------------------------------
+
+
+def audit_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_change_is_in_the_audit_trail_and_a_rerun_adds_nothing(
+    capsys: Capture, tmp_path: Path, key_dir: Path
+) -> None:
+    config, _ = sqlite_config(tmp_path, key_dir)
+    log = tmp_path / "audit.jsonl"
+    with config.open("a") as handle:  # [audit] log of gateway.toml, as the other verbs use
+        handle.write('\n[audit]\nlog = "audit.jsonl"\n')
+    argv = ["--apply", "--signing-key", str(key_dir / "test.key"), "--actor", "alice"]
+    code, out = migrate(capsys, config, SAMPLE, *argv, "--reason", "TICKET-7")
+    assert code == 0, out
+    assert "the migration is not recorded" not in out
+    lines = audit_lines(log)
+    store = read_store(config)
+    assert [(line["action"], line["tenant"]) for line in lines] == [
+        ("migrate", tenant) for tenant in ("cust-0042", "cust-0043", "cust-0044", "cust-0045")
+    ]
+    first = lines[0]
+    held = store["cust-0042"].licenses[0]
+    assert (first["actor"], first["reason"], first["license_id"], first["fingerprint"]) == (
+        "alice", "TICKET-7", held.claims.jti, held.fingerprint,
+    )  # fmt: skip
+    assert (first["tier"], first["addons"], first["kid"]) == (
+        "fleet", ["emergency_support"], "test",
+    )  # fmt: skip
+    assert first["detail"]["grandfather_tier"] == "enterprise"
+    assert first["detail"]["classic_keys"] == 1 and first["detail"]["step"] == "issue"
+
+    assert migrate(capsys, config, SAMPLE, *argv)[0] == 0
+    assert len(audit_lines(log)) == 4  # nothing changed, nothing recorded
+    assert main(["audit", "verify", "--log", str(log)]) == 0
+    assert main(["audit", "show", "--tenant", "cust-0042", "--log", str(log)]) == 0
+    assert "migrate" in capsys.readouterr().out
+
+
+def test_an_audit_log_that_cannot_be_written_leaves_every_customer_untouched(
+    capsys: Capture, tmp_path: Path, key_dir: Path
+) -> None:
+    config, _ = sqlite_config(tmp_path, key_dir)
+    unwritable = tmp_path / "audit-is-a-folder"
+    unwritable.mkdir()  # open() fails whoever runs the tests (root ignores file modes)
+    signing = ["--apply", "--signing-key", str(key_dir / "test.key")]
+    code, out = migrate(capsys, config, SAMPLE, *signing, "--audit-log", str(unwritable))
+    assert code == 1
+    assert out.count("cannot open") == 4 and out.count(": nothing written") == 4
+    assert set(read_store(config)) == {"_init"}
+    assert classic_imported(config, KEY_A, KEY_B) == [False, False]
+
+    log = tmp_path / "audit.jsonl"
+    code, out = migrate(capsys, config, SAMPLE, *signing, "--audit-log", str(log))
+    assert code == 0, out
+    assert len(audit_lines(log)) == 4
+
+
+def test_an_audit_log_broken_mid_run_stops_at_the_customer_it_could_not_record(
+    tmp_path: Path, key_dir: Path, matrix: TierMatrix, keyring: KeyRing
+) -> None:
+    """Customer by customer: the first is recorded and migrated; then the log stops taking
+    lines and the second is left untouched, its classic keys not imported."""
+    config, _ = sqlite_config(tmp_path, key_dir)
+    customers = read_plan(SAMPLE, matrix, ClassicKeys())[:2]
+    steps = [
+        next_step(plan_customer(c, matrix, start=START, exp=START + DAY), None, NOW)
+        for c in customers
+    ]
+    key, kid = load_signing_key(key_dir / "test.key")
+    signed = sign_steps(steps, lambda claims: sign_license(key, kid, claims), keyring, NOW)
+    log = AuditLog(tmp_path / "audit.jsonl")
+
+    async def record(line: AuditRecord) -> None:
+        log.append(line)
+
+    async def run(store: TenantStore) -> list[Outcome]:
+        outcomes = []
+        for step in steps:
+            token, verified = signed[step.plan.customer.tenant]
+            line = audit_line(step, actor="t", reason=None, signed=verified)
+            outcomes.append(
+                await apply_step(step, store_license(store, token), line, store, record)
+            )
+            log.path.write_bytes(log.path.read_bytes() + b"not an audit line\n")
+        return outcomes
+
+    outcomes = on_store(config, run)
+    assert [o.error is None for o in outcomes] == [True, False]
+    assert "not a valid audit line" in str(outcomes[1].error)
+    assert set(read_store(config)) == {"_init", "cust-0042"}
+    assert classic_imported(config, KEY_A, KEY_B) == [True, False]
 
 
 # -- through a real gateway ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,17 @@ from gateway.cli import main
 from gateway.errors import ConfigError
 from gateway.license import Seats
 from gateway.matrix import TierMatrix, build_matrix
-from gateway.skus import OrderRefused, Plan, SkuCatalog, SkuLine, catalog_of, resolve
+from gateway.skus import (
+    OrderRefused,
+    Plan,
+    SkuCatalog,
+    SkuLine,
+    catalog_of,
+    check_grandfather,
+    check_plan,
+    resolve,
+    skus_for,
+)
 from gateway.tomlfile import TomlDocument
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,3 +136,105 @@ def test_every_shipped_tier_and_addon_is_sold(shipped: tuple[TierMatrix, SkuCata
     matrix, catalog = shipped
     assert {spec.tier for spec in catalog.values()} - {None} == set(matrix.tiers)
     assert {addon for spec in catalog.values() for addon in spec.addons} == set(matrix.addons)
+
+
+# -- the same rules for plans given by name, and the way back from a plan to SKUs ---------------
+
+
+@pytest.mark.parametrize(
+    ("tier", "addons", "rule"),
+    [
+        pytest.param("gold", (), "unknown_tier", id="unknown-tier"),
+        pytest.param("core", ("jetpack",), "unknown_addon", id="unknown-addon"),
+        pytest.param("core", ("personalized_url",), "addon_not_available", id="not-sold-to-core"),
+        pytest.param("fleet", ("route_distribution",), "addon_included_in_tier",
+                     id="fleet-has-it"),
+        pytest.param("core", ("sms_messaging", "sms_messaging"), "addon_repeated", id="twice"),
+    ],
+)  # fmt: skip
+def test_check_plan_refuses(
+    shipped: tuple[TierMatrix, SkuCatalog], tier: str, addons: tuple[str, ...], rule: str
+) -> None:
+    with pytest.raises(OrderRefused) as refused:
+        check_plan(shipped[0], tier, addons)
+    assert refused.value.rule == rule
+
+
+@pytest.mark.parametrize(
+    ("tier", "window", "rule"),
+    [
+        pytest.param("core", "enterprise", None, id="above"),
+        pytest.param("enterprise", "enterprise", "grandfather_not_above_tier", id="same"),
+        pytest.param("fleet", "core", "grandfather_not_above_tier", id="below"),
+        pytest.param("core", "gold", "unknown_grandfather_tier", id="unknown"),
+    ],
+)
+def test_check_grandfather(
+    shipped: tuple[TierMatrix, SkuCatalog], tier: str, window: str, rule: str | None
+) -> None:
+    if rule is None:
+        check_grandfather(shipped[0], tier, window)
+        return
+    with pytest.raises(OrderRefused) as refused:
+        check_grandfather(shipped[0], tier, window)
+    assert refused.value.rule == rule
+
+
+def test_every_plan_the_matrix_sells_has_skus(shipped: tuple[TierMatrix, SkuCatalog]) -> None:
+    """Brute force over the shipped matrix: every tier with every set of add-ons sold to it
+    maps to SKUs, and those SKUs resolve to exactly that plan."""
+    matrix, catalog = shipped
+    for tier in matrix.tiers:
+        sold = [name for name in matrix.addons if _sold(matrix, tier, name)]
+        for size in range(len(sold) + 1):
+            for addons in itertools.combinations(sold, size):
+                found = skus_for(catalog, matrix, tier, addons)
+                assert resolve(catalog, matrix, found) == Plan(
+                    tier, tuple(sorted(addons)), None, catalog[found[0].sku].days
+                )
+
+
+def _sold(matrix: TierMatrix, tier: str, addon: str) -> bool:
+    try:
+        check_plan(matrix, tier, (addon,))
+    except OrderRefused:
+        return False
+    return True
+
+
+BUNDLE = (
+    '[skus.CORE-ROUTE]\ntier = "core"\naddons = ["route_distribution"]\n'
+    '[skus.BUNDLE]\naddons = ["sms_messaging", "route_distribution"]\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "tier", "addons", "skus"),
+    [
+        pytest.param("", "core", ("sms_messaging", "route_distribution"),
+                     ["CORE", "ADDON-ROUTE-DIST", "ADDON-SMS"], id="one-sku-per-addon"),
+        pytest.param(BUNDLE, "core", ("sms_messaging", "route_distribution"),
+                     ["CORE", "BUNDLE"], id="a-bundle-that-fits"),
+        pytest.param(BUNDLE, "core", ("route_distribution",), ["CORE", "ADDON-ROUTE-DIST"],
+                     id="a-bundle-granting-more-is-not-used"),
+    ],
+)  # fmt: skip
+def test_skus_for(
+    tmp_path: Path, extra: str, tier: str, addons: tuple[str, ...], skus: list[str]
+) -> None:
+    path = tmp_path / "tier_matrix.toml"
+    path.write_text(SHIPPED + "\n" + extra)
+    doc = TomlDocument.read(path)
+    assert [line.sku for line in skus_for(catalog_of(doc), build_matrix(doc), tier, addons)] == skus
+
+
+def test_a_plan_no_sku_sells_is_refused_naming_what_is_missing(
+    shipped: tuple[TierMatrix, SkuCatalog],
+) -> None:
+    matrix, catalog = shipped
+    without = {name: spec for name, spec in catalog.items() if name not in ("ADDON-SMS", "FLEET")}
+    with pytest.raises(OrderRefused, match="no SKU sells add-on 'sms_messaging'") as refused:
+        skus_for(without, matrix, "core", ("sms_messaging",))
+    assert refused.value.rule == "no_sku"
+    with pytest.raises(OrderRefused, match="no SKU sells tier 'fleet'"):
+        skus_for(without, matrix, "fleet", ())

@@ -340,8 +340,11 @@ async def test_classic_keys(store: TenantStore) -> None:
     await store.import_classic_key("acme", "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY")  # idempotent
     assert await store.is_classic_key("ABCDE-FGHIJ-KLMNO-PQRST-UVWXY") is True
     assert await store.is_classic_key("ZZZZZ-FGHIJ-KLMNO-PQRST-UVWXY") is False
+    assert await store.remove_classic_key("ZZZZZ-FGHIJ-KLMNO-PQRST-UVWXY") is False
     # A classic key alone does not make a tenant record (like the reference engine).
     assert await store.tenants() == []
+    assert await store.remove_classic_key("ABCDE-FGHIJ-KLMNO-PQRST-UVWXY") is True
+    assert await store.is_classic_key("ABCDE-FGHIJ-KLMNO-PQRST-UVWXY") is False
 
 
 async def test_tenants_lists_every_known_tenant_sorted(

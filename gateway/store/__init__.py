@@ -123,6 +123,11 @@ class TenantStore(abc.ABC):
         """Remember a classic X Dispatch key (for ``license.classic_keys = "store"``)."""
 
     @abc.abstractmethod
+    async def remove_classic_key(self, key: str) -> bool:
+        """Forget a classic key again; True if it was known (``gateway migrate`` undoing
+        its own import when the customer's license could not be issued)."""
+
+    @abc.abstractmethod
     async def is_classic_key(self, key: str) -> bool: ...
 
     @abc.abstractmethod

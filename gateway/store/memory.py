@@ -93,6 +93,9 @@ class MemoryStore(TenantStore):
     async def import_classic_key(self, tenant: str, key: str) -> None:
         self._classic[key] = tenant
 
+    async def remove_classic_key(self, key: str) -> bool:
+        return self._classic.pop(key, None) is not None
+
     async def is_classic_key(self, key: str) -> bool:
         return key in self._classic
 

@@ -332,6 +332,10 @@ class RedisStore(TenantStore):
         with self._errors("import_classic_key"):
             await self._redis.hset(self._classic_key, key, tenant)
 
+    async def remove_classic_key(self, key: str) -> bool:
+        with self._errors("remove_classic_key"):
+            return bool(await self._redis.hdel(self._classic_key, key))
+
     # -- seats and usage --------------------------------------------------------------------
 
     def _seats_key(self, tenant: str, kind: SeatKind) -> str:

@@ -424,6 +424,13 @@ class SqliteStore(TenantStore):
 
         await self._run("import_classic_key", job)
 
+    async def remove_classic_key(self, key: str) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
+                return conn.execute("DELETE FROM classic_keys WHERE key = ?", (key,)).rowcount > 0
+
+        return await self._run("remove_classic_key", job)
+
     def changes(self) -> AsyncIterator[str]:
         return self._changes.subscribe()
 
