@@ -23,8 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
 from gateway.audit import AuditLog
-from gateway.enforcer import PROBLEM_TYPE
 from gateway.metrics import multiprocess_dir, multiprocess_registry
+from gateway.problems import PROBLEM_CONTENT_TYPE, problem_body
 from gateway.provision import (
     MAX_BODY_BYTES,
     ProvisionError,
@@ -135,18 +135,9 @@ async def provision(request: web.Request) -> web.Response:
             runtime.metrics.store_errors.labels(op="provision").inc()
             raise ProvisionError(503, "store_unavailable", str(exc)) from exc
     except ProvisionError as exc:
-        payload: dict[str, object] = {
-            "type": PROBLEM_TYPE + exc.code,
-            "title": "Provisioning refused",
-            "status": exc.status,
-            "code": exc.code,
-            "detail": exc.detail,
-        }
-        if exc.field is not None:
-            payload["field"] = exc.field
-        return web.json_response(
-            payload, status=exc.status, content_type="application/problem+json"
-        )
+        fields = {"field": exc.field} if exc.field is not None else {}
+        body = problem_body(exc.status, exc.code, "Provisioning refused", exc.detail, **fields)
+        return web.Response(body=body, status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
     runtime.shared.tenants.invalidate(event.tenant)
     log.info(
         "provision %s %s for %s: %s",

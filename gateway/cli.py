@@ -23,11 +23,19 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway import __version__, audit_cli, issuer_cli, keys_cli, replay_cli, report_cli, routes_cli
+from gateway import (
+    __version__,
+    audit_cli,
+    explain_cli,
+    issuer_cli,
+    keys_cli,
+    replay_cli,
+    report_cli,
+    routes_cli,
+)
 from gateway.config import Config, config_warnings, load_config
 from gateway.decision import expiry_state, not_yet_valid
 from gateway.errors import ConfigError, LicenseError
-from gateway.explain import evaluate, explanation_document, explanation_lines, hypothetical_license
 from gateway.license import (
     ClassicKeys,
     KeyRing,
@@ -35,8 +43,6 @@ from gateway.license import (
     fingerprint,
     generate_keypair,
 )
-from gateway.matrix import APP_NAMES
-from gateway.routes import ROLES
 
 if TYPE_CHECKING:
     from gateway.store import TenantStore
@@ -118,17 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
-    explain = commands.add_parser("explain", help="show the decision for one request")
-    explain.add_argument("--config", type=Path, default=Path("gateway.toml"))
-    explain.add_argument("--app", required=True, choices=APP_NAMES)
-    explain.add_argument("method")
-    explain.add_argument("path")
-    who = explain.add_mutually_exclusive_group(required=True)
-    who.add_argument("--key", help="a license key as a client would send it")
-    who.add_argument("--tier", help="a hypothetical license of this tier")
-    explain.add_argument("--addon", action="append", default=[], metavar="NAME")
-    explain.add_argument("--role", choices=ROLES)
-    explain.add_argument("--json", action="store_true")
+    explain_cli.add_parsers(commands)
     report_cli.add_parsers(commands)
     replay_cli.add_parsers(commands)
     routes_cli.add_parsers(commands)
@@ -147,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "keys": _keys_generate,
         "license": _inspect,
-        "explain": _explain,
         "serve": _serve,
         "tenant": _tenant,
         "report": report_cli.run,
@@ -380,25 +375,6 @@ def _print_report(report: dict[str, Any], as_json: bool, code: int) -> int:
         )
         print(f"  {name:18} {shown}")
     return code
-
-
-def _explain(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    hypothetical = None
-    if args.tier is not None:
-        try:
-            hypothetical = hypothetical_license(config.matrix, args.tier, tuple(args.addon))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-    found = evaluate(
-        config, args.app, args.method, args.path, key=args.key, license=hypothetical, role=args.role
-    )
-    if args.json:
-        print(msgspec.json.encode(explanation_document(found, config)).decode())
-    else:
-        for label, value in explanation_lines(found, config):
-            print(f"{label + ':':16} {value}")
-    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ TITLES: dict[str, str] = {
     "seat_limit_exceeded": "Seat limit reached",
     "route_unmatched": "Endpoint not available",
     "license_check_busy": "License check busy, retry",
+    "tenant_mismatch": "License key and tenant disagree",
+    "store_unavailable": "Tenant store unavailable",
 }
 
 STATUS: dict[str, int] = {
@@ -62,6 +64,8 @@ STATUS: dict[str, int] = {
     "route_unmatched": 403,
     "seat_limit_exceeded": 429,
     "license_check_busy": 503,
+    "tenant_mismatch": 403,
+    "store_unavailable": 503,
 }
 
 

@@ -1,8 +1,10 @@
 """What the gateway would do with one request, step by step, without a network.
 
 ``gateway explain`` and ``gateway test`` both call ``evaluate``, which takes the proxy's
-steps in the proxy's order (a classic key, the canonical path, a classic path prefix, the
-route look-up, the pure ``decide``), so what they report is what the proxy would do.
+steps with the proxy's own functions: ``gateway.classify.classify`` (a classic key, the
+canonical path, a classic path prefix, the route look-up) and the pure ``decide``, on the
+tenant record the store holds when one is given, so what they report is what the proxy
+would do.
 
     found = evaluate(config, "operations", "POST", "/api/v1/shipments/1/optimize",
                      license=hypothetical_license(config.matrix, "core", ()))
@@ -18,12 +20,12 @@ from typing import Any
 import msgspec
 from msgspec.structs import replace
 
+from gateway.classify import ASK_STORE, CLASSIC_KEY, CLASSIC_PATH, REJECTED, ClassicRules, classify
 from gateway.config import Config
-from gateway.decision import Decision, decide
+from gateway.decision import STATUS, Decision, TenantRecord, decide
 from gateway.errors import LicenseError
 from gateway.license import License, LicenseClaims
 from gateway.matrix import AppName, TierMatrix
-from gateway.paths import PathRejected, canonical_path
 from gateway.routes import Match, Route, RouteMatch, sorted_methods
 
 
@@ -89,39 +91,51 @@ def evaluate(
     license: License | None = None,
     role: str | None = None,
     now: float | None = None,
+    tenant: str | None = None,
+    record: TenantRecord | None = None,
+    classic_known: bool | None = None,
 ) -> Explanation:
     """Decide one request as the proxy would. ``key`` is a license key as a client sends it
-    (classic keys included); ``license`` a hypothetical one; neither: no license."""
+    (classic keys included); ``license`` a hypothetical one; neither: no license.
+    ``tenant`` is the tenant id header; ``record`` what the tenant store holds for the
+    request's tenant (the key's, or ``tenant``'s), None: nothing. ``classic_known``: with
+    ``license.classic_keys = "store"``, whether the store imported ``key`` as a classic key
+    (None: the store could not say, and the proxy then forwards it, fail-static)."""
     app_routes = config.routes.apps[app]
     method = method.upper()
     base = Explanation(app, method, target, app_routes.unmatched)
-    if key is not None and config.classic.is_classic(key):
+    rules = ClassicRules.for_app(config, app)
+    raw_key = None if key is None else key.encode("utf-8", "surrogateescape")
+    raw_target = target.encode("utf-8", "surrogateescape")
+    step = classify(rules, app_routes, method, raw_target, raw_key)
+    if step is ASK_STORE:
+        known = True if classic_known is None else classic_known
+        step = classify(rules, app_routes, method, raw_target, raw_key, known)
+    if step.kind == CLASSIC_KEY:
         return replace(base, classic="key")
-    try:
-        path = canonical_path(target.split("?", 1)[0])
-    except PathRejected as exc:
-        return replace(base, rejected=exc.reason)
-    settings = config.settings.apps.get(app)
-    prefixes = settings.classic_path_prefixes if settings is not None else ()
-    if prefixes and path.startswith(prefixes):
-        return replace(base, canonical_path=path, classic="path")
-    found = app_routes.match(method, path)
+    if step.kind == REJECTED:
+        return replace(base, rejected=step.reason)
+    if step.kind == CLASSIC_PATH:
+        return replace(base, canonical_path=step.path, classic="path")
+    found = step.found
+    assert found is not None
+    at = time.time() if now is None else now
     presented: License | LicenseError | None = license
     if key is not None:
         try:
             presented = config.keyring.verify(key)
         except LicenseError as exc:
             presented = exc
-    decision = decide(
-        config.policy,
-        found,
-        app_routes.unmatched,
-        presented,
-        None,
-        role,
-        time.time() if now is None else now,
-    )
-    return replace(base, canonical_path=path, found=found, decision=decision)
+    if isinstance(presented, License) and tenant is not None and tenant != presented.claims.sub:
+        mismatch = Decision(
+            allowed=False,
+            status=STATUS["tenant_mismatch"],
+            code="tenant_mismatch",
+            detail="the license key belongs to another tenant than the tenant header names",
+        )
+        return replace(base, canonical_path=step.path, found=found, decision=mismatch)
+    decision = decide(config.policy, found, app_routes.unmatched, presented, record, role, at)
+    return replace(base, canonical_path=step.path, found=found, decision=decision)
 
 
 def route_document(route: Route, config: Config) -> dict[str, Any]:

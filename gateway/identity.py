@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import jwt
 
+from gateway.caches import bounded_put
 from gateway.config import UNCONFIGURED_WARNING, Config, IdentitySettings, Settings
 from gateway.errors import IdentityError
 from gateway.jwks import JwksKeys
@@ -158,11 +159,11 @@ class BearerTokens:
             return _invalid(f"token over {MAX_TOKEN_BYTES} bytes")
         result = self._verify(token, refreshed)
         if isinstance(result, Identity):
-            _bounded_put(self._valid, digest, result, self._size)
+            bounded_put(self._valid, digest, result, self._size)
         elif isinstance(result, tuple):
             error, lasting = result
             if lasting:
-                _bounded_put(self._invalid, digest, (error, monotonic() + 60.0), 10_000)
+                bounded_put(self._invalid, digest, (error, monotonic() + 60.0), 10_000)
             return error
         return result
 
@@ -261,13 +262,6 @@ class BearerTokens:
                 if role in ROLES:
                     mapped.add(role)
         return next((role for role in ROLES if role in mapped), None)
-
-
-def _bounded_put(mapping: dict[Any, Any], key: Any, value: Any, size: int) -> None:
-    """Insert, dropping the oldest entry when ``mapping`` holds ``size`` already."""
-    if key not in mapping and len(mapping) >= size:
-        del mapping[next(iter(mapping))]
-    mapping[key] = value
 
 
 # ---------------------------------------------------------------------------- the facade

@@ -31,7 +31,6 @@ from aiohttp import web
 
 from gateway.audit import AuditError, AuditLog
 from gateway.delivery import Deliveries
-from gateway.enforcer import PROBLEM_TYPE
 from gateway.issuer_config import IssuerConfig
 from gateway.issuing import (
     BadOrder,
@@ -45,6 +44,7 @@ from gateway.issuing import (
 )
 from gateway.ledger import Delivery, Ledger, LedgerError, LedgerLicense, OrderConflict
 from gateway.license import decode_unverified
+from gateway.problems import PROBLEM_CONTENT_TYPE, problem_body
 from gateway.provision import MAX_BODY_BYTES, ProvisionError, verify_signature
 from gateway.signing_keys import KeyStateError, signing_key
 from gateway.skus import OrderRefused, check_grandfather, resolve
@@ -266,17 +266,14 @@ async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response: web.StreamResponse = await handler(request)
     except Refusal as exc:
-        payload = {
-            "type": PROBLEM_TYPE + exc.code,
-            "title": "Order refused" if exc.status == 422 else "Request refused",
-            "status": exc.status,
-            "code": exc.code,
-            "detail": exc.detail,
+        body = problem_body(
+            exc.status,
+            exc.code,
+            "Order refused" if exc.status == 422 else "Request refused",
+            exc.detail,
             **{name: value for name, value in exc.fields.items() if value is not None},
-        }
-        return web.json_response(
-            payload, status=exc.status, content_type="application/problem+json"
         )
+        return web.Response(body=body, status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
     return response
 
 

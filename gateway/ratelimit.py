@@ -28,8 +28,21 @@ class TokenBucket:
         self._refilled = monotonic() if now is None else now
 
     def take(self, now: float | None = None) -> bool:
-        """Take one token if there is one. ``now`` (monotonic seconds) is for tests."""
-        return self.wait(now) == 0.0
+        """Take one token if there is one. ``now`` (monotonic seconds) is for tests.
+        (``wait`` inlined: this runs for every refusal a flood causes.)"""
+        if self.rate <= 0:
+            return True
+        if now is None:
+            now = monotonic()
+        tokens = self._tokens + (now - self._refilled) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self._refilled = now
+        if tokens >= 1:
+            self._tokens = tokens - 1
+            return True
+        self._tokens = tokens
+        return False
 
     def wait(self, now: float | None = None) -> float:
         """Take one token and return 0.0, or return the seconds until one is back (and

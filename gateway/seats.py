@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import msgspec
 
+from gateway.caches import bounded_put
 from gateway.config import SeatSettings
 from gateway.events import EventLog
 from gateway.license import Seats
@@ -305,8 +306,8 @@ class SeatBook:
             refusals = self._refused.get(tenant)
             if refusals is None:
                 refusals = {}
-                _bounded_put(self._refused, tenant, refusals, 10_000)
-            _bounded_put(refusals, (kind, user), (admission, now + REFUSAL_TTL_SECONDS), 1_000)
+                bounded_put(self._refused, tenant, refusals, 10_000)
+            bounded_put(refusals, (kind, user), (admission, now + REFUSAL_TTL_SECONDS), 1_000)
             return admission
         self._remember(tenant, kind, user, now + self.refresh_seconds)
         if "seat_warning" in admission.events and not await self._first_warning(tenant, kind, now):
@@ -331,7 +332,7 @@ class SeatBook:
         if cached is not None and cached[1] > now:
             return cached[0]
         extra = await self.store.extra_seats(tenant)
-        _bounded_put(self._extra, tenant, (extra, now + EXTRA_SEATS_TTL_SECONDS), 100_000)
+        bounded_put(self._extra, tenant, (extra, now + EXTRA_SEATS_TTL_SECONDS), 100_000)
         return extra
 
     async def _first_warning(self, tenant: str, kind: SeatKind, now: float) -> bool:
@@ -345,7 +346,7 @@ class SeatBook:
         except StoreError as exc:
             log.warning("tenant store: seat warning for %s not recorded: %s", tenant, exc)
             return False
-        _bounded_put(self._warned, (tenant, kind), window, 100_000)
+        bounded_put(self._warned, (tenant, kind), window, 100_000)
         return first
 
     def _remember(self, tenant: str, kind: SeatKind, user: str, until: float) -> None:
@@ -383,9 +384,3 @@ class SeatBook:
 
     def __len__(self) -> int:
         return self._count
-
-
-def _bounded_put(mapping: dict[Any, Any], key: Any, value: Any, size: int) -> None:
-    if key not in mapping and len(mapping) >= size:
-        del mapping[next(iter(mapping))]
-    mapping[key] = value

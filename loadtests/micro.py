@@ -276,7 +276,10 @@ class World:
         keyring = KeyRing.load(keys.folder)
         config = Config(config_path.resolve(), settings, matrix, self.route_table, keyring)
         self.metrics = Metrics()
-        self.events = EventLog(f"file://{folder}/events.jsonl", self.metrics, 10**9)
+        # As the runtime builds it ([events] defaults): refusal events sampled per second.
+        self.events = EventLog.from_settings(
+            f"file://{folder}/events.jsonl", settings.events, self.metrics
+        )
         self.store = open_store("memory://", keyring)
         self.shared = Shared(config, self.metrics, self.events, self.store)
         self.enforcer = Enforcer("operations", config, self.shared)
@@ -291,6 +294,7 @@ class World:
             (b"Accept", b"application/json", b"accept"),
         ]
         head = RequestHead(method, target, headers)
+        head.request_id = "bench-1"  # the relay sets one on every request before the check
         names = {"license_key": b"X-License-Key", "tenant": b"X-Tenant-Id", "role": b"X-User-Role"}
         for attr, value in fields.items():
             setattr(head, attr, value)

@@ -22,7 +22,6 @@ from aiohttp import web
 from gateway.clicks import MAX_EVENT_BYTES, ClickLimiter, upgrade_click
 from gateway.config import Settings
 from gateway.decision import Decision, Policy
-from gateway.enforcer import problem
 from gateway.entitlements import (
     Caller,
     UpsellMode,
@@ -37,6 +36,7 @@ from gateway.errors import RequestError
 from gateway.license import License, Seats
 from gateway.matrix import AppName
 from gateway.page import PAGE_HEADERS, page_assets
+from gateway.problems import problem_body, request_id
 
 _VARY = ("X-Tenant-Id", "X-User-Role", "X-User-Id")
 
@@ -145,7 +145,7 @@ class PlanPageServer:
 def _problem(
     status: int, code: str, title: str, detail: str, headers: tuple[tuple[str, str], ...] = ()
 ) -> web.Response:
-    body, _ = problem(status, code, title, detail)
+    body = problem_body(status, code, title, detail, request_id=request_id())
     return web.Response(
         status=status,
         body=body,

@@ -611,10 +611,9 @@ def test_explain_unknown_tier_is_a_usage_error(capsys: Capture, config_dir: Path
     assert "unknown tier 'platinum'" in err
 
 
-def test_explain_needs_a_key_or_a_tier(capsys: Capture, config_dir: Path) -> None:
-    with pytest.raises(SystemExit) as caught:
-        main(["explain", "--config", str(config_dir / "gateway.toml"), *OPTIMIZE])
-    assert caught.value.code == 2
+def test_explain_needs_a_key_a_tier_or_a_tenant(capsys: Capture, config_dir: Path) -> None:
+    code, _, err = run(capsys, "explain", "--config", str(config_dir / "gateway.toml"), *OPTIMIZE)
+    assert code == 2 and "--key, --tier or --tenant" in err
 
 
 def test_explain_with_a_broken_config(capsys: Capture, config_dir: Path) -> None:

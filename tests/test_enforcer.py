@@ -1,15 +1,25 @@
-"""The enforcer's caches: verified keys, failed keys, and the signature-check budget."""
+"""The enforcer without sockets: its caches (verified keys, refused keys, the signature-check
+budget, tenant records) and its answers for one ``RequestHead``."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
-from gateway.enforcer import LicenseCache
+from gateway.caches import OUTAGE_RETRY_SECONDS, bounded_put
+from gateway.config import Config
+from gateway.enforcer import CLASSIC, FORWARD, NEED_TENANT, LicenseCache
 from gateway.errors import LicenseError
 from gateway.events import EventLog
 from gateway.license import KeyRing, License
 from gateway.metrics import Metrics
+from gateway.store import open_store
 from tests.conftest import IssueKey
+from tests.enforcing import EnforcerWorld, body
+from tests.redis_server import RedisServer
 
 
 def _forged(issue_key: IssueKey, n: int) -> bytes:
@@ -93,3 +103,167 @@ async def test_concurrent_lookups_of_one_tenant_share_one_store_read(
     assert store.reads == 1
     record = cache.cached("acme")
     assert isinstance(record, TenantRecord) and record.tenant == "acme"
+
+
+# ------------------------------------------------------------------ one request, one look-up
+
+
+async def test_a_license_lookup_is_counted_once_when_the_tenant_is_not_cached(
+    config: Config, tmp_path: Path, issue_key: IssueKey
+) -> None:
+    world = EnforcerWorld(config, tmp_path)
+    head = world.head("GET", "/api/v1/shipments", key=issue_key(sub="acme", tier="fleet"))
+    enforcer = world.enforcer("operations")
+    assert enforcer.check(head).kind == NEED_TENANT  # acme not cached yet
+    await enforcer.prefetch(head)
+    assert enforcer.check(head, fetched=True).kind == FORWARD
+    lookups = world.sample("gateway_license_cache_total", result="hit") + world.sample(
+        "gateway_license_cache_total", result="miss"
+    )
+    assert lookups == 1
+    assert world.sample("gateway_license_checks_total", result="valid") == 1
+    world.close()
+
+
+# ------------------------------------------------------------------ a store outage
+
+
+@asynccontextmanager
+async def stored_world(
+    config: Config, tmp_path: Path, redis: RedisServer, key: str
+) -> AsyncIterator[EnforcerWorld]:
+    """A world on a real Redis holding ``key``'s tenant; the server is down when it yields."""
+    store = open_store(redis.url, config.keyring)
+    await store.put_license(key)
+    world = EnforcerWorld(config, tmp_path, store)
+    redis.stop(kill=True)
+    try:
+        yield world
+    finally:
+        await store.close()
+        world.close()
+
+
+async def test_a_stored_tenant_is_503_store_unavailable_while_the_store_cannot_answer(
+    config: Config, tmp_path: Path, redis: RedisServer, issue_key: IssueKey
+) -> None:
+    async with stored_world(config, tmp_path, redis, issue_key(sub="acme")) as world:
+        head = world.head("GET", "/api/v1/shipments", tenant="acme", request_id="rid-1")
+        verdict = await world.decide("operations", head)
+        assert (verdict.status, body(verdict)["code"]) == (503, "store_unavailable")
+        assert b"Retry-After: 1\r\n" in verdict.response_headers
+        assert body(verdict)["request_id"] == "rid-1"
+
+
+async def test_an_absence_learned_during_a_store_outage_is_not_remembered(
+    config: Config, tmp_path: Path, redis: RedisServer, issue_key: IssueKey
+) -> None:
+    key = issue_key(sub="acme", tier="fleet")
+    async with stored_world(config, tmp_path, redis, key) as world:
+        shipments = world.head("GET", "/api/v1/shipments", tenant="acme")
+        assert (await world.decide("operations", shipments)).status == 503
+        redis.restart()  # the test server keeps nothing: store the tenant again
+        while not await world.store.ping():
+            await asyncio.sleep(0.05)
+        await world.store.put_license(key)
+        await asyncio.sleep(OUTAGE_RETRY_SECONDS + 0.1)
+        shipments = world.head("GET", "/api/v1/shipments", tenant="acme")
+        after = await world.decide("operations", shipments)
+        assert (after.kind, after.tenant) == (FORWARD, "acme")
+
+
+async def test_a_verified_key_is_decided_on_its_own_while_the_store_cannot_answer(
+    config: Config, tmp_path: Path, redis: RedisServer, issue_key: IssueKey
+) -> None:
+    key = issue_key(sub="acme", tier="fleet")
+    async with stored_world(config, tmp_path, redis, key) as world:
+        verdict = await world.decide("operations", world.head("GET", "/api/v1/shipments", key=key))
+        assert (verdict.kind, verdict.tier) == (FORWARD, "fleet")
+
+
+# ------------------------------------------------------------------ request ids
+
+
+async def test_problem_bodies_and_events_carry_the_request_id_of_the_head(
+    config: Config, tmp_path: Path, issue_key: IssueKey
+) -> None:
+    world = EnforcerWorld(config, tmp_path)
+    blocked = world.head(
+        "POST", "/api/v1/shipments/7/optimize", key=issue_key(tier="core"), request_id="front-42"
+    )
+    verdict = await world.decide("operations", blocked)
+    assert (verdict.status, body(verdict)["request_id"]) == (403, "front-42")
+    assert [e["request_id"] for e in world.events("feature_block")] == ["front-42"]
+    bad = world.head("GET", "/api/v1/shipments", key="a.b.c", request_id="front-43")
+    verdict = await world.decide("operations", bad)
+    assert (verdict.status, body(verdict)["request_id"]) == (401, "front-43")
+    assert [e["request_id"] for e in world.events("license_invalid")] == ["front-43"]
+    path = world.head("GET", "/api/v1/a;b", request_id="front-44")
+    assert body(await world.decide("operations", path))["request_id"] == "front-44"
+    unnamed = world.head("GET", "/api/v1/shipments")  # no id from the relay: one is made
+    assert body(await world.decide("operations", unnamed))["request_id"]
+    world.close()
+
+
+# ------------------------------------------------------------------ key floods
+
+
+def test_a_refused_key_is_checked_once(keyring: KeyRing) -> None:
+    metrics = Metrics()
+    cache = LicenseCache(keyring, metrics)
+    for _ in range(3):
+        assert cache.resolve(b"e30.e30.e30").reason == "license_malformed"  # type: ignore[union-attr]
+    metrics.flush()
+    registry = metrics.registry
+    assert (
+        registry.get_sample_value("gateway_license_checks_total", {"result": "license_malformed"})
+        == 1
+    )
+    assert registry.get_sample_value("gateway_license_cache_total", {"result": "hit"}) == 2
+
+
+def test_other_signature_bytes_on_verified_claims_are_refused_without_a_signature_check(
+    keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    cache = LicenseCache(keyring, Metrics(), verifications_per_second=1)
+    valid = issue_key()
+    assert isinstance(cache.resolve(valid.encode()), License)  # the one check of the budget
+    head, payload, _ = valid.split(".")
+    other = issue_key(serial=99).split(".")[2]
+    forged = f"{head}.{payload}.{other}".encode()
+    # The budget is spent: a key that needed a check would be license_check_busy.
+    assert cache.resolve(forged).reason == "license_bad_signature"  # type: ignore[union-attr]
+
+
+async def test_a_refused_key_gets_the_same_answer_whether_or_not_the_target_was_seen(
+    config: Config, tmp_path: Path
+) -> None:
+    world = EnforcerWorld(config, tmp_path)
+    answers = []
+    for n in range(3):  # the first one decides the long way, the others need not
+        head = world.head("GET", "/api/v1/shipments?x=1", key=f"not-a-key-{n}", request_id=f"r{n}")
+        verdict = await world.decide("operations", head)
+        answers.append((verdict.status, verdict.outcome, {**body(verdict), "request_id": None}))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][:2] == (401, "unlicensed")
+    assert world.sample("gateway_requests_total", app="operations", outcome="unlicensed") == 3
+    events = world.events("license_invalid")
+    assert [e["request_id"] for e in events] == ["r0", "r1", "r2"]
+    assert {e["route"] for e in events} == {"/api/v1/shipments"}
+    # A public route and a classic path stay what they are, whatever key comes along.
+    health = await world.decide("operations", world.head("GET", "/api/v1/health", key="bad"))
+    assert health.outcome == "public"
+    classic = world.head("GET", "/xdispatch/orders", key="bad")
+    assert (await world.decide("operations", classic)).kind == CLASSIC
+    world.close()
+
+
+def test_bounded_put_keeps_the_newest_entries_within_the_bound() -> None:
+    mapping: dict[int, int] = {}
+    for n in range(1000):
+        bounded_put(mapping, n, n, 100)
+        assert len(mapping) <= 100
+    assert 999 in mapping and 0 not in mapping
+    assert min(mapping) > 1000 - 100 - 100 // 8  # only the oldest were dropped
+    bounded_put(mapping, 999, -1, 100)  # an update keeps its place and drops nothing
+    assert mapping[999] == -1 and len(mapping) == len(set(mapping))

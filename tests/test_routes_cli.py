@@ -54,15 +54,16 @@ def test_check_warns_for_apps_that_allow_unmatched_paths(capsys: Capture, config
 
 def test_check_strict_turns_warnings_into_errors(capsys: Capture, config_dir: Path) -> None:
     config = str(config_dir / "gateway.toml")
-    with open(config, "a") as file:  # the identity warning is not this test's subject
-        file.write('\n[identity]\nmode = "headers"\ntrusted_peers = ["127.0.0.1/32"]\n')
     code, out, _ = run(capsys, "check", "--config", config, "--strict")
     assert code == 1
     assert out.splitlines()[0].endswith("FAILED (--strict: warnings are errors)")
-    assert out.count("  error: ") == 2 and "  warning: " not in out
+    # unmatched = "allow" on two apps, and no [identity] section
+    assert out.count("  error: ") == 3 and "  warning: " not in out
 
     for app in ("operations", "client_portal"):
         set_unmatched(config_dir, app, "deny")
+    with (config_dir / "gateway.toml").open("a") as toml:
+        toml.write('\n[identity]\nmode = "headers"\ntrusted_peers = ["10.0.0.5/32"]\n')
     code, out, _ = run(capsys, "check", "--config", config, "--strict")
     assert code == 0 and out.splitlines()[0].endswith(": OK")
 

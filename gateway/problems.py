@@ -1,0 +1,88 @@
+"""RFC 9457 problem+json bodies: the one encoder for every answer the gateway gives itself
+(the relay's refusals, the admin listener, the issuing service, the tenant endpoints).
+
+A body is ``type``, ``title``, ``status``, ``code``, ``detail``, then the answer's own
+fields, then ``request_id`` last. The request path encodes the part before the request id
+once per distinct refusal (``problem_prefix``) and appends the id per request
+(``with_request_id``), so a flood of identical refusals costs one bytes join each.
+
+    body = problem_body(403, "role_forbidden", "Role not allowed", "...", request_id="r-1",
+                        allowed_roles=["owner", "admin"])
+    prefix = problem_prefix(401, "license_missing", "License required", "...")
+    body = with_request_id(prefix, head.request_id or request_id())
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Final
+
+import msgspec
+
+PROBLEM_TYPE: Final = "https://errors.gateway.local/"
+PROBLEM_JSON: Final = b"application/problem+json"
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+
+_json = msgspec.json.Encoder()
+_request_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
+
+
+def request_id() -> str:
+    """A request id unique to this process run (``<pid>-<start time>-<n>``, hex): used when
+    the relay has set none on the request head."""
+    return f"{_ID_PREFIX}-{next(_request_ids):x}"
+
+
+def problem_fields(
+    status: int, code: str, title: str, detail: str = "", **fields: Any
+) -> dict[str, Any]:
+    """The body as a dict, in the order every answer uses (``request_id`` not included)."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE + code,
+        "title": title,
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    body.update(fields)
+    return body
+
+
+def problem_prefix(status: int, code: str, title: str, detail: str = "", **fields: Any) -> bytes:
+    """The encoded body up to the request id: ``{..., "request_id":`` (cache it)."""
+    return _json.encode(problem_fields(status, code, title, detail, **fields))[:-1] + (
+        b',"request_id":'
+    )
+
+
+def with_request_id(prefix: bytes, rid: str) -> bytes:
+    """A ``problem_prefix`` completed with the request id (JSON-escaped, whatever it is)."""
+    return prefix + _json.encode(rid) + b"}"
+
+
+def problem_body(
+    status: int,
+    code: str,
+    title: str,
+    detail: str = "",
+    *,
+    request_id: str | None = None,
+    **fields: Any,
+) -> bytes:
+    """One complete body; ``request_id`` None leaves the field out (answers outside the
+    request path: the admin listener, the issuing service)."""
+    body = problem_fields(status, code, title, detail, **fields)
+    if request_id is not None:
+        body["request_id"] = request_id
+    return _json.encode(body)
+
+
+def problem(
+    status: int, code: str, title: str, detail: str = "", **fields: Any
+) -> tuple[bytes, str]:
+    """A body with a fresh request id, and that id (for answers that have no request head)."""
+    rid = request_id()
+    return problem_body(status, code, title, detail, request_id=rid, **fields), rid
