@@ -6,6 +6,8 @@ is missing or the server does not start, the fixture fails with the reason — i
     server.url            # redis://127.0.0.1:<port>/0
     server.stop()         # an outage: the process is gone, the port refuses connections
     server.restart()      # the same port again (empty: nothing is persisted)
+
+    server = start_redis(tmp_path)   # the same in a fixture: a failed test when it cannot
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.harness import free_port
 
@@ -133,6 +137,15 @@ class RedisServer:
         """Start again on the same port, after ``stop()``."""
         self.stop()
         self._launch()
+
+
+def start_redis(folder: Path) -> RedisServer:
+    """A running server, or a failed test saying why (never a skip)."""
+    try:
+        return RedisServer.start(folder)
+    except RedisServerError as exc:
+        reason = str(exc)
+    pytest.fail(reason, pytrace=False)
 
 
 def _tail(log_path: Path, lines: int = 5) -> str:

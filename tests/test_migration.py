@@ -32,8 +32,7 @@ from gateway.migration import (
 from gateway.store import TenantStore, open_store
 from tests.conftest import REPO, IssueKey
 from tests.harness import EchoUpstream, running_gateway, write_config
-from tests.redis_server import RedisServer
-from tests.test_store import start_redis
+from tests.redis_server import RedisServer, start_redis
 
 Capture = pytest.CaptureFixture[str]
 T = TypeVar("T")
