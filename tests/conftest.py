@@ -18,6 +18,7 @@ from gateway.matrix import APP_NAMES, TierMatrix, load_matrix
 from gateway.routes import RouteTable, load_routes
 from gateway.store import TenantStore
 from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.provisioning import SECRET
 from tests.redis_server import RedisServer, start_redis
 from tests.stores import Backend, make_backend
 
@@ -181,6 +182,14 @@ async def shared(
 @pytest.fixture
 def store(backend: Backend) -> TenantStore:
     return backend.open()
+
+
+@pytest.fixture
+def provision_secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    """``GATEWAY_PROVISION_SECRET`` set to the secret tests.provisioning signs with (also seen
+    by processes the test starts, e.g. an issuer delivering to a gateway's hook)."""
+    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
+    return SECRET
 
 
 @pytest.fixture

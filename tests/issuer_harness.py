@@ -5,7 +5,6 @@ matrix, a signing key rotated in and activated) and ``running_issuer``, which st
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -18,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.provision import sign
 from gateway.signing_keys import activate, rotate
 from tests.harness import REPO, free_port
+from tests.provisioning import signed_call
 
 BILLING_SECRET = "billing-order-secret"
 START_DEADLINE_SECONDS = 20.0
@@ -73,12 +72,7 @@ class Issuer:
     async def call(
         self, method: str, path: str, body: Any = None, secret: str = BILLING_SECRET
     ) -> tuple[int, dict[str, Any]]:
-        raw = b"" if body is None else json.dumps(body).encode()
-        headers = {"Gateway-Signature": sign(secret.encode(), raw, int(time.time()))}
-        async with self.session.request(
-            method, self.base + path, data=raw, headers=headers
-        ) as response:
-            return response.status, await response.json(content_type=None)
+        return await signed_call(self.session, method, self.base + path, body, secret=secret)
 
     async def order(self, **body: Any) -> tuple[int, dict[str, Any]]:
         return await self.call("POST", "/v1/orders", body)

@@ -18,9 +18,12 @@ from gateway.cli import main
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, running_gateway, write_config
-from tests.test_provision import ports_of, provision, provision_secret  # noqa: F401
+from tests.provisioning import provision
+from tests.test_provision import ports_of
 
 Capture = pytest.CaptureFixture[str]
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 AUDITED = '\n[audit]\nlog = "audit.jsonl"\n'
 
 

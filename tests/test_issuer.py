@@ -22,7 +22,9 @@ from gateway.runtime import Runtime
 from tests.harness import EchoUpstream, Gateway, running_gateway, write_config
 from tests.issuer_harness import hook_target, running_issuer, store_target, write_issuer
 from tests.redis_server import RedisServer
-from tests.test_provision import provision_secret  # noqa: F401
+
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ import asyncio
 import base64
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -23,33 +21,18 @@ from gateway.matrix import APP_NAMES
 from gateway.provision import ProvisionError, parse_event, sign, verify_signature
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.provisioning import SECRET, event, provision, signature
 from tests.redis_server import RedisServer
 from tests.test_hardening_paths import Reply, read_reply
 
-SECRET = "billing-shared-secret"
 OPTIMIZE = "/api/v1/shipments/1/optimize"
 
-
-@pytest.fixture(autouse=True)
-def provision_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 
 
 def ports_of(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
     return {app: server.port for app, server in upstreams.items()}
-
-
-async def provision(
-    session: aiohttp.ClientSession, gateway: Gateway, body: dict[str, Any], **sign_args: Any
-) -> tuple[int, dict[str, Any]]:
-    raw = json.dumps(body).encode()
-    signature = sign(
-        sign_args.get("secret", SECRET).encode(), raw, sign_args.get("t", int(time.time()))
-    )
-    async with session.post(
-        gateway.admin_url("/admin/provision"), data=raw, headers={"Gateway-Signature": signature}
-    ) as response:
-        return response.status, await response.json(content_type=None)
 
 
 async def status_of(
@@ -57,10 +40,6 @@ async def status_of(
 ) -> int:
     async with session.post(gateway.url("operations", OPTIMIZE), headers=headers) as response:
         return response.status
-
-
-def event(action: str, tenant: str = "acme", **fields: Any) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "action": action, "tenant": tenant, **fields}
 
 
 # ------------------------------------------------------------------ signature and body
@@ -314,9 +293,8 @@ async def post_in_pieces(
 
 
 def signed_head(body: bytes, *, chunked: bool = False) -> bytes:
-    signature = sign(SECRET.encode(), body, int(time.time()))
     framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
-    return b"Gateway-Signature: %s\r\n%s\r\n" % (signature.encode(), framing)
+    return b"Gateway-Signature: %s\r\n%s\r\n" % (signature(body).encode(), framing)
 
 
 def code_of(reply: Reply) -> str:

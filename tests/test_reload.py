@@ -25,7 +25,7 @@ from gateway.license import KeyRing, generate_keypair, load_signing_key
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey, sign_key
 from tests.harness import REPO, EchoUpstream, running_gateway, start_app, write_config
-from tests.test_provision import SECRET, provision
+from tests.provisioning import provision
 
 OPTIMIZE = "/api/v1/shipments/1/optimize"
 OPTIMIZE_ROUTE = (
@@ -549,9 +549,8 @@ async def test_a_reload_with_new_keys_reaches_the_stores_verification(
     key_dir: Path,
     upstreams: dict[str, EchoUpstream],
     issue_key: IssueKey,
-    monkeypatch: pytest.MonkeyPatch,
+    provision_secret: str,
 ) -> None:
-    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
     ports = {app: server.port for app, server in upstreams.items()}
     extra = NO_WATCH + '\n[store]\nurl = "sqlite://tenants.db"\n'  # verifies keys it reads
     async with (

@@ -18,9 +18,10 @@ from gateway.signing_keys import load_state, signing_key, signing_kid
 from tests.harness import EchoUpstream, Gateway, running_gateway
 from tests.issuer_harness import running_issuer, store_target, write_issuer
 from tests.redis_server import RedisServer
-from tests.test_provision import provision, provision_secret  # noqa: F401
 
 Capture = pytest.CaptureFixture[str]
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 
 
 def kid_of(token: str) -> object:
