@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gateway.cli import main
 from gateway.funnel import Event, Funnel, FunnelRow
 from tests.conftest import IssueKey
-from tests.harness import EchoUpstream, running_gateway
+from tests.harness import running_gateway
 from tests.provisioning import event as billing_event
 from tests.provisioning import provision
 
@@ -207,19 +207,18 @@ def test_report_funnel_usage_errors(
 async def test_funnel_of_a_running_gateway(
     tmp_path: Path,
     key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
     provision_secret: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Blocks past the per-interval limit become a summary; the report still counts each."""
-    ports = {app: server.port for app, server in upstreams.items()}
     acme_core = issue_key(sub="acme", tier="core", serial=1)
     beta_core = issue_key(sub="beta", tier="core", serial=1)
     url_path = "/api/v1/shipments/1/optimize"
     extra = "feature_blocks_per_interval = 10\nsummary_interval = 3600\n"
     async with (
-        running_gateway(tmp_path, key_dir, ports, extra=extra) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gateway,
         aiohttp.ClientSession() as session,
     ):
         status, _ = await provision(session, gateway, billing_event("license", key=acme_core))

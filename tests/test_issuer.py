@@ -27,11 +27,6 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.usefixtures("provision_secret")
 
 
-@pytest.fixture
-def ports(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
-    return {app: server.port for app, server in upstreams.items()}
-
-
 async def tier_seen(
     session: aiohttp.ClientSession, gateway: Gateway, tenant: str, upstream: EchoUpstream
 ) -> str | int:
@@ -49,7 +44,7 @@ def audit_lines(folder: Path) -> list[dict[str, Any]]:
 
 
 async def test_orders_reach_two_gateways_through_their_hooks(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream]
+    tmp_path: Path, upstream_ports: dict[str, int], upstreams: dict[str, EchoUpstream]
 ) -> None:
     # The issuer's key is published first; the gateways load it; then the issuer learns
     # where the gateways' hooks are.
@@ -59,8 +54,8 @@ async def test_orders_reach_two_gateways_through_their_hooks(
     keys = tmp_path / "issuer" / "keys"
     ops = upstreams["operations"]
     async with (
-        running_gateway(tmp_path / "a", keys, ports) as one,
-        running_gateway(tmp_path / "b", keys, ports) as two,
+        running_gateway(tmp_path / "a", keys, upstream_ports) as one,
+        running_gateway(tmp_path / "b", keys, upstream_ports) as two,
     ):
         targets = hook_target("gw-a", one.admin) + hook_target("gw-b", two.admin)
         config, port = write_issuer(tmp_path / "issuer", targets)
@@ -158,15 +153,15 @@ async def stopped_gateway(folder: Path, keys: Path, ports: dict[str, int]) -> As
 
 
 async def test_a_down_gateway_is_dead_lettered_then_delivered_on_retry(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream], capsys: Any
+    tmp_path: Path, upstream_ports: dict[str, int], upstreams: dict[str, EchoUpstream], capsys: Any
 ) -> None:
     config, port = write_issuer(tmp_path / "issuer", "")
     keys = tmp_path / "issuer" / "keys"
     ops = upstreams["operations"]
     (tmp_path / "a").mkdir()
     async with (
-        running_gateway(tmp_path / "a", keys, ports) as one,
-        stopped_gateway(tmp_path / "b", keys, ports) as down,
+        running_gateway(tmp_path / "a", keys, upstream_ports) as one,
+        stopped_gateway(tmp_path / "b", keys, upstream_ports) as down,
     ):
         targets = hook_target("gw-a", one.admin) + hook_target("gw-b", down.gateway.admin)
         delivery = "max_attempts = 2\nbackoff_seconds = 0.05\n"
@@ -195,11 +190,11 @@ async def test_a_down_gateway_is_dead_lettered_then_delivered_on_retry(
 
 
 async def test_deliveries_retry_until_the_gateway_is_back(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream]
+    tmp_path: Path, upstream_ports: dict[str, int], upstreams: dict[str, EchoUpstream]
 ) -> None:
     config, port = write_issuer(tmp_path / "issuer", "")
     keys = tmp_path / "issuer" / "keys"
-    async with stopped_gateway(tmp_path / "b", keys, ports) as down:
+    async with stopped_gateway(tmp_path / "b", keys, upstream_ports) as down:
         delivery = "max_attempts = 1000\nbackoff_seconds = 0.05\nmax_backoff_seconds = 0.2\n"
         config, port = write_issuer(
             tmp_path / "issuer", hook_target("gw-b", down.gateway.admin), delivery=delivery
@@ -220,7 +215,10 @@ async def test_deliveries_retry_until_the_gateway_is_back(
 
 
 async def test_orders_delivered_into_a_shared_redis_store(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream], redis: RedisServer
+    tmp_path: Path,
+    upstream_ports: dict[str, int],
+    upstreams: dict[str, EchoUpstream],
+    redis: RedisServer,
 ) -> None:
     config, port = write_issuer(tmp_path / "issuer", store_target("fleet", redis.url))
     keys = tmp_path / "issuer" / "keys"
@@ -229,8 +227,8 @@ async def test_orders_delivered_into_a_shared_redis_store(
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     async with (
-        running_gateway(tmp_path / "a", keys, ports, extra=extra) as one,
-        running_gateway(tmp_path / "b", keys, ports, extra=extra) as two,
+        running_gateway(tmp_path / "a", keys, upstream_ports, extra=extra) as one,
+        running_gateway(tmp_path / "b", keys, upstream_ports, extra=extra) as two,
         running_issuer(config, port) as issuer,
         aiohttp.ClientSession() as session,
     ):
