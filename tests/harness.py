@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import subprocess
 import textwrap
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -34,6 +35,23 @@ def free_port() -> int:
         if port not in _handed_out:
             _handed_out.add(port)
             return port
+
+
+def stop_process(
+    process: subprocess.Popen[bytes], *, kill: bool = False, grace: float = 10.0
+) -> None:
+    """Stop a child by its pid: SIGTERM (SIGKILL with ``kill``, a crash), then SIGKILL when it
+    has not exited within ``grace`` seconds; returns once the process is gone."""
+    if process.poll() is None:
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 async def start_app(app: web.Application) -> tuple[web.AppRunner, int]:

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from gateway.signing_keys import activate, rotate
-from tests.harness import REPO, free_port
+from tests.harness import REPO, free_port, stop_process
 from tests.provisioning import signed_call
 
 BILLING_SECRET = "billing-order-secret"
@@ -111,7 +111,7 @@ async def running_issuer(
                     yield Issuer(port, session)
                     return
             finally:
-                _stop(process)
+                stop_process(process)
             assert "address already in use" in log_path.read_text(), log_path.read_text()
             fresh = free_port()
             config.write_text(config.read_text().replace(f":{port}", f":{fresh}"))
@@ -135,12 +135,3 @@ async def _answers(
         assert time.monotonic() < deadline, "the issuer did not come up"
         await asyncio.sleep(0.05)
     return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

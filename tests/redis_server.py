@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, stop_process
 
 START_DEADLINE_SECONDS = 10.0
 STOP_DEADLINE_SECONDS = 10.0
@@ -120,16 +120,7 @@ class RedisServer:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            if kill:
-                process.kill()
-            else:
-                process.terminate()
-            try:
-                process.wait(STOP_DEADLINE_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, kill=kill, grace=STOP_DEADLINE_SECONDS)
         if process.stderr is not None:
             process.stderr.close()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from gateway.license import KeyRing, License
 from gateway.matrix import APP_NAMES
 from gateway.metrics import Metrics
 from tests.conftest import IssueKey
-from tests.harness import free_port, running_gateway, write_config
+from tests.harness import free_port, running_gateway, stop_process, write_config
 from tests.provisioning import provision
 from tests.test_hardening_paths import LoopThread, RecordingUpstream, exchange_sync
 
@@ -287,12 +286,7 @@ def gateway_process(
                 time.sleep(0.05)
         yield GatewayProcess(process, listen, admin, log)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 # A well-formed request first, then a few byte-level mutations: requests get past llhttp
