@@ -272,4 +272,19 @@ async def running_gateway(
         await runtime.stop(deadline=2.0)
 
 
+@asynccontextmanager
+async def two_gateways(
+    folder: Path, key_dir: Path, upstream_ports: Mapping[str, int], **config: Any
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """A fleet of two: gateways in ``folder/a`` and ``folder/b`` with the same settings (a
+    shared store comes in ``extra``), in front of the same upstreams."""
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    async with (
+        running_gateway(folder / "a", key_dir, upstream_ports, **config) as a,
+        running_gateway(folder / "b", key_dir, upstream_ports, **config) as b,
+    ):
+        yield a, b
+
+
 Factory = Callable[..., Any]

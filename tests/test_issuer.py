@@ -19,7 +19,7 @@ from gateway.audit import verify
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.runtime import Runtime
-from tests.harness import EchoUpstream, Gateway, running_gateway, write_config
+from tests.harness import EchoUpstream, Gateway, running_gateway, two_gateways, write_config
 from tests.issuer_harness import hook_target, running_issuer, store_target, write_issuer
 from tests.redis_server import RedisServer
 
@@ -49,14 +49,9 @@ async def test_orders_reach_two_gateways_through_their_hooks(
     # The issuer's key is published first; the gateways load it; then the issuer learns
     # where the gateways' hooks are.
     write_issuer(tmp_path / "issuer", "")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     keys = tmp_path / "issuer" / "keys"
     ops = upstreams["operations"]
-    async with (
-        running_gateway(tmp_path / "a", keys, upstream_ports) as one,
-        running_gateway(tmp_path / "b", keys, upstream_ports) as two,
-    ):
+    async with two_gateways(tmp_path, keys, upstream_ports) as (one, two):
         targets = hook_target("gw-a", one.admin) + hook_target("gw-b", two.admin)
         config, port = write_issuer(tmp_path / "issuer", targets)
         async with running_issuer(config, port) as issuer, aiohttp.ClientSession() as session:
@@ -224,11 +219,8 @@ async def test_orders_delivered_into_a_shared_redis_store(
     keys = tmp_path / "issuer" / "keys"
     extra = f'\n[store]\nurl = "{redis.url}"\n'
     ops = upstreams["operations"]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     async with (
-        running_gateway(tmp_path / "a", keys, upstream_ports, extra=extra) as one,
-        running_gateway(tmp_path / "b", keys, upstream_ports, extra=extra) as two,
+        two_gateways(tmp_path, keys, upstream_ports, extra=extra) as (one, two),
         running_issuer(config, port) as issuer,
         aiohttp.ClientSession() as session,
     ):

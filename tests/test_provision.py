@@ -20,7 +20,7 @@ from gateway.license import Seats
 from gateway.matrix import APP_NAMES
 from gateway.provision import ProvisionError, parse_event, sign, verify_signature
 from tests.conftest import IssueKey
-from tests.harness import Gateway, running_gateway
+from tests.harness import Gateway, running_gateway, two_gateways
 from tests.provisioning import SECRET, event, provision, signature
 from tests.redis_server import RedisServer
 from tests.test_hardening_paths import Reply, read_reply
@@ -360,11 +360,8 @@ async def two_instances(
 ) -> AsyncIterator[tuple[Gateway, Gateway, aiohttp.ClientSession]]:
     """Two gateways sharing one Redis store, and a client session."""
     store = f'\n[store]\nurl = "{redis.url}"\n'
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     async with (
-        running_gateway(tmp_path / "a", key_dir, upstream_ports, extra=store) as a,
-        running_gateway(tmp_path / "b", key_dir, upstream_ports, extra=store) as b,
+        two_gateways(tmp_path, key_dir, upstream_ports, extra=store) as (a, b),
         aiohttp.ClientSession() as session,
     ):
         yield a, b, session
