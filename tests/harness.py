@@ -54,11 +54,12 @@ def stop_process(
             process.wait()
 
 
-async def start_app(app: web.Application) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on a free loopback port: its runner (``cleanup()`` stops it) and port."""
+async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on loopback ``port`` (0: a free one): its runner (``cleanup()`` stops
+    it) and the port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     server = site._server
     assert isinstance(server, asyncio.base_events.Server)
