@@ -38,6 +38,7 @@ from gateway.events import EventLog
 from gateway.license import License
 from gateway.metrics import Metrics
 from gateway.store import StoreError, TenantStore
+from gateway.tasks import finish_within
 
 if TYPE_CHECKING:
     from gateway.config import ReminderSettings
@@ -176,15 +177,8 @@ class Reminders:
         self._closing = True
         self._wakeup.set()
         task, self._task = self._task, None
-        if task is None:
-            return
-        try:
-            async with asyncio.timeout(deadline):
-                await asyncio.shield(task)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is not None:
+            await finish_within(task, deadline)
 
     async def _run(self) -> None:
         while not self._closing:

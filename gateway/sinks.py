@@ -39,6 +39,7 @@ import msgspec
 from yarl import URL
 
 from gateway.metrics import Tally
+from gateway.tasks import finish_within
 
 log = logging.getLogger(__name__)
 
@@ -409,12 +410,7 @@ class Spool:
             task = self._task = asyncio.get_running_loop().create_task(self.run(), name=self.name)
         self._wakeup.set()
         try:
-            async with asyncio.timeout(deadline):
-                await asyncio.shield(task)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await finish_within(task, deadline)
         finally:
             if self._queue:
                 log.warning(

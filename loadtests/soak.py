@@ -90,6 +90,18 @@ def wait_for_port(port: int, deadline: float = 15.0) -> None:
 # ------------------------------------------------------------------ the upstream process
 
 
+def stop_process(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within ``grace`` seconds; returns once
+    the process is gone."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def run_upstream(port: int) -> None:
     """An aiohttp echo app: 200 with the path and the entitlement tier it received."""
     from aiohttp import web
@@ -127,13 +139,8 @@ class Upstream:
         wait_for_port(self.port)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 class Redis:
@@ -164,13 +171,8 @@ class Redis:
         wait_for_port(self.port)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: redis flushes the AOF and exits
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)  # SIGTERM: redis flushes the AOF and exits
 
 
 # ------------------------------------------------------------------ traffic
@@ -336,13 +338,8 @@ class Soak:
 
     def stop_all(self) -> None:
         gateway = getattr(self, "gateway", None)
-        if gateway is not None and gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
+        if gateway is not None:
+            stop_process(gateway, grace=15)
         if hasattr(self, "upstream"):
             self.upstream.stop()
         if self.redis is not None:

@@ -16,8 +16,11 @@ from gateway.config import Config, load_config
 from gateway.license import KeyRing, LicenseClaims, generate_keypair, load_signing_key, sign_license
 from gateway.matrix import APP_NAMES, TierMatrix, load_matrix
 from gateway.routes import RouteTable, load_routes
+from gateway.store import TenantStore
 from tests.harness import EchoUpstream, Gateway, running_gateway
-from tests.redis_server import RedisServer, RedisServerError
+from tests.provisioning import SECRET
+from tests.redis_server import RedisServer, start_redis
+from tests.stores import Backend, make_backend
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,13 +142,54 @@ async def gateway(
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A real ``redis-server`` of this test's own (the test fails, never skips, without one)."""
-    try:
-        server = RedisServer.start(tmp_path / "redis")
-    except RedisServerError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    """A real ``redis-server`` of this test's own (the test fails, never skips, without one):
+    for outages, and for tests that want an empty server."""
+    server = start_redis(tmp_path / "redis")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server for the session; each test uses its own key prefix (tests.stores)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+# -- the tenant-store engines (tests/stores.py) ----------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
+) -> AsyncIterator[Backend]:
+    opened = make_backend(request.param, request, tmp_path, keyring)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def shared(
+    request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
+) -> AsyncIterator[Backend]:
+    """The engines where two store objects (two processes) share the data."""
+    opened = make_backend(request.param, request, tmp_path, keyring)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> TenantStore:
+    return backend.open()
+
+
+@pytest.fixture
+def provision_secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    """``GATEWAY_PROVISION_SECRET`` set to the secret tests.provisioning signs with (also seen
+    by processes the test starts, e.g. an issuer delivering to a gateway's hook)."""
+    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
+    return SECRET
 
 
 @pytest.fixture

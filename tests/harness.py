@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import subprocess
 import textwrap
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -36,11 +37,29 @@ def free_port() -> int:
             return port
 
 
-async def start_app(app: web.Application) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on a free loopback port: its runner (``cleanup()`` stops it) and port."""
+def stop_process(
+    process: subprocess.Popen[bytes], *, kill: bool = False, grace: float = 10.0
+) -> None:
+    """Stop a child by its pid: SIGTERM (SIGKILL with ``kill``, a crash), then SIGKILL when it
+    has not exited within ``grace`` seconds; returns once the process is gone."""
+    if process.poll() is None:
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on loopback ``port`` (0: a free one): its runner (``cleanup()`` stops
+    it) and the port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     server = site._server
     assert isinstance(server, asyncio.base_events.Server)
@@ -252,6 +271,21 @@ async def running_gateway(
         yield Gateway(runtime, listen, admin, folder)
     finally:
         await runtime.stop(deadline=2.0)
+
+
+@asynccontextmanager
+async def two_gateways(
+    folder: Path, key_dir: Path, upstream_ports: Mapping[str, int], **config: Any
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """A fleet of two: gateways in ``folder/a`` and ``folder/b`` with the same settings (a
+    shared store comes in ``extra``), in front of the same upstreams."""
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    async with (
+        running_gateway(folder / "a", key_dir, upstream_ports, **config) as a,
+        running_gateway(folder / "b", key_dir, upstream_ports, **config) as b,
+    ):
+        yield a, b
 
 
 Factory = Callable[..., Any]

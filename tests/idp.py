@@ -19,6 +19,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.harness import start_app
+
 ISSUER = "https://idp.test/"
 AUDIENCE = "entitlement-gateway"
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -113,13 +115,8 @@ class IdentityProvider:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/.well-known/jwks.json", self._jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        # A free port the first time; a restart (or a port the test chose) keeps it.
+        self._runner, self.port = await start_app(app, self.port)
 
     async def stop(self) -> None:
         """Stop answering (the port then refuses connections)."""

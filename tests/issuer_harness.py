@@ -5,7 +5,6 @@ matrix, a signing key rotated in and activated) and ``running_issuer``, which st
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -18,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.provision import sign
 from gateway.signing_keys import activate, rotate
-from tests.harness import REPO, free_port
+from tests.harness import REPO, free_port, stop_process
+from tests.provisioning import signed_call
 
 BILLING_SECRET = "billing-order-secret"
 START_DEADLINE_SECONDS = 20.0
@@ -73,12 +72,7 @@ class Issuer:
     async def call(
         self, method: str, path: str, body: Any = None, secret: str = BILLING_SECRET
     ) -> tuple[int, dict[str, Any]]:
-        raw = b"" if body is None else json.dumps(body).encode()
-        headers = {"Gateway-Signature": sign(secret.encode(), raw, int(time.time()))}
-        async with self.session.request(
-            method, self.base + path, data=raw, headers=headers
-        ) as response:
-            return response.status, await response.json(content_type=None)
+        return await signed_call(self.session, method, self.base + path, body, secret=secret)
 
     async def order(self, **body: Any) -> tuple[int, dict[str, Any]]:
         return await self.call("POST", "/v1/orders", body)
@@ -117,7 +111,7 @@ async def running_issuer(
                     yield Issuer(port, session)
                     return
             finally:
-                _stop(process)
+                stop_process(process)
             assert "address already in use" in log_path.read_text(), log_path.read_text()
             fresh = free_port()
             config.write_text(config.read_text().replace(f":{port}", f":{fresh}"))
@@ -141,12 +135,3 @@ async def _answers(
         assert time.monotonic() < deadline, "the issuer did not come up"
         await asyncio.sleep(0.05)
     return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

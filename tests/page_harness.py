@@ -37,6 +37,7 @@ from gateway.license import License, Seats
 from gateway.matrix import AppName
 from gateway.page import PAGE_HEADERS, page_assets
 from gateway.problems import problem_body, request_id
+from tests.harness import start_app
 
 _VARY = ("X-Tenant-Id", "X-User-Role", "X-User-Id")
 
@@ -85,13 +86,7 @@ class PlanPageServer:
         app.router.add_get(self.prefix, self._entitlements)
         app.router.add_post(f"{self.prefix}/events", self._event)
         app.router.add_get(f"{self.prefix}/{{name}}", self._asset)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self._runner, self.port = await start_app(app)
 
     def _caller(self, request: web.Request) -> Caller | Decision:
         lic = self.licenses.get(request.headers.get("X-Tenant-Id", ""))

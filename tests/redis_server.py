@@ -6,6 +6,8 @@ is missing or the server does not start, the fixture fails with the reason — i
     server.url            # redis://127.0.0.1:<port>/0
     server.stop()         # an outage: the process is gone, the port refuses connections
     server.restart()      # the same port again (empty: nothing is persisted)
+
+    server = start_redis(tmp_path)   # the same in a fixture: a failed test when it cannot
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.harness import free_port
+import pytest
+
+from tests.harness import free_port, stop_process
 
 START_DEADLINE_SECONDS = 10.0
 STOP_DEADLINE_SECONDS = 10.0
@@ -116,16 +120,7 @@ class RedisServer:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            if kill:
-                process.kill()
-            else:
-                process.terminate()
-            try:
-                process.wait(STOP_DEADLINE_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, kill=kill, grace=STOP_DEADLINE_SECONDS)
         if process.stderr is not None:
             process.stderr.close()
 
@@ -133,6 +128,15 @@ class RedisServer:
         """Start again on the same port, after ``stop()``."""
         self.stop()
         self._launch()
+
+
+def start_redis(folder: Path) -> RedisServer:
+    """A running server, or a failed test saying why (never a skip)."""
+    try:
+        return RedisServer.start(folder)
+    except RedisServerError as exc:
+        reason = str(exc)
+    pytest.fail(reason, pytrace=False)
 
 
 def _tail(log_path: Path, lines: int = 5) -> str:

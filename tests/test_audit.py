@@ -17,10 +17,12 @@ from gateway.audit import GENESIS, AuditError, AuditLog, AuditRecord, verify
 from gateway.cli import main
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
-from tests.harness import EchoUpstream, running_gateway, write_config
-from tests.test_provision import ports_of, provision, provision_secret  # noqa: F401
+from tests.harness import running_gateway, write_config
+from tests.provisioning import provision
 
 Capture = pytest.CaptureFixture[str]
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 AUDITED = '\n[audit]\nlog = "audit.jsonl"\n'
 
 
@@ -193,11 +195,11 @@ def test_license_issue_refuses_when_the_audit_log_cannot_be_written(
 
 
 async def test_the_provisioning_hook_writes_audit_lines(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int], issue_key: IssueKey
 ) -> None:
     key = issue_key(sub="acme", tier="fleet", addons=("personalized_url",), serial=5)
     async with (
-        running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=AUDITED) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=AUDITED) as gateway,
         aiohttp.ClientSession() as session,
     ):
         body = {"event_id": "e1", "action": "license", "tenant": "acme", "key": key}
@@ -217,11 +219,11 @@ async def test_the_provisioning_hook_writes_audit_lines(
 
 
 async def test_the_hook_refuses_when_its_audit_log_cannot_be_written(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream]
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int]
 ) -> None:
     (tmp_path / "audit.jsonl").mkdir()
     async with (
-        running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=AUDITED) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=AUDITED) as gateway,
         aiohttp.ClientSession() as session,
     ):
         body = {"event_id": "e1", "action": "suspend", "tenant": "acme"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ from hypothesis import strategies as st
 from gateway.cli import main
 from gateway.funnel import Event, Funnel, FunnelRow
 from tests.conftest import IssueKey
-from tests.harness import EchoUpstream, running_gateway
-from tests.test_provision import SECRET, provision
+from tests.harness import running_gateway
+from tests.provisioning import event as billing_event
+from tests.provisioning import provision
 
 DAY = 86400.0
 OPTIMIZE = "ops.basic_shipment_optimization"
@@ -207,32 +207,22 @@ def test_report_funnel_usage_errors(
 async def test_funnel_of_a_running_gateway(
     tmp_path: Path,
     key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
-    monkeypatch: pytest.MonkeyPatch,
+    provision_secret: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Blocks past the per-interval limit become a summary; the report still counts each."""
-    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
-    ports = {app: server.port for app, server in upstreams.items()}
     acme_core = issue_key(sub="acme", tier="core", serial=1)
     beta_core = issue_key(sub="beta", tier="core", serial=1)
     url_path = "/api/v1/shipments/1/optimize"
     extra = "feature_blocks_per_interval = 10\nsummary_interval = 3600\n"
     async with (
-        running_gateway(tmp_path, key_dir, ports, extra=extra) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gateway,
         aiohttp.ClientSession() as session,
     ):
-
-        def event(key: str) -> dict[str, Any]:
-            return {
-                "event_id": str(uuid.uuid4()),
-                "action": "license",
-                "tenant": "acme",
-                "key": key,
-            }
-
-        assert (await provision(session, gateway, event(acme_core)))[0] == 200
+        status, _ = await provision(session, gateway, billing_event("license", key=acme_core))
+        assert status == 200
         for key in [acme_core] * 13 + [beta_core]:
             async with session.post(
                 gateway.url("operations", url_path), headers={"X-License-Key": key}
@@ -244,7 +234,8 @@ async def test_funnel_of_a_running_gateway(
             feature=OPTIMIZE, target="tier:fleet", source_request_id=None, app="operations",
         )  # fmt: skip
         fleet = issue_key(sub="acme", tier="fleet", serial=2)
-        assert (await provision(session, gateway, event(fleet)))[0] == 200
+        status, _ = await provision(session, gateway, billing_event("license", key=fleet))
+        assert status == 200
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds.count("feature_block") == 11 and kinds.count("feature_block_summary") == 1

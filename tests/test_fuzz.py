@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,9 +35,9 @@ from gateway.errors import LicenseError
 from gateway.license import KeyRing, License
 from gateway.matrix import APP_NAMES
 from gateway.metrics import Metrics
-from gateway.provision import sign
 from tests.conftest import IssueKey
-from tests.harness import free_port, running_gateway, write_config
+from tests.harness import free_port, running_gateway, stop_process, write_config
+from tests.provisioning import provision
 from tests.test_hardening_paths import LoopThread, RecordingUpstream, exchange_sync
 
 REASONS = {"license_malformed", "license_unknown_key", "license_bad_signature"}
@@ -87,23 +86,17 @@ def test_header_that_is_not_utf8_is_malformed(keyring: KeyRing) -> None:
 
 
 async def test_provisioning_a_key_that_is_not_utf8_is_400(
-    tmp_path: Path, key_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, key_dir: Path, provision_secret: str
 ) -> None:
-    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", "fuzz-secret")
     header = _b64(b'{"alg":"\x94"}')
-    body = json.dumps(
-        {"event_id": "e1", "action": "license", "tenant": "t", "key": f"{header}.e30.AAAA"}
-    ).encode()
-    signature = sign(b"fuzz-secret", body, int(time.time()))
-    async with running_gateway(tmp_path, key_dir, dict.fromkeys(APP_NAMES, free_port())) as gw:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
-                gw.admin_url("/admin/provision"),
-                data=body,
-                headers={"Gateway-Signature": signature, "Content-Type": "application/json"},
-            ) as response:
-                assert response.status == 400
-                assert (await response.json(content_type=None))["code"] == "license_malformed"
+    body = {"event_id": "e1", "action": "license", "tenant": "t", "key": f"{header}.e30.AAAA"}
+    async with (
+        running_gateway(tmp_path, key_dir, dict.fromkeys(APP_NAMES, free_port())) as gw,
+        aiohttp.ClientSession() as session,
+    ):
+        status, answer = await provision(session, gw, body)
+    assert status == 400
+    assert answer["code"] == "license_malformed"
 
 
 @settings(max_examples=300, deadline=None)
@@ -293,12 +286,7 @@ def gateway_process(
                 time.sleep(0.05)
         yield GatewayProcess(process, listen, admin, log)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 # A well-formed request first, then a few byte-level mutations: requests get past llhttp

@@ -20,15 +20,12 @@ from gateway.cli import main
 from gateway.config import load_config
 from gateway.license import decode_unverified
 from gateway.runtime import Runtime
-from tests.harness import EchoUpstream, Gateway, running_gateway, write_config
+from tests.harness import EchoUpstream, Gateway, running_gateway, two_gateways, write_config
 from tests.issuer_harness import hook_target, running_issuer, store_target, write_issuer
 from tests.redis_server import RedisServer
-from tests.test_provision import provision_secret  # noqa: F401
 
-
-@pytest.fixture
-def ports(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
-    return {app: server.port for app, server in upstreams.items()}
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 
 
 async def tier_seen(
@@ -48,19 +45,14 @@ def audit_lines(folder: Path) -> list[dict[str, Any]]:
 
 
 async def test_orders_reach_two_gateways_through_their_hooks(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream]
+    tmp_path: Path, upstream_ports: dict[str, int], upstreams: dict[str, EchoUpstream]
 ) -> None:
     # The issuer's key is published first; the gateways load it; then the issuer learns
     # where the gateways' hooks are.
     write_issuer(tmp_path / "issuer", "")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     keys = tmp_path / "issuer" / "keys"
     ops = upstreams["operations"]
-    async with (
-        running_gateway(tmp_path / "a", keys, ports) as one,
-        running_gateway(tmp_path / "b", keys, ports) as two,
-    ):
+    async with two_gateways(tmp_path, keys, upstream_ports) as (one, two):
         targets = hook_target("gw-a", one.admin) + hook_target("gw-b", two.admin)
         config, port = write_issuer(tmp_path / "issuer", targets)
         async with running_issuer(config, port) as issuer, aiohttp.ClientSession() as session:
@@ -192,15 +184,15 @@ async def stopped_gateway(folder: Path, keys: Path, ports: dict[str, int]) -> As
 
 
 async def test_a_down_gateway_is_dead_lettered_then_delivered_on_retry(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream], capsys: Any
+    tmp_path: Path, upstream_ports: dict[str, int], upstreams: dict[str, EchoUpstream], capsys: Any
 ) -> None:
     config, port = write_issuer(tmp_path / "issuer", "")
     keys = tmp_path / "issuer" / "keys"
     ops = upstreams["operations"]
     (tmp_path / "a").mkdir()
     async with (
-        running_gateway(tmp_path / "a", keys, ports) as one,
-        stopped_gateway(tmp_path / "b", keys, ports) as down,
+        running_gateway(tmp_path / "a", keys, upstream_ports) as one,
+        stopped_gateway(tmp_path / "b", keys, upstream_ports) as down,
     ):
         targets = hook_target("gw-a", one.admin) + hook_target("gw-b", down.gateway.admin)
         delivery = "max_attempts = 2\nbackoff_seconds = 0.05\n"
@@ -229,11 +221,11 @@ async def test_a_down_gateway_is_dead_lettered_then_delivered_on_retry(
 
 
 async def test_deliveries_retry_until_the_gateway_is_back(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream]
+    tmp_path: Path, upstream_ports: dict[str, int], upstreams: dict[str, EchoUpstream]
 ) -> None:
     config, port = write_issuer(tmp_path / "issuer", "")
     keys = tmp_path / "issuer" / "keys"
-    async with stopped_gateway(tmp_path / "b", keys, ports) as down:
+    async with stopped_gateway(tmp_path / "b", keys, upstream_ports) as down:
         delivery = "max_attempts = 1000\nbackoff_seconds = 0.05\nmax_backoff_seconds = 0.2\n"
         config, port = write_issuer(
             tmp_path / "issuer", hook_target("gw-b", down.gateway.admin), delivery=delivery
@@ -254,17 +246,17 @@ async def test_deliveries_retry_until_the_gateway_is_back(
 
 
 async def test_orders_delivered_into_a_shared_redis_store(
-    tmp_path: Path, ports: dict[str, int], upstreams: dict[str, EchoUpstream], redis: RedisServer
+    tmp_path: Path,
+    upstream_ports: dict[str, int],
+    upstreams: dict[str, EchoUpstream],
+    redis: RedisServer,
 ) -> None:
     config, port = write_issuer(tmp_path / "issuer", store_target("fleet", redis.url))
     keys = tmp_path / "issuer" / "keys"
     extra = f'\n[store]\nurl = "{redis.url}"\n'
     ops = upstreams["operations"]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     async with (
-        running_gateway(tmp_path / "a", keys, ports, extra=extra) as one,
-        running_gateway(tmp_path / "b", keys, ports, extra=extra) as two,
+        two_gateways(tmp_path, keys, upstream_ports, extra=extra) as (one, two),
         running_issuer(config, port) as issuer,
         aiohttp.ClientSession() as session,
     ):

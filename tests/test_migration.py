@@ -38,9 +38,8 @@ from gateway.migration import (
 )
 from gateway.store import TenantStore, open_store
 from tests.conftest import REPO, IssueKey
-from tests.harness import EchoUpstream, running_gateway, write_config
-from tests.redis_server import RedisServer
-from tests.test_store import start_redis
+from tests.harness import running_gateway, write_config
+from tests.redis_server import RedisServer, start_redis
 
 Capture = pytest.CaptureFixture[str]
 T = TypeVar("T")
@@ -606,13 +605,12 @@ def test_an_audit_log_broken_mid_run_stops_at_the_customer_it_could_not_record(
 
 
 async def test_migrated_customers_get_the_window_then_their_plan_and_classic_keys_pass(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int], issue_key: IssueKey
 ) -> None:
     extra = '\n[store]\nurl = "sqlite://tenants.db"\n\n[license]\nclassic_keys = "store"\n'
-    ports = {app: server.port for app, server in upstreams.items()}
     plan = plan_file(tmp_path, f"now,{KEY_A},core,,,,", f"ended,{KEY_B},core,,,,0")
     async with (
-        running_gateway(tmp_path, key_dir, ports, extra=extra) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gateway,
         aiohttp.ClientSession() as session,
     ):
         argv = ["migrate", "--plan", str(plan), "--config", str(tmp_path / "gateway.toml")]

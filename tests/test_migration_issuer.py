@@ -32,7 +32,8 @@ from tests.test_migration import (
     read_store,
     sqlite_config,
 )
-from tests.test_provision import provision_secret  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("provision_secret")
 
 Capture = pytest.CaptureFixture[str]
 KEY_C = "XDC55-6K7LM-8N9PQ-RS2TU-VW3XY"

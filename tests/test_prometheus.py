@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import IssueKey
-from tests.harness import Gateway, free_port, running_gateway
+from tests.harness import Gateway, free_port, running_gateway, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "gateway-dashboard.json"
@@ -74,13 +74,7 @@ class Prometheus:
             )
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     async def api(self, session: aiohttp.ClientSession, path: str, **params: str) -> Any:
         """The ``data`` of a successful API answer; an error answer fails the test."""

@@ -8,11 +8,9 @@ import asyncio
 import base64
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -22,34 +20,15 @@ from gateway.license import Seats
 from gateway.matrix import APP_NAMES
 from gateway.provision import ProvisionError, parse_event, sign, verify_signature
 from tests.conftest import IssueKey
-from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.harness import Gateway, running_gateway, two_gateways
+from tests.provisioning import SECRET, event, provision, signature
 from tests.redis_server import RedisServer
 from tests.test_hardening_paths import Reply, read_reply
 
-SECRET = "billing-shared-secret"
 OPTIMIZE = "/api/v1/shipments/1/optimize"
 
-
-@pytest.fixture(autouse=True)
-def provision_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
-
-
-def ports_of(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
-    return {app: server.port for app, server in upstreams.items()}
-
-
-async def provision(
-    session: aiohttp.ClientSession, gateway: Gateway, body: dict[str, Any], **sign_args: Any
-) -> tuple[int, dict[str, Any]]:
-    raw = json.dumps(body).encode()
-    signature = sign(
-        sign_args.get("secret", SECRET).encode(), raw, sign_args.get("t", int(time.time()))
-    )
-    async with session.post(
-        gateway.admin_url("/admin/provision"), data=raw, headers={"Gateway-Signature": signature}
-    ) as response:
-        return response.status, await response.json(content_type=None)
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 
 
 async def status_of(
@@ -57,10 +36,6 @@ async def status_of(
 ) -> int:
     async with session.post(gateway.url("operations", OPTIMIZE), headers=headers) as response:
         return response.status
-
-
-def event(action: str, tenant: str = "acme", **fields: Any) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "action": action, "tenant": tenant, **fields}
 
 
 # ------------------------------------------------------------------ signature and body
@@ -175,12 +150,12 @@ def test_not_json_is_400() -> None:
 
 
 async def test_provisioning_applies_once_and_upgrades_at_once(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int], issue_key: IssueKey
 ) -> None:
     core = issue_key(sub="acme", tier="core", serial=1)
     fleet = issue_key(sub="acme", tier="fleet", serial=2)
     async with (
-        running_gateway(tmp_path, key_dir, ports_of(upstreams)) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports) as gateway,
         aiohttp.ClientSession() as session,
     ):
         # The client keeps sending its Core key throughout.
@@ -264,12 +239,12 @@ async def test_extra_seats_bought_through_billing(gateway: Gateway) -> None:
 async def test_provisioning_refusals(
     tmp_path: Path,
     key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with (
-        running_gateway(tmp_path, key_dir, ports_of(upstreams)) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports) as gateway,
         aiohttp.ClientSession() as session,
     ):
         status, body = await provision(session, gateway, event("suspend"), secret="wrong")
@@ -314,9 +289,8 @@ async def post_in_pieces(
 
 
 def signed_head(body: bytes, *, chunked: bool = False) -> bytes:
-    signature = sign(SECRET.encode(), body, int(time.time()))
     framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
-    return b"Gateway-Signature: %s\r\n%s\r\n" % (signature.encode(), framing)
+    return b"Gateway-Signature: %s\r\n%s\r\n" % (signature(body).encode(), framing)
 
 
 def code_of(reply: Reply) -> str:
@@ -382,16 +356,12 @@ async def test_the_body_cap_holds_for_a_body_in_pieces(gateway: Gateway, chunked
 
 @asynccontextmanager
 async def two_instances(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], redis: RedisServer
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int], redis: RedisServer
 ) -> AsyncIterator[tuple[Gateway, Gateway, aiohttp.ClientSession]]:
     """Two gateways sharing one Redis store, and a client session."""
     store = f'\n[store]\nurl = "{redis.url}"\n'
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    ports = ports_of(upstreams)
     async with (
-        running_gateway(tmp_path / "a", key_dir, ports, extra=store) as a,
-        running_gateway(tmp_path / "b", key_dir, ports, extra=store) as b,
+        two_gateways(tmp_path, key_dir, upstream_ports, extra=store) as (a, b),
         aiohttp.ClientSession() as session,
     ):
         yield a, b, session
@@ -400,12 +370,12 @@ async def two_instances(
 async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
     tmp_path: Path,
     key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
     redis: RedisServer,
 ) -> None:
     core = issue_key(sub="acme", tier="core", serial=1)
-    async with two_instances(tmp_path, key_dir, upstreams, redis) as (a, b, session):
+    async with two_instances(tmp_path, key_dir, upstream_ports, redis) as (a, b, session):
         assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
         # B has looked the tenant up and cached it: Core, blocked.
         assert await status_of(session, b, {"X-License-Key": core}) == 403
@@ -420,7 +390,7 @@ async def test_an_upgrade_through_instance_a_is_enforced_by_b_within_a_second(
 async def test_after_a_redis_restart_an_upgrade_reaches_the_other_instance_promptly(
     tmp_path: Path,
     key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
     redis: RedisServer,
 ) -> None:
@@ -428,7 +398,7 @@ async def test_after_a_redis_restart_an_upgrade_reaches_the_other_instance_promp
     upgrade A applies after Redis comes back. A reconnect backoff that grew during the
     outage (it reached 5 s) kept B deaf for seconds after Redis was back."""
     core = issue_key(sub="acme", tier="core", serial=1)
-    async with two_instances(tmp_path, key_dir, upstreams, redis) as (a, b, session):
+    async with two_instances(tmp_path, key_dir, upstream_ports, redis) as (a, b, session):
         b.runtime.shared.tenants.ttl = 3600.0
         assert await provision(session, a, event("license", key=core)) == (200, {"applied": True})
         assert await status_of(session, b, {"X-Tenant-Id": "acme"}) == 403  # Core, cached
@@ -449,14 +419,14 @@ async def test_after_a_redis_restart_an_upgrade_reaches_the_other_instance_promp
 async def test_redis_outage_keeps_traffic_flowing_then_recovers(
     tmp_path: Path,
     key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
     redis: RedisServer,
 ) -> None:
     fleet = issue_key(sub="acme", tier="fleet", serial=1)
     extra = f'\n[store]\nurl = "{redis.url}"\n'
     async with (
-        running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gateway,
         aiohttp.ClientSession() as session,
     ):
         assert await provision(session, gateway, event("license", key=fleet)) == (
@@ -497,18 +467,18 @@ async def test_redis_outage_keeps_traffic_flowing_then_recovers(
 
 
 async def test_sqlite_store_keeps_its_data_across_a_restart(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int], issue_key: IssueKey
 ) -> None:
     extra = '\n[store]\nurl = "sqlite://tenants.db"\n'
     fleet = issue_key(sub="acme", tier="fleet", serial=3)
     async with aiohttp.ClientSession() as session:
-        async with running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gw:
+        async with running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gw:
             assert await provision(session, gw, event("license", key=fleet)) == (
                 200,
                 {"applied": True},
             )
         assert (tmp_path / "tenants.db").exists()
-        async with running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gw:
+        async with running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gw:
             assert await status_of(session, gw, {"X-Tenant-Id": "acme"}) == 200
 
 
@@ -555,12 +525,12 @@ def test_tenant_cli_refuses_a_memory_store(
 
 
 async def test_seat_usage_recorded_by_the_cli_is_enforced(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int], issue_key: IssueKey
 ) -> None:
     extra = '\n[store]\nurl = "sqlite://tenants.db"\n'
     core = issue_key(sub="acme", tier="core", serial=1)  # Core: 1 ops user, 1 driver
     async with (
-        running_gateway(tmp_path, key_dir, ports_of(upstreams), extra=extra) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gateway,
         aiohttp.ClientSession() as session,
     ):
         add_driver = gateway.url("operations", "/api/v1/drivers")

@@ -25,7 +25,7 @@ from gateway.license import KeyRing, generate_keypair, load_signing_key
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey, sign_key
 from tests.harness import REPO, EchoUpstream, running_gateway, start_app, write_config
-from tests.test_provision import SECRET, provision
+from tests.provisioning import provision
 
 OPTIMIZE = "/api/v1/shipments/1/optimize"
 OPTIMIZE_ROUTE = (
@@ -56,6 +56,7 @@ class HeldUpstream(EchoUpstream):
 
 @pytest.fixture
 async def upstreams() -> AsyncIterator[dict[str, HeldUpstream]]:
+    """Conftest's upstreams, held (conftest's ``upstream_ports`` gives these ports)."""
     servers: dict[str, HeldUpstream] = {app: HeldUpstream(app) for app in APP_NAMES}
     for server in servers.values():
         await server.start()
@@ -63,11 +64,6 @@ async def upstreams() -> AsyncIterator[dict[str, HeldUpstream]]:
     for server in servers.values():
         server.release.set()
         await server.stop()
-
-
-@pytest.fixture
-def upstream_ports(upstreams: dict[str, HeldUpstream]) -> dict[str, int]:
-    return {app: server.port for app, server in upstreams.items()}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -547,15 +543,13 @@ async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
 async def test_a_reload_with_new_keys_reaches_the_stores_verification(
     tmp_path: Path,
     key_dir: Path,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
-    monkeypatch: pytest.MonkeyPatch,
+    provision_secret: str,
 ) -> None:
-    monkeypatch.setenv("GATEWAY_PROVISION_SECRET", SECRET)
-    ports = {app: server.port for app, server in upstreams.items()}
     extra = NO_WATCH + '\n[store]\nurl = "sqlite://tenants.db"\n'  # verifies keys it reads
     async with (
-        running_gateway(tmp_path, key_dir, ports, extra=extra) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gateway,
         aiohttp.ClientSession() as session,
     ):
 

@@ -22,7 +22,7 @@ from gateway.store import open_store
 from gateway.store.redis_store import EVENT_TTL_SECONDS
 from gateway.store.sqlite import EVENT_RETENTION_SECONDS
 from tests.conftest import IssueKey
-from tests.harness import Gateway, running_gateway
+from tests.harness import Gateway, running_gateway, two_gateways
 from tests.redis_server import RedisServer
 
 DAY = 86400
@@ -267,12 +267,7 @@ async def test_two_gateways_sharing_redis_send_each_reminder_once_in_total(
 ) -> None:
     await put_licenses(redis.url, keyring, fleet_keys(issue_key))
     extra = f'\n[store]\nurl = "{redis.url}"\n' + FAST_SCANS
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    async with (
-        running_gateway(tmp_path / "a", key_dir, upstream_ports, extra=extra) as a,
-        running_gateway(tmp_path / "b", key_dir, upstream_ports, extra=extra) as b,
-    ):
+    async with two_gateways(tmp_path, key_dir, upstream_ports, extra=extra) as (a, b):
         await scanned([a, b], 3)
         assert reminders_sent(a, b) == EXPECTED
         assert a.runtime.reminders.sent + b.runtime.reminders.sent == len(EXPECTED)

@@ -17,7 +17,7 @@ from gateway.license import KeyRing
 from gateway.matrix import APP_NAMES
 from gateway.revocations import sign_list, verify_list
 from tests.conftest import IssueKey
-from tests.harness import EchoUpstream, running_gateway, write_config
+from tests.harness import running_gateway, write_config
 
 Capture = pytest.CaptureFixture[str]
 
@@ -70,16 +70,15 @@ async def test_a_gateway_without_a_shared_store_enforces_the_list(
     tmp_path: Path,
     key_dir: Path,
     signing_key: Ed25519PrivateKey,
-    upstreams: dict[str, EchoUpstream],
+    upstream_ports: dict[str, int],
     issue_key: IssueKey,
     capsys: Capture,
 ) -> None:
-    ports = {app: server.port for app, server in upstreams.items()}
     extra = '\n[license]\nrevocation_list = "file"\nrevocation_file = "revoked.jws"\n'
     leaked = issue_key(sub="acme", jti="lic-leaked", serial=1)
     other = issue_key(sub="acme", jti="lic-other", serial=2)
     async with (
-        running_gateway(tmp_path, key_dir, ports, extra=extra) as gateway,
+        running_gateway(tmp_path, key_dir, upstream_ports, extra=extra) as gateway,
         aiohttp.ClientSession() as session,
     ):
 

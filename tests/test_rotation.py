@@ -15,12 +15,13 @@ import pytest
 from gateway.cli import main
 from gateway.license import decode_unverified, generate_keypair
 from gateway.signing_keys import load_state, signing_key, signing_kid
-from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.harness import Gateway, two_gateways
 from tests.issuer_harness import running_issuer, store_target, write_issuer
 from tests.redis_server import RedisServer
-from tests.test_provision import provision, provision_secret  # noqa: F401
 
 Capture = pytest.CaptureFixture[str]
+# Every gateway here takes tests.provisioning's SECRET on its provisioning hook.
+pytestmark = pytest.mark.usefixtures("provision_secret")
 
 
 def kid_of(token: str) -> object:
@@ -83,17 +84,13 @@ async def status(
 
 
 async def test_the_rotation_runbook_on_a_fleet_sharing_redis(
-    tmp_path: Path, upstreams: dict[str, EchoUpstream], redis: RedisServer, capsys: Capture
+    tmp_path: Path, upstream_ports: dict[str, int], redis: RedisServer, capsys: Capture
 ) -> None:
-    ports = {app: server.port for app, server in upstreams.items()}
     config, port = write_issuer(tmp_path / "issuer", store_target("fleet", redis.url))
     extra = f'\n[store]\nurl = "{redis.url}"\n'
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
     published = tmp_path / "issuer" / "keys"
     async with (
-        running_gateway(tmp_path / "a", published, ports, extra=extra) as one,
-        running_gateway(tmp_path / "b", published, ports, extra=extra) as two,
+        two_gateways(tmp_path, published, upstream_ports, extra=extra) as (one, two),
         running_issuer(config, port) as issuer,
         aiohttp.ClientSession() as session,
     ):

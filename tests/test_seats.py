@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from gateway.store.redis_store import RedisStore
 from gateway.store.sqlite import SqliteStore
 from tests.harness import Gateway
 from tests.redis_server import RedisServer
-from tests.test_store import DEADLINE, start_redis
+from tests.stores import DEADLINE
 
 T0 = 1_700_000_000.0
 DAY = 86400.0
@@ -400,13 +400,6 @@ async def test_the_runtime_drops_a_tenants_holders_when_the_store_names_it(
 
 
 # -- fail-static: a Redis outage ------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

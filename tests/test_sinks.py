@@ -17,7 +17,7 @@ from gateway.config import EventSettings
 from gateway.events import EventLog
 from gateway.metrics import Metrics
 from gateway.sinks import HttpSink, resolve_sink, sink_kind, sink_problem
-from tests.harness import free_port
+from tests.harness import free_port, start_app
 from tests.test_config import config_problems, edit
 from tests.test_events import dropped, eventually
 
@@ -45,9 +45,7 @@ class Collector:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/ingest", self._ingest)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self._runner, _ = await start_app(app, self.port)
 
     async def stop(self) -> None:
         self.release.set()

@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import redis.asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from redis.asyncio import Redis
 
 from gateway.errors import LicenseError
 from gateway.license import KeyRing, License, Seats
@@ -26,152 +23,11 @@ from gateway.store.memory import MemoryStore
 from gateway.store.redis_store import RedisStore, redacted
 from gateway.store.sqlite import SqliteStore, sqlite_path
 from tests.conftest import IssueKey, sign_key
-from tests.redis_server import RedisServer, RedisServerError
+from tests.redis_server import RedisServer
+from tests.stores import DEADLINE, Backend, fresh_prefix, watching
 
-DEADLINE = 15.0  # seconds to wait for something that should happen (never asserted)
-PROBE = "_probe"  # the tenant written until a changes() iterator is known to be listening
-
-
-# -- backends ---------------------------------------------------------------------------------
-
-
-def start_redis(folder: Path) -> RedisServer:
-    """A running server, or a failed test saying why (never a skip)."""
-    try:
-        return RedisServer.start(folder)
-    except RedisServerError as exc:
-        reason = str(exc)
-    pytest.fail(reason, pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server for the session; each test uses its own key prefix."""
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test's own, for outages."""
-    server = start_redis(tmp_path / "redis")
-    yield server
-    server.stop()
-
-
-class Backend:
-    """Opens store objects on one backend: the same data for SQLite (one file) and Redis (one
-    server, one prefix); a fresh, unrelated store each time for memory."""
-
-    def __init__(self, engine: str, make: Callable[[KeyRing], TenantStore], keyring: KeyRing):
-        self.engine = engine
-        self._make = make
-        self._keyring = keyring
-        self._opened: list[TenantStore] = []
-
-    def open(self, keyring: KeyRing | None = None) -> TenantStore:
-        store = self._make(keyring or self._keyring)
-        self._opened.append(store)
-        return store
-
-    async def close(self) -> None:
-        for store in self._opened:
-            await store.close()
-
-
-def make_backend(
-    engine: str, request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
-) -> Backend:
-    if engine == "memory":
-        return Backend(engine, lambda ring: MemoryStore("memory://", ring), keyring)
-    if engine == "sqlite":
-        url = f"sqlite://{tmp_path / 'tenants.db'}"
-        return Backend(engine, lambda ring: SqliteStore(url, ring), keyring)
-    assert engine == "redis"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    prefix = f"test-{uuid.uuid4().hex[:12]}:"
-    return Backend(engine, lambda ring: RedisStore(server.url, ring, prefix=prefix), keyring)
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
-) -> AsyncIterator[Backend]:
-    opened = make_backend(request.param, request, tmp_path, keyring)
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def shared(
-    request: pytest.FixtureRequest, tmp_path: Path, keyring: KeyRing
-) -> AsyncIterator[Backend]:
-    """The engines where two store objects (two processes) share the data."""
-    opened = make_backend(request.param, request, tmp_path, keyring)
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
-def store(backend: Backend) -> TenantStore:
-    return backend.open()
-
-
-# -- watching changes() ---------------------------------------------------------------------
-
-
-class Watcher:
-    """The tenant ids a ``changes()`` iterator yields, collected by a background task."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
-
-    async def next(self) -> str:
-        """The next change that is not a probe (fails after the deadline)."""
-        async with asyncio.timeout(DEADLINE):
-            while True:
-                tenant = await self.queue.get()
-                if tenant != PROBE:
-                    return tenant
-
-    async def until_seen(self, tenant: str, write: Callable[[], Awaitable[object]]) -> None:
-        """Repeat ``write`` until ``tenant`` shows up (for iterators that are reconnecting)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE
-        while True:
-            try:
-                await write()
-            except StoreError:
-                pass  # the backend is not back yet
-            try:
-                async with asyncio.timeout(0.2):
-                    while await self.queue.get() != tenant:
-                        pass
-                return
-            except TimeoutError:
-                if loop.time() > deadline:
-                    raise AssertionError(f"{tenant!r} never showed up on changes()") from None
-
-
-@asynccontextmanager
-async def watching(store: TenantStore, writer: TenantStore | None = None) -> AsyncIterator[Watcher]:
-    """Iterate ``store.changes()`` in the background; returns once it is known to listen
-    (a probe written through ``writer`` came through)."""
-    watcher = Watcher()
-
-    async def pump() -> None:
-        async for tenant in store.changes():
-            watcher.queue.put_nowait(tenant)
-
-    async with asyncio.TaskGroup() as group:
-        task = group.create_task(pump())
-        try:
-            await watcher.until_seen(PROBE, lambda: (writer or store).set_usage(PROBE, 0, 0))
-            yield watcher
-        finally:
-            task.cancel()
-
+# The engines (``store``, ``backend``, ``shared``) and servers (``redis_server``, ``redis``)
+# are fixtures of tests/conftest.py, shared with tests/test_store_seats.py.
 
 # -- the behaviour every engine shares ------------------------------------------------------
 
@@ -647,7 +503,7 @@ def test_sqlite_urls() -> None:
 async def test_redis_change_through_one_instance_reaches_another(
     redis_server: RedisServer, keyring: KeyRing, issue_key: IssueKey
 ) -> None:
-    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    prefix = fresh_prefix()
     one = RedisStore(redis_server.url, keyring, prefix=prefix)
     two = RedisStore(redis_server.url, keyring, prefix=prefix)
     try:
@@ -665,7 +521,7 @@ async def test_redis_change_through_one_instance_reaches_another(
         await two.close()
 
 
-async def connections_received(client: redis.asyncio.Redis) -> int:
+async def connections_received(client: Redis) -> int:
     stats = await client.info("stats")
     return int(stats["total_connections_received"])
 
@@ -676,9 +532,9 @@ async def test_a_quiet_redis_subscription_is_kept_not_renewed(
     """Heartbeats on a quiet channel must be answered and seen: a subscription renewed
     after each unanswered PING re-read every tenant (emptying every gateway's tenant
     cache) and lost the changes published meanwhile."""
-    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    prefix = fresh_prefix()
     store = RedisStore(redis_server.url, keyring, prefix=prefix, heartbeat=0.2)
-    probe = redis.asyncio.Redis.from_url(redis_server.url)
+    probe = Redis.from_url(redis_server.url)
     try:
         await store.set_usage("acme", 1, 1)  # a tenant a re-read would name
         async with watching(store) as changes:
@@ -709,18 +565,18 @@ async def test_redis_prefixes_keep_stores_apart(
 
 
 async def test_redis_outage_is_a_store_error_and_the_store_recovers(
-    private_redis: RedisServer, keyring: KeyRing, issue_key: IssueKey
+    redis: RedisServer, keyring: KeyRing, issue_key: IssueKey
 ) -> None:
-    store = open_store(private_redis.url, keyring)
+    store = open_store(redis.url, keyring)
     assert isinstance(store, RedisStore)
     try:
         async with watching(store) as changes:
             await store.set_usage("acme", 1, 1)
             assert await changes.next() == "acme"
 
-            private_redis.stop(kill=True)
+            redis.stop(kill=True)
             async with asyncio.timeout(DEADLINE):
-                with pytest.raises(StoreError, match=f"127.0.0.1:{private_redis.port}"):
+                with pytest.raises(StoreError, match=f"127.0.0.1:{redis.port}"):
                     await store.get("acme")
                 with pytest.raises(StoreError):
                     await store.put_license(issue_key(sub="acme", serial=2))
@@ -728,7 +584,7 @@ async def test_redis_outage_is_a_store_error_and_the_store_recovers(
                     await store.claim_event("evt_1")
                 assert await store.ping() is False
 
-            private_redis.restart()  # empty: the test server keeps nothing
+            redis.restart()  # empty: the test server keeps nothing
             loop = asyncio.get_running_loop()
             deadline = loop.time() + DEADLINE
             while not await store.ping():
@@ -758,7 +614,7 @@ async def test_redis_unreachable_from_the_start(keyring: KeyRing) -> None:
 async def test_redis_changes_iterator_ends_on_close(
     redis_server: RedisServer, keyring: KeyRing
 ) -> None:
-    store = RedisStore(redis_server.url, keyring, prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    store = RedisStore(redis_server.url, keyring, prefix=fresh_prefix())
     seen: list[str] = []
 
     async def pump() -> None:

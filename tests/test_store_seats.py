@@ -6,10 +6,6 @@ loses nothing.
 
 Times are passed in (``now``), so window expiry is tested without waiting."""
 
-# The store suite's engine fixtures are imported below and then named as test parameters,
-# which pyflakes reads as redefinitions.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import asyncio
@@ -24,18 +20,7 @@ from gateway.store.redis_store import RedisStore
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import IssueKey
 from tests.redis_server import RedisServer
-
-# The engines and servers of the store suite (pytest finds fixtures imported here).
-from tests.test_store import (  # noqa: F401 - fixtures
-    DEADLINE,
-    Backend,
-    backend,
-    private_redis,
-    redis_server,
-    shared,
-    store,
-    watching,
-)
+from tests.stores import DEADLINE, Backend, watching
 
 T0 = 1_700_000_000.0
 DAY = 86400.0
@@ -248,12 +233,12 @@ async def test_sqlite_adds_the_seat_tables_to_an_existing_file(
 
 
 async def test_redis_outage_is_a_store_error_for_seats_and_usage(
-    private_redis: RedisServer, keyring: KeyRing
+    redis: RedisServer, keyring: KeyRing
 ) -> None:
-    redis_store = RedisStore(private_redis.url, keyring)
+    redis_store = RedisStore(redis.url, keyring)
     try:
         await redis_store.admit_seat("acme", "ops_users", "u1", T0, WINDOW, 5)
-        private_redis.stop(kill=True)
+        redis.stop(kill=True)
         async with asyncio.timeout(DEADLINE):
             with pytest.raises(StoreError, match="admit_seat"):
                 await redis_store.admit_seat("acme", "ops_users", "u2", T0, WINDOW, 5)

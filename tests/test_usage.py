@@ -16,7 +16,7 @@ from gateway.store.memory import MemoryStore
 from gateway.store.sqlite import SqliteStore
 from gateway.usage import INVALID_CLIENT, Grouping, UsageMeter, client_id, report
 from tests.harness import running_gateway
-from tests.test_store import DEADLINE
+from tests.stores import DEADLINE
 
 # A minute boundary, two days ago (the stores forget usage after a retention period).
 M0 = int(time.time()) // 86400 * 86400 - 2 * 86400

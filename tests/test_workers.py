@@ -14,7 +14,7 @@ import pytest
 
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
-from tests.harness import EchoUpstream, write_config
+from tests.harness import write_config
 from tests.test_metrics import promtool_check
 
 
@@ -38,12 +38,11 @@ def _allowed(metrics: str) -> float:
 
 
 async def test_two_workers_share_listeners_and_metrics(
-    tmp_path: Path, key_dir: Path, upstreams: dict[str, EchoUpstream], issue_key: IssueKey
+    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int], issue_key: IssueKey
 ) -> None:
-    ports = {app: server.port for app, server in upstreams.items()}
     # A store the workers share (each would keep its own memory:// store: refused).
     config, listen, admin = write_config(
-        tmp_path, key_dir, ports, extra='\n[store]\nurl = "sqlite://tenants.db"\n'
+        tmp_path, key_dir, upstream_ports, extra='\n[store]\nurl = "sqlite://tenants.db"\n'
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
