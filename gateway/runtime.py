@@ -27,7 +27,8 @@ from gateway.admin import admin_app
 from gateway.config import Config, load_config, load_rules
 from gateway.enforcer import Enforcer, Shared
 from gateway.errors import ConfigError
-from gateway.events import EventLog
+from gateway.events import EventLog, sampled_rates
+from gateway.identity import startup_warning
 from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
@@ -111,7 +112,7 @@ class Runtime:
             events_sink(config),
             self.metrics,
             settings.events.max_queue,
-            per_second={"license_invalid": settings.events.license_invalid_per_second},
+            per_second=sampled_rates(settings.events),
         )
         self.store: TenantStore = with_revocation_list(
             open_store(store_url(config), config.keyring), config
@@ -119,6 +120,10 @@ class Runtime:
         if settings.store.seed is not None:
             await self._seed(config.resolve(settings.store.seed))
         self.shared = Shared(config, self.metrics, self.events, self.store)
+        warning = startup_warning(settings)
+        if warning is not None:
+            log.warning("%s", warning)
+        await self.shared.identifier.start()  # jwt mode: the provider's keys, fail-static
         # Seat holders and usage counts ([seats], README "Seats and usage").
         self.seats = SeatBook(self.store, settings.seats, self.metrics)
         self.usage = UsageMeter(self.store, self.metrics)
@@ -316,6 +321,7 @@ class Runtime:
             if task is not current:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.shared.identifier.stop()
         self.metrics.flush()
         self.events.close()
         await self.usage.close()  # the last counts (kept in memory if the store is down)
