@@ -189,6 +189,7 @@ async def config(request: web.Request) -> web.Response:
             "sink": cfg.events_sink,
             "max_queue": settings.events.max_queue,
             "license_invalid_per_second": settings.events.license_invalid_per_second,
+            "refusals_per_second": settings.events.refusals_per_second,
         },
         "admin": {
             "listen": settings.admin.listen,

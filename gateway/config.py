@@ -88,6 +88,8 @@ class EventSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sink: str = "stdout:"  # or file:///path, file://relative, http(s)://collector/path
     max_queue: int = 10_000
     license_invalid_per_second: float = 50.0  # sampled: a key flood is one incident
+    # every other refusal event (role_forbidden, path_rejected, identity_*...), per kind
+    refusals_per_second: float = 50.0
     feature_blocks_per_interval: int = 10  # per (tenant, feature, tier); the rest counted
     summary_interval: float = 60.0  # seconds; feature_block_summary at each end
     batch_size: int = 1000  # events per write or POST
@@ -400,6 +402,7 @@ def _check_spools(doc: TomlDocument, settings: Settings) -> None:
     checks: list[tuple[str, bool, str]] = [
         ("events.feature_blocks_per_interval", events.feature_blocks_per_interval >= 0, ">= 0"),
         ("events.license_invalid_per_second", events.license_invalid_per_second >= 0, ">= 0"),
+        ("events.refusals_per_second", events.refusals_per_second >= 0, ">= 0"),
         ("access_log.sample_allowed", 0 <= access.sample_allowed <= 1, "between 0 and 1"),
     ]
     for key in ("batch_size", "summary_interval", "http_timeout", "retry_max_backoff"):

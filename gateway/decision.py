@@ -23,7 +23,7 @@ import msgspec
 from gateway.errors import LicenseError
 from gateway.license import License, LicenseClaims, Seats
 from gateway.matrix import Entitlement, TierMatrix
-from gateway.routes import Match, RouteMatch
+from gateway.routes import ROLES, Match, RouteMatch
 
 TITLES: dict[str, str] = {
     "license_missing": "License required",
@@ -40,7 +40,7 @@ TITLES: dict[str, str] = {
     "seat_limit_exceeded": "Seat limit reached",
     "route_unmatched": "Endpoint not available",
     "license_check_busy": "License check busy, retry",
-    "tenant_mismatch": "License key and tenant disagree",
+    "tenant_mismatch": "License is for another tenant",
     "store_unavailable": "Tenant store unavailable",
 }
 
@@ -178,7 +178,7 @@ def decide(
     route = found.route
     if found.kind is not Match.FULL:
         if unmatched == "deny":
-            return _deny("route_unmatched", "no route in routes.toml matches this method and path")
+            return _deny("route_unmatched", "this API has no endpoint for this method and path")
         if route is not None and route.public:
             route = None  # only the listed methods of a public path are public
         # A method the route does not list is still gated by the path's route: leaving a
@@ -233,7 +233,8 @@ def decide(
     if route is not None and route.roles is not None and role not in route.roles:
         return _deny(
             "role_forbidden",
-            f"role {role or '(none)'!r} may not call this endpoint",
+            f"role {role or '(none)'!r} may not call this endpoint "
+            f"(allowed: {', '.join(allowed_roles(route.roles))})",
             feature=feature,
             tier=tier,
             upsell=upsell,
@@ -271,6 +272,11 @@ def decide(
         warning=warning,
         seats=seats,
     )
+
+
+def allowed_roles(roles: frozenset[str]) -> list[str]:
+    """A route's roles in the fixed order of ``routes.ROLES`` (most privileged first)."""
+    return [role for role in ROLES if role in roles]
 
 
 def not_yet_valid(claims: LicenseClaims, now: float, skew: int) -> str | None:
@@ -316,7 +322,9 @@ def _effective_plan(
         # Restricted means the lowest tier as sold: no add-ons, no extra seats, and no
         # grandfather window either.
         return policy.matrix.lowest_tier.name, (), None, warning
-    return _grandfathered(policy.matrix, claims, now), claims.addons, claims.seats, warning
+    # An add-on the license's tier cannot buy grants nothing (the enforcer reports it).
+    addons = policy.matrix.usable_addons(claims.tier, claims.addons) if claims.addons else ()
+    return _grandfathered(policy.matrix, claims, now), addons, claims.seats, warning
 
 
 def _grandfathered(matrix: TierMatrix, claims: LicenseClaims, now: float) -> str:

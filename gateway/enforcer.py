@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
+from gateway.answers import Answers
 from gateway.caches import (
     NO_TENANT,
     UNAVAILABLE,
@@ -32,9 +33,10 @@ from gateway.caches import (
 )
 from gateway.classify import ASK_STORE, REJECTED, ROUTED, ClassicRules, classify
 from gateway.config import Config
-from gateway.decision import STATUS, Decision, Policy, TenantRecord, decide
-from gateway.errors import LicenseError
+from gateway.decision import Policy, TenantRecord, decide
+from gateway.errors import IdentityError, LicenseError
 from gateway.events import EventLog
+from gateway.identity import NEED_KEYS, Identifier, Identity, NeedKeys
 from gateway.license import License
 from gateway.matrix import AppName, TierMatrix
 from gateway.metrics import AppMetrics, Metrics
@@ -42,9 +44,7 @@ from gateway.problems import (
     PROBLEM_JSON,
     PROBLEM_TYPE,
     problem,
-    problem_prefix,
     request_id,
-    with_request_id,
 )
 from gateway.routes import Match, RouteMatch, RouteTable
 from gateway.store import TenantStore
@@ -86,6 +86,8 @@ _CLASSIC_VERDICT: Final = Verdict(CLASSIC, outcome="classic")
 _NEED_TENANT_VERDICT: Final = Verdict(NEED_TENANT)
 _WAIT_CLASSIC_KEY: Final = "classic_key"
 _WAIT_TENANT: Final = "tenant"
+_WAIT_KEYS: Final = "identity_keys"
+_NOTHING: Final[frozenset[bytes]] = frozenset()
 _MAX_WAITS: Final = 3  # prefetch rounds: a tenant record, then what the record leads to
 REFUSAL_TARGETS = 4096  # request targets remembered as "a refused key gets 401 here"
 
@@ -114,9 +116,11 @@ class Enforcer:
         self.shared = shared
         self.classic = ClassicRules.for_app(config, app)
         self._is_classic = self.classic.keys.is_classic
-        self._bodies: dict[tuple[Any, ...], bytes] = {}
-        self._refusals: dict[tuple[str, str], bytes] = {}  # (reason, detail) -> body prefix
         self.metrics: AppMetrics = shared.metrics.for_app(app)
+        self.answers = Answers(app, shared)
+        # jwt mode, public route: no identity needed, but clients' identity headers never
+        # reach the upstream
+        self._no_identity = Identity(None, None, None, "none", shared.identifier.identity_headers)
 
     # ------------------------------------------------------------------ the request path
     def check(self, head: RequestHead, fetched: bool = False) -> Verdict:
@@ -129,7 +133,9 @@ class Enforcer:
     def _check(self, head: RequestHead, fetched: bool) -> Verdict:
         rules = self.shared.rules
         if head.bad_header is not None:
-            return self._reject(400, "bad_header", "Bad request header", head.bad_header, head)
+            return self.answers.refuse(
+                400, "bad_header", "Bad request header", head.bad_header, head
+            )
         token = head.license_key
         classify_key = token
         if token is not None and rules.refusals:
@@ -137,8 +143,8 @@ class Enforcer:
             found = rules.refusals.get((self.app, head.method, head.target))
             if found is not None and not self._is_classic(token.decode("latin-1")):
                 refused = head.presented = self.shared.licenses.resolve(token)
-                if refused.__class__ is LicenseError:
-                    return self._fast_refusal(head, refused, found, rules)
+                if refused.__class__ is LicenseError and self._identity_passes(head):
+                    return self.answers.fast_refusal(head, refused, found, rules)
                 classify_key = None  # known not to be classic: classify need not ask again
         app_routes = rules.routes.apps[self.app]
         step = classify(self.classic, app_routes, head.method, head.target, classify_key)
@@ -148,14 +154,14 @@ class Enforcer:
                 known = self.shared.classic_keys.get(token)
                 if known is None:
                     if not fetched:
-                        head.waiting = _WAIT_CLASSIC_KEY
+                        head.waiting = (_WAIT_CLASSIC_KEY, None)
                         return _NEED_TENANT_VERDICT
                     # The store did not answer: an outage never refuses (fail-static), and
                     # the classic application still validates its own keys.
                     known = True
                 step = classify(self.classic, app_routes, head.method, head.target, token, known)
             if step.kind == REJECTED:
-                return self._reject(
+                return self.answers.refuse(
                     400, "path_rejected", "Request path rejected", step.reason, head
                 )
             if step.kind != ROUTED:
@@ -165,6 +171,28 @@ class Enforcer:
         assert found is not None
         route = found.route
         public = found.kind is Match.FULL and route is not None and route.public
+        now = time.time()
+
+        # Who is asking: the identity headers as sent, or as [identity] allows.
+        identifier = self.shared.identifier
+        strip = _NOTHING
+        identity_lines = b""
+        if identifier.mode == "unconfigured":
+            claimed: bytes | str | None = head.tenant
+            role = head.role.decode("latin-1") if head.role is not None else None
+            user = head.user.decode("latin-1") if head.user is not None else None
+            ident = None
+        else:
+            ident = self._identify(head, identifier, public, token is not None, now, fetched)
+            if ident.__class__ is not Identity:
+                if ident is NEED_KEYS:
+                    head.waiting = (_WAIT_KEYS, None)
+                    return _NEED_TENANT_VERDICT
+                return self.answers.identity_refusal(head, ident, found, rules, now)  # type: ignore[arg-type]
+            claimed, role, user = ident.tenant, ident.role, ident.user
+            strip, identity_lines = ident.strip, ident.upstream_headers
+        if public:
+            return self.answers.public(step.target, route, strip)
 
         presented: License | LicenseError | None = None
         tenant_id: str | None = None
@@ -174,50 +202,51 @@ class Enforcer:
                 tenant_id = presented.claims.sub
                 # An upstream that scopes data by the tenant header must not see it next to
                 # another tenant's (borrowed) entitlements.
-                if head.tenant is not None and head.tenant != tenant_id.encode():
-                    return self._reject(
-                        403,
-                        "tenant_mismatch",
-                        "License key and tenant disagree",
-                        "the license key belongs to another tenant than the tenant header names",
-                        head,
-                        outcome="blocked",
+                if ident is None:
+                    if claimed is not None and claimed != tenant_id.encode():
+                        return self.answers.mismatch(head, found, rules, presented, claimed, now)
+                elif identifier.check_tenant(ident, tenant_id) is not None:  # type: ignore[arg-type]
+                    return self.answers.mismatch(head, found, rules, presented, claimed, now)  # type: ignore[arg-type]
+        elif claimed is not None:
+            if claimed.__class__ is bytes:
+                try:
+                    tenant_id = claimed.decode("utf-8")
+                except UnicodeDecodeError:
+                    return self.answers.refuse(
+                        400, "bad_header", "Bad request header", "tenant id not UTF-8", head
                     )
-        elif head.tenant is not None:
-            try:
-                tenant_id = head.tenant.decode("utf-8")
-            except UnicodeDecodeError:
-                return self._reject(
-                    400, "bad_header", "Bad request header", "tenant id not UTF-8", head
-                )
+            else:
+                tenant_id = claimed  # type: ignore[assignment]
         record: TenantRecord | None = None
-        if tenant_id is not None and not public:
+        if tenant_id is not None:
             cached = self.shared.tenants.cached(tenant_id)
             if cached is NO_TENANT:
                 if not fetched:
-                    head.waiting = _WAIT_TENANT
+                    head.waiting = (_WAIT_TENANT, tenant_id)
                     return _NEED_TENANT_VERDICT
                 cached = None  # fetched, and gone again at once: as good as unknown
             elif cached is UNAVAILABLE:
                 if presented is None:
-                    return self._store_unavailable(head)
+                    return self.answers.refuse(
+                        503,
+                        "store_unavailable",
+                        "Tenant store unavailable",
+                        "the tenant store cannot answer now; retry shortly",
+                        head,
+                        extra=b"Retry-After: 1\r\n",
+                        found=found,
+                        tenant=tenant_id,
+                    )
                 cached = None  # a verified key decides on its own meanwhile (fail-static)
             record = cached  # type: ignore[assignment]
-        role = head.role.decode("latin-1") if head.role is not None else None
-        decision = decide(
-            rules.policy, found, app_routes.unmatched, presented, record, role, time.time()
-        )
+        decision = decide(rules.policy, found, app_routes.unmatched, presented, record, role, now)
+        lic = decision.license
+        if lic is not None and lic.claims.addons:
+            self.answers.check_addons(head, lic, found, rules, now)
         if decision.allowed:
-            if decision.code == "public":
-                return Verdict(
-                    FORWARD,
-                    target=step.target,
-                    outcome="public",
-                    route=route.path if route is not None else None,
-                    route_name=route.name if route is not None else None,
-                    code="public",
-                )
-            return self._allow(decision, step.target, found)
+            verdict = self.answers.allow(decision, step.target, found, identity_lines)
+            verdict.strip = strip
+            return verdict
         if (
             presented.__class__ is LicenseError
             and decision.code == presented.reason
@@ -225,8 +254,42 @@ class Enforcer:
         ):
             # Any other refused key would get the same answer here: remember the target.
             rules.refusals[(self.app, head.method, head.target)] = found
-        user = head.user.decode("latin-1") if head.user is not None else None
-        return self._deny(head, decision, rules, role, user, tenant_id, found)
+        return self.answers.deny(head, decision, rules, role, user, tenant_id, found, now)
+
+    def _identify(
+        self,
+        head: RequestHead,
+        identifier: Identifier,
+        public: bool,
+        has_license: bool,
+        now: float,
+        refreshed: bool,
+    ) -> Identity | IdentityError | NeedKeys:
+        """The request's identity; a public route only learns which headers not to forward
+        (it needs no identity)."""
+        forwarded = head.forwarded_for or None
+        if not public:
+            return identifier.identify(
+                head.peer, forwarded, head.tenant, head.user, head.role, head.token,
+                has_license=has_license, now=now, refreshed=refreshed,
+            )  # fmt: skip
+        if identifier.mode == "jwt":
+            return self._no_identity
+        return identifier.identify(
+            head.peer, forwarded, None, None, None, None, has_license=True, now=now
+        )
+
+    def _identity_passes(self, head: RequestHead) -> bool:
+        """For the flood path: would identification let this request through to the
+        license check (as the long path would find)?"""
+        identifier = self.shared.identifier
+        if identifier.mode == "unconfigured":
+            return True
+        found = identifier.identify(
+            head.peer, head.forwarded_for or None, head.tenant, head.user, head.role,
+            head.token, has_license=True, now=time.time(),
+        )  # fmt: skip
+        return found.__class__ is Identity
 
     def _resolve(self, head: RequestHead, token: bytes) -> License | LicenseError:
         """The key's verdict, looked up once per request (and counted once)."""
@@ -236,221 +299,25 @@ class Enforcer:
         return presented  # type: ignore[no-any-return]
 
     async def prefetch(self, head: RequestHead) -> None:
-        """Load what ``check`` lacked (the tenant record of the key's tenant or of the
-        tenant id header; a classic key's store entry), then decide; ``check(head,
+        """Load what ``check`` lacked (the tenant record of the request's tenant, a classic
+        key's store entry, the identity provider's keys), then decide; ``check(head,
         fetched=True)`` returns that verdict."""
         for _ in range(_MAX_WAITS):
             waiting, head.waiting = head.waiting, None
-            if waiting == _WAIT_CLASSIC_KEY:
+            kind, what = waiting if waiting is not None else (None, None)
+            if kind == _WAIT_CLASSIC_KEY:
                 assert head.license_key is not None
                 await self.shared.classic_keys.fetch(head.license_key)
-            elif waiting == _WAIT_TENANT:
-                tenant = self._tenant_of(head)
-                if tenant is not None:
-                    await self.shared.tenants.fetch(tenant)
+            elif kind == _WAIT_TENANT:
+                assert isinstance(what, str)
+                await self.shared.tenants.fetch(what)
+            elif kind == _WAIT_KEYS:
+                await self.shared.identifier.refresh_keys()
             verdict = self._check(head, fetched=True)
             if verdict is not _NEED_TENANT_VERDICT:
                 head.verdict = verdict
                 return
         raise RuntimeError(f"{head!r}: still waiting for {head.waiting!r}")
-
-    def _tenant_of(self, head: RequestHead) -> str | None:
-        presented = head.presented
-        if isinstance(presented, License):
-            return presented.claims.sub
-        if head.tenant is not None:
-            return head.tenant.decode("utf-8", "replace")
-        return None
-
-    # ------------------------------------------------------------------ answers
-    def _allow(self, decision: Decision, target: bytes, found: RouteMatch) -> Verdict:
-        ent = decision.entitlement
-        lic = decision.license
-        assert ent is not None and lic is not None
-        tenant = lic.claims.sub
-        headers = b"X-Entitlement-Tenant: %s\r\n%s" % (tenant.encode(), ent.upstream_lines)
-        warning = b""
-        if decision.warning is not None:
-            warning = b"X-License-Warning: %s\r\n" % decision.warning.encode()
-        # Positional, then the access log's fields: half the cost of keyword arguments.
-        verdict = Verdict(FORWARD, 0, b"", target, headers, warning)
-        route = found.route
-        if route is not None:
-            verdict.route = route.path
-            verdict.route_name = route.name
-        verdict.feature = decision.feature
-        verdict.tenant = tenant
-        verdict.tier = decision.tier
-        verdict.code = "allowed"
-        return verdict
-
-    def _deny(
-        self,
-        head: RequestHead,
-        decision: Decision,
-        rules: Rules,
-        role: str | None,
-        user: str | None,
-        tenant: str | None,
-        found: RouteMatch,
-    ) -> Verdict:
-        m = self.metrics
-        status = decision.status
-        extra = b""
-        outcome = "blocked"
-        if status == 401:
-            outcome = "unlicensed"
-        elif status == 503:  # license_check_busy: not decided, try again
-            outcome = "rejected"
-            extra = b"Retry-After: 1\r\n"
-        m.outcome[outcome].inc()
-        if decision.code == "feature_not_entitled":
-            assert decision.feature is not None and decision.tier is not None
-            m.feature_block(self.app, decision.feature, decision.tier).inc()
-        rid = head.request_id or request_id()
-        body = with_request_id(self._problem_prefix(decision, rules), rid)
-        lic = decision.license
-        route = found.route
-        pattern = route.path if route is not None else None
-        if decision.code == "feature_not_entitled":
-            self.shared.events.emit(
-                "feature_block",
-                tenant=tenant,
-                tier=decision.tier,
-                app=self.app,
-                feature=decision.feature,
-                route=pattern,
-                request_id=rid,
-                revision=rules.revision,
-                role=role,
-                user=user,
-            )
-        elif status == 401 and self.shared.events.admit("license_invalid"):
-            # (admit first: under a key flood the event is sampled out before it is built)
-            self.shared.events.emit_admitted(
-                "license_invalid",
-                tenant=tenant,
-                tier=lic.claims.tier if lic else None,
-                app=self.app,
-                reason=decision.code,
-                route=pattern,
-                key_fingerprint=lic.fingerprint if lic else None,
-                request_id=rid,
-                revision=rules.revision,
-            )
-        if decision.warning is not None:
-            extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
-        return Verdict(
-            RESPOND,
-            status=status,
-            body=body,
-            response_headers=extra,
-            outcome=outcome,
-            route=pattern,
-            route_name=route.name if route is not None else None,
-            feature=decision.feature,
-            tenant=tenant,
-            tier=decision.tier,
-            code=decision.code,
-        )
-
-    def _fast_refusal(
-        self, head: RequestHead, error: LicenseError, found: RouteMatch, rules: Rules
-    ) -> Verdict:
-        """401 for a refused key at a target where every refused key gets that answer: the
-        same body, metric and (sampled) event as the full path, without the path work."""
-        key = (error.reason, error.detail)
-        prefix = self._refusals.get(key)
-        if prefix is None:
-            status = STATUS[error.reason]
-            decision = Decision(
-                allowed=False, status=status, code=error.reason, detail=error.detail
-            )
-            prefix = self._problem_prefix(decision, rules)
-            bounded_put(self._refusals, key, prefix, 1024)
-        status = 503 if error.reason == "license_check_busy" else 401
-        outcome = "rejected" if status == 503 else "unlicensed"
-        self.metrics.outcome[outcome].inc()
-        rid = head.request_id or request_id()
-        route = found.route
-        if self.shared.events.admit("license_invalid"):
-            self.shared.events.emit_admitted(
-                "license_invalid",
-                tenant=None,
-                tier=None,
-                app=self.app,
-                reason=error.reason,
-                route=route.path if route is not None else None,
-                key_fingerprint=None,
-                request_id=rid,
-                revision=rules.revision,
-            )
-        extra = b"Retry-After: 1\r\n" if status == 503 else b""
-        verdict = Verdict(RESPOND, status, with_request_id(prefix, rid), b"", b"", extra, outcome)
-        if route is not None:
-            verdict.route = route.path
-            verdict.route_name = route.name
-        verdict.code = error.reason
-        return verdict
-
-    def _problem_prefix(self, decision: Decision, rules: Rules) -> bytes:
-        """The problem+json body up to the request id, encoded once per distinct denial."""
-        upgrade = rules.policy.upgrade_url
-        key = (
-            decision.code,
-            decision.detail,
-            decision.feature,
-            decision.tier,
-            decision.required_tier,
-            decision.addon,
-            decision.upsell,
-            upgrade,
-        )
-        cached = self._bodies.get(key)
-        if cached is not None:
-            return cached
-        fields: dict[str, Any] = {}
-        if decision.feature is not None:
-            fields.update(feature=decision.feature, app=self.app, tier=decision.tier)
-            if decision.code == "feature_not_entitled" and decision.upsell:
-                fields.update(
-                    required_tier=decision.required_tier, addon=decision.addon, upgrade=upgrade
-                )
-        prefix = problem_prefix(
-            decision.status, decision.code, decision.title, decision.detail, **fields
-        )
-        bounded_put(self._bodies, key, prefix, 4096)
-        return prefix
-
-    def _store_unavailable(self, head: RequestHead) -> Verdict:
-        """A tenant the store could not load, while it cannot answer: not refused (the
-        tenant may well be stored), but not decided either."""
-        return self._reject(
-            503,
-            "store_unavailable",
-            "Tenant store unavailable",
-            "the tenant store cannot answer now; retry shortly",
-            head,
-            extra=b"Retry-After: 1\r\n",
-        )
-
-    def _reject(
-        self,
-        status: int,
-        code: str,
-        title: str,
-        detail: str,
-        head: RequestHead,
-        outcome: str = "rejected",
-        extra: bytes = b"",
-    ) -> Verdict:
-        self.metrics.outcome[outcome].inc()
-        body = with_request_id(
-            problem_prefix(status, code, title, detail), head.request_id or request_id()
-        )
-        return Verdict(
-            RESPOND, status=status, body=body, response_headers=extra, outcome=outcome, code=code
-        )
 
 
 class Shared:
@@ -470,6 +337,9 @@ class Shared:
         )
         self.tenants = TenantCache(store, metrics)
         self.classic_keys = ClassicKeyCache(store, metrics)
+        # Who is asking ([identity]); the runtime starts it (jwt mode loads the JWKS).
+        self.identifier = Identifier.from_config(config)
+        self.addons_reported: dict[str, bool] = {}  # key fingerprints told addon_not_available
         metrics.config_loaded(config.routes.sha, config.matrix)
 
     def swap_rules(self, matrix: TierMatrix, routes: RouteTable) -> None:

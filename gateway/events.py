@@ -32,6 +32,27 @@ if TYPE_CHECKING:
 # Past this many (tenant, feature, tier) in one interval, blocks are plain events again
 # (bounded by the queue): a flood of made-up tenant ids cannot grow the table without end.
 MAX_TRACKED_BLOCKS = 100_000
+# The events of the answers the gateway gives itself, other than feature_block (summarised)
+# and license_invalid (its own rate): a flood of any of them is one incident, so each kind
+# is sampled at [events] refusals_per_second.
+REFUSAL_EVENTS = (
+    "role_forbidden",
+    "seat_limit_exceeded",
+    "route_unmatched",
+    "path_rejected",
+    "identity_untrusted",
+    "identity_invalid",
+    "tenant_mismatch",
+    "bad_header",
+    "store_unavailable",
+)
+
+
+def sampled_rates(settings: EventSettings) -> dict[str, float]:
+    """Events per second, per sampled kind (the rest is counted as dropped)."""
+    rates = dict.fromkeys(REFUSAL_EVENTS, settings.refusals_per_second)
+    rates["license_invalid"] = settings.license_invalid_per_second
+    return rates
 
 
 def dropped_counter(metrics: Metrics, sink: str) -> Tally:
@@ -106,7 +127,7 @@ class EventLog(Spool):
             sink,
             metrics,
             settings.max_queue,
-            per_second={"license_invalid": settings.license_invalid_per_second},
+            per_second=sampled_rates(settings),
             batch_size=settings.batch_size,
             blocks_per_interval=settings.feature_blocks_per_interval,
             summary_interval=settings.summary_interval,

@@ -105,7 +105,7 @@ def _invalid(detail: str) -> IdentityError:
 
 _EXPIRED = _invalid("token expired")
 _NOT_UTF8 = IdentityError("bad_header", 400, "Bad request header", "tenant id not UTF-8")
-_MISMATCH = IdentityError(
+TENANT_MISMATCH: Final = IdentityError(
     "tenant_mismatch",
     403,
     "License is for another tenant",
@@ -396,7 +396,7 @@ class Identifier:
         identified one (unless ``tenant_mismatch = "allow"``)."""
         if self.refuse_mismatch and identity.tenant is not None:
             if identity.tenant != license_tenant:
-                return _MISMATCH
+                return TENANT_MISMATCH
         return None
 
     async def refresh_keys(self) -> None:

@@ -99,6 +99,7 @@ class TierMatrix:
         "lowest_tier",
         "sha",
         "_entitlements",
+        "_usable",
         "_cheapest_tier",
         "_unlocking_addon",
     )
@@ -116,6 +117,7 @@ class TierMatrix:
         self.sha = sha
         self.lowest_tier = next(iter(self.tiers.values()))
         self._entitlements: dict[tuple[str, tuple[str, ...]], Entitlement] = {}
+        self._usable: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
         self._cheapest_tier: dict[str, Tier] = {}
         for tier in self.tiers.values():  # rank order: the first tier seen is the cheapest
             for feature in tier.features:
@@ -154,6 +156,21 @@ class TierMatrix:
         # Licenses are signed, so the combinations are few; the cap only guards memory.
         if len(self._entitlements) < 4096:
             self._entitlements[key] = found
+        return found
+
+    def usable_addons(self, tier: str, addons: tuple[str, ...]) -> tuple[str, ...]:
+        """The add-ons of a license that grant something: known, and sold to its ``tier``
+        (``available_to``). Any other add-on in a signed key grants nothing."""
+        key = (tier, addons)
+        found = self._usable.get(key)
+        if found is None:
+            found = tuple(
+                name
+                for name in addons
+                if name in self.addons and tier in self.addons[name].available_to
+            )
+            if len(self._usable) < 4096:  # signed combinations are few; the cap guards memory
+                self._usable[key] = found
         return found
 
     def cheapest_tier_with(self, feature: str) -> Tier | None:

@@ -35,6 +35,7 @@ from gateway.decision import Policy
 from gateway.enforcer import Enforcer, Shared
 from gateway.errors import ConfigError
 from gateway.events import EventLog
+from gateway.identity import startup_warning
 from gateway.license import KeyRing
 from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
@@ -126,6 +127,10 @@ class Runtime:
         self.access_log.start()
         if settings.store.seed is not None:
             await self._seed(self.config.resolve(settings.store.seed))
+        warning = startup_warning(settings)
+        if warning is not None:
+            log.warning("%s", warning)
+        await self.shared.identifier.start()  # jwt mode: the provider's keys, fail-static
         self._remember_mtimes()
         loop = asyncio.get_running_loop()
         for app, factory in self._factories.items():
@@ -309,6 +314,7 @@ class Runtime:
                     await task
         flush_deadline = self.config.settings.events.flush_deadline
         await self.reminders.aclose(flush_deadline)  # a claimed reminder is still emitted
+        await self.shared.identifier.stop()
         self.metrics.flush()
         # What is queued or in flight reaches its sink (a collector too) within the deadline.
         await self.events.aclose(flush_deadline)

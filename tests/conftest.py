@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,6 +18,7 @@ from gateway.license import KeyRing, LicenseClaims, generate_keypair, load_signi
 from gateway.matrix import APP_NAMES, TierMatrix, load_matrix
 from gateway.routes import RouteTable, load_routes
 from gateway.store import TenantStore
+from tests.enforcing import EnforcerWorld
 from tests.harness import EchoUpstream, Gateway, running_gateway
 from tests.provisioning import SECRET
 from tests.redis_server import RedisServer, start_redis
@@ -196,3 +198,19 @@ def provision_secret(monkeypatch: pytest.MonkeyPatch) -> str:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+def make_world(tmp_path: Path) -> Iterator[Callable[..., EnforcerWorld]]:
+    """``make_world(config, store=None, per_second=1000.0)`` → an ``EnforcerWorld`` (the
+    enforcer without sockets, tests/enforcing.py), closed after the test."""
+    made: list[EnforcerWorld] = []
+
+    def make(config: Config, store: TenantStore | None = None, **options: Any) -> EnforcerWorld:
+        world = EnforcerWorld(config, tmp_path / f"world-{len(made)}", store, **options)
+        made.append(world)
+        return world
+
+    yield make
+    for world in made:
+        world.close()

@@ -10,12 +10,13 @@ writing to a file, a real store) and ``RequestHead`` objects built as the relay 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gateway.config import Config
 from gateway.enforcer import NEED_TENANT, Enforcer, RequestHead, Shared, Verdict
-from gateway.events import EventLog
+from gateway.events import REFUSAL_EVENTS, EventLog
 from gateway.matrix import AppName
 from gateway.metrics import Metrics
 from gateway.store import TenantStore, open_store
@@ -32,15 +33,17 @@ class EnforcerWorld:
     ) -> None:
         self.config = config
         self.metrics = Metrics()
+        folder.mkdir(parents=True, exist_ok=True)
         self.events_path = folder / "enforcer-events.jsonl"
         self.log = EventLog(
             f"file://{self.events_path}",
             self.metrics,
-            per_second={"license_invalid": per_second},
+            per_second=dict.fromkeys((*REFUSAL_EVENTS, "license_invalid"), per_second),
         )
         self.store = store if store is not None else open_store("memory://", config.keyring)
         self.shared = Shared(config, self.metrics, self.log, self.store)
         self._enforcers: dict[AppName, Enforcer] = {}
+        self._closed = False
 
     def enforcer(self, app: AppName) -> Enforcer:
         found = self._enforcers.get(app)
@@ -99,7 +102,12 @@ class EnforcerWorld:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
     def close(self) -> None:
-        self.log.close()
+        if not self._closed:
+            self._closed = True
+            self.log.close()
+
+
+WorldFactory = Callable[..., EnforcerWorld]  # the ``make_world`` fixture (tests/conftest.py)
 
 
 def body(verdict: Verdict) -> dict[str, Any]:

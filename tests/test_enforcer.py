@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from gateway.caches import OUTAGE_RETRY_SECONDS, bounded_put
 from gateway.config import Config
@@ -18,7 +17,7 @@ from gateway.license import KeyRing, License
 from gateway.metrics import Metrics
 from gateway.store import open_store
 from tests.conftest import IssueKey
-from tests.enforcing import EnforcerWorld, body
+from tests.enforcing import EnforcerWorld, WorldFactory, body
 from tests.redis_server import RedisServer
 
 
@@ -109,9 +108,9 @@ async def test_concurrent_lookups_of_one_tenant_share_one_store_read(
 
 
 async def test_a_license_lookup_is_counted_once_when_the_tenant_is_not_cached(
-    config: Config, tmp_path: Path, issue_key: IssueKey
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
 ) -> None:
-    world = EnforcerWorld(config, tmp_path)
+    world = make_world(config)
     head = world.head("GET", "/api/v1/shipments", key=issue_key(sub="acme", tier="fleet"))
     enforcer = world.enforcer("operations")
     assert enforcer.check(head).kind == NEED_TENANT  # acme not cached yet
@@ -122,7 +121,6 @@ async def test_a_license_lookup_is_counted_once_when_the_tenant_is_not_cached(
     )
     assert lookups == 1
     assert world.sample("gateway_license_checks_total", result="valid") == 1
-    world.close()
 
 
 # ------------------------------------------------------------------ a store outage
@@ -130,24 +128,23 @@ async def test_a_license_lookup_is_counted_once_when_the_tenant_is_not_cached(
 
 @asynccontextmanager
 async def stored_world(
-    config: Config, tmp_path: Path, redis: RedisServer, key: str
+    config: Config, make_world: WorldFactory, redis: RedisServer, key: str
 ) -> AsyncIterator[EnforcerWorld]:
     """A world on a real Redis holding ``key``'s tenant; the server is down when it yields."""
     store = open_store(redis.url, config.keyring)
     await store.put_license(key)
-    world = EnforcerWorld(config, tmp_path, store)
+    world = make_world(config, store)
     redis.stop(kill=True)
     try:
         yield world
     finally:
         await store.close()
-        world.close()
 
 
 async def test_a_stored_tenant_is_503_store_unavailable_while_the_store_cannot_answer(
-    config: Config, tmp_path: Path, redis: RedisServer, issue_key: IssueKey
+    config: Config, make_world: WorldFactory, redis: RedisServer, issue_key: IssueKey
 ) -> None:
-    async with stored_world(config, tmp_path, redis, issue_key(sub="acme")) as world:
+    async with stored_world(config, make_world, redis, issue_key(sub="acme")) as world:
         head = world.head("GET", "/api/v1/shipments", tenant="acme", request_id="rid-1")
         verdict = await world.decide("operations", head)
         assert (verdict.status, body(verdict)["code"]) == (503, "store_unavailable")
@@ -156,10 +153,10 @@ async def test_a_stored_tenant_is_503_store_unavailable_while_the_store_cannot_a
 
 
 async def test_an_absence_learned_during_a_store_outage_is_not_remembered(
-    config: Config, tmp_path: Path, redis: RedisServer, issue_key: IssueKey
+    config: Config, make_world: WorldFactory, redis: RedisServer, issue_key: IssueKey
 ) -> None:
     key = issue_key(sub="acme", tier="fleet")
-    async with stored_world(config, tmp_path, redis, key) as world:
+    async with stored_world(config, make_world, redis, key) as world:
         shipments = world.head("GET", "/api/v1/shipments", tenant="acme")
         assert (await world.decide("operations", shipments)).status == 503
         redis.restart()  # the test server keeps nothing: store the tenant again
@@ -173,10 +170,10 @@ async def test_an_absence_learned_during_a_store_outage_is_not_remembered(
 
 
 async def test_a_verified_key_is_decided_on_its_own_while_the_store_cannot_answer(
-    config: Config, tmp_path: Path, redis: RedisServer, issue_key: IssueKey
+    config: Config, make_world: WorldFactory, redis: RedisServer, issue_key: IssueKey
 ) -> None:
     key = issue_key(sub="acme", tier="fleet")
-    async with stored_world(config, tmp_path, redis, key) as world:
+    async with stored_world(config, make_world, redis, key) as world:
         verdict = await world.decide("operations", world.head("GET", "/api/v1/shipments", key=key))
         assert (verdict.kind, verdict.tier) == (FORWARD, "fleet")
 
@@ -185,9 +182,9 @@ async def test_a_verified_key_is_decided_on_its_own_while_the_store_cannot_answe
 
 
 async def test_problem_bodies_and_events_carry_the_request_id_of_the_head(
-    config: Config, tmp_path: Path, issue_key: IssueKey
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
 ) -> None:
-    world = EnforcerWorld(config, tmp_path)
+    world = make_world(config)
     blocked = world.head(
         "POST", "/api/v1/shipments/7/optimize", key=issue_key(tier="core"), request_id="front-42"
     )
@@ -202,7 +199,6 @@ async def test_problem_bodies_and_events_carry_the_request_id_of_the_head(
     assert body(await world.decide("operations", path))["request_id"] == "front-44"
     unnamed = world.head("GET", "/api/v1/shipments")  # no id from the relay: one is made
     assert body(await world.decide("operations", unnamed))["request_id"]
-    world.close()
 
 
 # ------------------------------------------------------------------ key floods
@@ -236,9 +232,9 @@ def test_other_signature_bytes_on_verified_claims_are_refused_without_a_signatur
 
 
 async def test_a_refused_key_gets_the_same_answer_whether_or_not_the_target_was_seen(
-    config: Config, tmp_path: Path
+    config: Config, make_world: WorldFactory
 ) -> None:
-    world = EnforcerWorld(config, tmp_path)
+    world = make_world(config)
     answers = []
     for n in range(3):  # the first one decides the long way, the others need not
         head = world.head("GET", "/api/v1/shipments?x=1", key=f"not-a-key-{n}", request_id=f"r{n}")
@@ -255,7 +251,6 @@ async def test_a_refused_key_gets_the_same_answer_whether_or_not_the_target_was_
     assert health.outcome == "public"
     classic = world.head("GET", "/xdispatch/orders", key="bad")
     assert (await world.decide("operations", classic)).kind == CLASSIC
-    world.close()
 
 
 def test_bounded_put_keeps_the_newest_entries_within_the_bound() -> None:

@@ -17,7 +17,7 @@ from gateway.enforcer import CLASSIC, RESPOND, Verdict
 from gateway.explain import Explanation, evaluate
 from gateway.store import open_store
 from tests.conftest import IssueKey
-from tests.enforcing import EnforcerWorld
+from tests.enforcing import WorldFactory
 
 Capture = pytest.CaptureFixture[str]
 CLASSIC_KEY = "ABCDE-12345-FGHIJ-67890-KLMNO"
@@ -138,7 +138,7 @@ REQUESTS = [
 @pytest.mark.parametrize(("app", "method", "target", "key"), REQUESTS)
 async def test_explain_and_the_proxy_agree(
     config: Config,
-    tmp_path: Path,
+    make_world: WorldFactory,
     issue_key: IssueKey,
     app: Any,
     method: str,
@@ -147,9 +147,8 @@ async def test_explain_and_the_proxy_agree(
 ) -> None:
     if key in ("core", "fleet"):
         key = issue_key(sub="acme", tier=key)
-    world = EnforcerWorld(config, tmp_path)
+    world = make_world(config)
     verdict = await world.decide(app, world.head(method, target, key=key))
     found: Explanation = evaluate(config, app, method, target, key=key)
     assert found.code == _proxy_code(verdict)
     assert found.status == (verdict.status if verdict.kind == RESPOND else found.status)
-    world.close()

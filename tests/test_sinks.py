@@ -232,6 +232,9 @@ def test_sink_labels_and_relative_paths(tmp_path: Path) -> None:
             id="negative-blocks",
         ),
         pytest.param("events", "retry_max_backoff = 0", "events.retry_max_backoff", id="backoff"),
+        pytest.param(
+            "events", "refusals_per_second = -1", "events.refusals_per_second", id="refusals"
+        ),
         pytest.param("access_log", "sample_allowed = 1.5", "access_log.sample_allowed", id="rate"),
         pytest.param("access_log", 'sink = "syslog:"', "access_log.sink", id="access-sink"),
         pytest.param("access_log", "max_queue = 0", "access_log.max_queue", id="access-queue"),

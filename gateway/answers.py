@@ -1,0 +1,292 @@
+"""The answers of one app listener: the verdicts ``Enforcer.check`` returns once it knows
+the outcome — forward (licensed, public) or answer here (a denial by ``decide``, or a
+refusal before it: bad header, path, identity, tenant mismatch, store outage) — with the
+metric, the problem body (encoded once per distinct refusal) and the refusal event
+(``gateway.refusals``) that go with each.
+
+    answers = Answers("operations", shared)
+    verdict = answers.deny(head, decision, rules, role, user, tenant, found, now)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from gateway.caches import bounded_put
+from gateway.decision import STATUS, Decision, allowed_roles
+from gateway.errors import IdentityError, LicenseError
+from gateway.identity import TENANT_MISMATCH
+from gateway.license import License
+from gateway.matrix import AppName
+from gateway.problems import problem_prefix, request_id, with_request_id
+from gateway.refusals import RefusalLog, decision_prefix
+from gateway.routes import Route, RouteMatch
+from gateway.verdict import FORWARD, RESPOND, RequestHead, Verdict
+
+if TYPE_CHECKING:
+    from gateway.enforcer import Rules, Shared
+
+# The event a decision's refusal code is reported as (the others: the code itself).
+_EVENT_OF: Final = {
+    "feature_not_entitled": "feature_block",
+    **{code: "license_invalid" for code, status in STATUS.items() if status == 401},
+    "license_check_busy": "license_invalid",
+}
+
+
+class Answers:
+    """Verdicts, metrics, problem bodies and refusal events of one app listener."""
+
+    def __init__(self, app: AppName, shared: Shared) -> None:
+        self.app = app
+        self.shared = shared
+        self.metrics = shared.metrics.for_app(app)
+        self.refusals = RefusalLog(shared.events, app)
+        self._bodies: dict[tuple[Any, ...], bytes] = {}
+        self._refusals: dict[tuple[str, str], bytes] = {}  # (reason, detail) -> body prefix
+
+    def public(self, target: bytes, route: Route | None, strip: frozenset[bytes]) -> Verdict:
+        verdict = Verdict(FORWARD, 0, b"", target, b"", b"", "public")
+        verdict.strip = strip
+        if route is not None:
+            verdict.route = route.path
+            verdict.route_name = route.name
+        verdict.code = "public"
+        return verdict
+
+    def allow(
+        self, decision: Decision, target: bytes, found: RouteMatch, identity_lines: bytes
+    ) -> Verdict:
+        ent = decision.entitlement
+        lic = decision.license
+        assert ent is not None and lic is not None
+        tenant = lic.claims.sub
+        headers = b"X-Entitlement-Tenant: %s\r\n%s%s" % (
+            tenant.encode(),
+            ent.upstream_lines,
+            identity_lines,
+        )
+        warning = b""
+        if decision.warning is not None:
+            warning = b"X-License-Warning: %s\r\n" % decision.warning.encode()
+        # Positional, then the access log's fields: half the cost of keyword arguments.
+        verdict = Verdict(FORWARD, 0, b"", target, headers, warning)
+        route = found.route
+        if route is not None:
+            verdict.route = route.path
+            verdict.route_name = route.name
+        verdict.feature = decision.feature
+        verdict.tenant = tenant
+        verdict.tier = decision.tier
+        verdict.code = "allowed"
+        return verdict
+
+    def deny(
+        self,
+        head: RequestHead,
+        decision: Decision,
+        rules: Rules,
+        role: str | None,
+        user: str | None,
+        tenant: str | None,
+        found: RouteMatch,
+        now: float,
+    ) -> Verdict:
+        m = self.metrics
+        status = decision.status
+        code = decision.code
+        extra = b""
+        outcome = "blocked"
+        if status == 401:
+            outcome = "unlicensed"
+        elif status == 503:  # license_check_busy: not decided, try again
+            outcome = "rejected"
+            extra = b"Retry-After: 1\r\n"
+        m.outcome[outcome].inc()
+        if code == "feature_not_entitled":
+            assert decision.feature is not None and decision.tier is not None
+            m.feature_block(self.app, decision.feature, decision.tier).inc()
+        rid = head.request_id or request_id()
+        lic = decision.license
+        facts = self.refusals.facts(rules.policy, lic, now) if lic is not None else None
+        route = found.route
+        body = with_request_id(self._prefix(decision, rules, facts, route), rid)
+        kind = _EVENT_OF.get(code, code)
+        fields: dict[str, Any] = {}
+        if kind == "feature_block":
+            fields = {"feature": decision.feature, "role": role, "user": user}
+        elif kind == "license_invalid":
+            fields = {"reason": code, "detail": decision.detail}
+        elif code == "role_forbidden":
+            allowed = route.roles if route is not None else None
+            fields = {
+                "feature": decision.feature,
+                "role": role,
+                "user": user,
+                "allowed_roles": allowed_roles(allowed) if allowed is not None else None,
+            }
+        elif code == "seat_limit_exceeded":
+            fields = {"feature": decision.feature, "user": user, "detail": decision.detail}
+        elif code == "route_unmatched":
+            fields = {"method": head.method}
+        self.refusals.emit(
+            kind, head, rid, rules.revision, code=code, route=route, tenant=tenant,
+            license=lic, policy=rules.policy, now=now, tier=decision.tier, **fields,
+        )  # fmt: skip
+        if decision.warning is not None:
+            extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
+        verdict = respond(status, body, extra, outcome, route, code)
+        verdict.feature = decision.feature
+        verdict.tenant = tenant
+        verdict.tier = decision.tier
+        return verdict
+
+    def _prefix(
+        self,
+        decision: Decision,
+        rules: Rules,
+        facts: tuple[str, str] | None,
+        route: Route | None,
+    ) -> bytes:
+        """The problem+json body up to the request id, encoded once per distinct denial."""
+        upgrade = rules.policy.upgrade_url
+        roles = route.roles if decision.code == "role_forbidden" and route is not None else None
+        key = (
+            decision.code,
+            decision.detail,
+            decision.feature,
+            decision.tier,
+            decision.required_tier,
+            decision.addon,
+            decision.upsell,
+            upgrade,
+            facts,
+            roles,
+        )
+        cached = self._bodies.get(key)
+        if cached is None:
+            cached = decision_prefix(decision, self.app, upgrade, facts, route)
+            bounded_put(self._bodies, key, cached, 4096)
+        return cached
+
+    def fast_refusal(
+        self, head: RequestHead, error: LicenseError, found: RouteMatch, rules: Rules
+    ) -> Verdict:
+        """401 for a refused key at a target where every refused key gets that answer: the
+        same body, metric and (sampled) event as the full path, without the path work."""
+        key = (error.reason, error.detail)
+        prefix = self._refusals.get(key)
+        if prefix is None:
+            status = STATUS[error.reason]
+            decision = Decision(
+                allowed=False, status=status, code=error.reason, detail=error.detail
+            )
+            prefix = self._prefix(decision, rules, None, None)
+            bounded_put(self._refusals, key, prefix, 1024)
+        status = 503 if error.reason == "license_check_busy" else 401
+        outcome = "rejected" if status == 503 else "unlicensed"
+        self.metrics.outcome[outcome].inc()
+        rid = head.request_id or request_id()
+        route = found.route
+        if self.shared.events.admit("license_invalid"):
+            self.refusals.write(
+                "license_invalid", head, rid, rules.revision, code=error.reason, route=route,
+                tenant=None, license=None, policy=rules.policy, now=time.time(),
+                reason=error.reason, detail=error.detail,
+            )  # fmt: skip
+        extra = b"Retry-After: 1\r\n" if status == 503 else b""
+        return respond(status, with_request_id(prefix, rid), extra, outcome, route, error.reason)
+
+    def identity_refusal(
+        self, head: RequestHead, error: IdentityError, found: RouteMatch, rules: Rules, now: float
+    ) -> Verdict:
+        """401 identity_untrusted / identity_invalid (or 400 for a tenant id not UTF-8)."""
+        outcome = "unlicensed" if error.status == 401 else "rejected"
+        return self.refuse(
+            error.status, error.code, error.title, error.detail, head,
+            outcome=outcome, found=found, now=now,
+        )  # fmt: skip
+
+    def mismatch(
+        self,
+        head: RequestHead,
+        found: RouteMatch,
+        rules: Rules,
+        lic: License,
+        claimed: bytes | str,
+        now: float,
+    ) -> Verdict:
+        tenant = claimed if isinstance(claimed, str) else claimed.decode("utf-8", "replace")
+        error = TENANT_MISMATCH
+        return self.refuse(
+            error.status, error.code, error.title, error.detail, head, outcome="blocked",
+            found=found, tenant=tenant, license=lic, now=now, key_tenant=lic.claims.sub,
+        )  # fmt: skip
+
+    def check_addons(
+        self, head: RequestHead, lic: License, found: RouteMatch, rules: Rules, now: float
+    ) -> None:
+        """An add-on the key's tier cannot buy grants nothing (``decide`` leaves it out);
+        say so once per key, as ``license_invalid`` with code ``addon_not_available``."""
+        reported = self.shared.addons_reported
+        if lic.fingerprint in reported:
+            return
+        bounded_put(reported, lic.fingerprint, True, 100_000)
+        claims = lic.claims
+        usable = rules.matrix.usable_addons(claims.tier, claims.addons)
+        dropped = [name for name in claims.addons if name not in usable]
+        if dropped:
+            rid = head.request_id or request_id()
+            self.refusals.emit(
+                "license_invalid", head, rid, rules.revision, code="addon_not_available",
+                route=found.route, tenant=claims.sub, license=lic, policy=rules.policy,
+                now=now, reason="addon_not_available", addons=dropped,
+                detail=f"not sold to the {claims.tier} tier: {', '.join(dropped)} (ignored)",
+            )  # fmt: skip
+
+    def refuse(
+        self,
+        status: int,
+        code: str,
+        title: str,
+        detail: str,
+        head: RequestHead,
+        outcome: str = "rejected",
+        extra: bytes = b"",
+        found: RouteMatch | None = None,
+        tenant: str | None = None,
+        license: License | None = None,
+        now: float | None = None,
+        **fields: Any,
+    ) -> Verdict:
+        """An answer given outside ``decide`` (bad header, path, identity, mismatch, store
+        outage): its body, metric and sampled event."""
+        self.metrics.outcome[outcome].inc()
+        rid = head.request_id or request_id()
+        rules = self.shared.rules
+        now = time.time() if now is None else now
+        route = found.route if found is not None else None
+        facts = self.refusals.facts(rules.policy, license, now) if license is not None else None
+        body_fields = {"license_state": facts[0], "expires_at": facts[1]} if facts else {}
+        body = with_request_id(problem_prefix(status, code, title, detail, **body_fields), rid)
+        self.refusals.emit(
+            code, head, rid, rules.revision, code=code, route=route, tenant=tenant,
+            license=license, policy=rules.policy, now=now, detail=detail, **fields,
+        )  # fmt: skip
+        verdict = respond(status, body, extra, outcome, route, code)
+        verdict.tenant = tenant
+        return verdict
+
+
+def respond(
+    status: int, body: bytes, extra: bytes, outcome: str, route: Route | None, code: str
+) -> Verdict:
+    """A RESPOND verdict (positional, then the access log's fields: half the cost of
+    keyword arguments)."""
+    verdict = Verdict(RESPOND, status, body, b"", b"", extra, outcome)
+    if route is not None:
+        verdict.route = route.path
+        verdict.route_name = route.name
+    verdict.code = code
+    return verdict
