@@ -39,7 +39,7 @@ from gateway.metrics import Metrics
 from gateway.provision import sign
 from tests.conftest import IssueKey
 from tests.harness import free_port, running_gateway, write_config
-from tests.test_hardening_paths import LoopThread, RecordingUpstream, exchange_sync
+from tests.rawhttp import LoopThread, RecordingUpstream, exchange_sync
 
 REASONS = {"license_malformed", "license_unknown_key", "license_bad_signature"}
 

@@ -23,8 +23,8 @@ from gateway.matrix import APP_NAMES
 from gateway.provision import ProvisionError, parse_event, sign, verify_signature
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, running_gateway
+from tests.rawhttp import Reply, read_reply
 from tests.redis_server import RedisServer
-from tests.test_hardening_paths import Reply, read_reply
 
 SECRET = "billing-shared-secret"
 OPTIMIZE = "/api/v1/shipments/1/optimize"
