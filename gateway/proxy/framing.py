@@ -8,6 +8,7 @@ the answers the gateway writes itself. No I/O, no state: each function is its in
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import NamedTuple
 
 from gateway.enforcer import CLASSIC, RequestHead, Verdict
@@ -34,22 +35,24 @@ WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 # (dropping Content-Length but forwarding the body would smuggle a second request).
 PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
-REASONS = {
-    100: b"Continue",
-    200: b"OK",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
+# RFC 9110's reason phrases where Python before 3.13 still has RFC 7231's.
+_RFC9110 = {
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
 }
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = _RFC9110.get(status) or HTTPStatus(status).phrase
+    except ValueError:  # not a registered status: the phrase may be empty (RFC 9112 §4)
+        phrase = ""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("ascii"))
+
+
+STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 
 
 def is_entitlement_header(lname: bytes) -> bool:
@@ -188,9 +191,8 @@ def interim_head(status: int, reason: bytes) -> bytes:
 
 def answer(status: int, body: bytes, content_type: bytes, extra: bytes, *, close: bool) -> bytes:
     """A complete response the gateway writes itself."""
-    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
-        status,
-        REASONS.get(status, b"Error"),
+    return b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
+        STATUS_LINES[status],
         content_type,
         len(body),
         extra,
