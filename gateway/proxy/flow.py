@@ -45,10 +45,6 @@ class FlowControl:
         self.write_paused = False
         self.peer: asyncio.Transport | None = None  # the joined upstream's transport
 
-    @property
-    def read_paused(self) -> bool:
-        return bool(self.paused)
-
     def pause_reading(self, reason: Pause) -> None:
         if not self.paused and not self.transport.is_closing():
             self.transport.pause_reading()
@@ -74,8 +70,11 @@ class FlowControl:
             peer.resume_reading()
 
     def join(self, peer: asyncio.Transport, peer_write_paused: bool) -> None:
-        """An upstream now writes to this client and reads from it."""
+        """An upstream now writes to this client and reads from it: while this client is
+        not reading, the upstream is not read either, from its first byte on."""
         self.peer = peer
+        if self.write_paused and not peer.is_closing():
+            peer.pause_reading()
         if peer_write_paused:
             self.pause_reading(Pause.UPSTREAM_FULL)
 

@@ -110,6 +110,23 @@ async def test_a_slow_client_pauses_reading_from_the_upstream(wire: Wire) -> Non
     assert upstream.transport.reading
 
 
+async def test_a_slow_client_also_holds_back_the_upstream_of_the_next_pipelined_request(
+    wire: Wire,
+) -> None:
+    wire.send(get(b"/xdispatch/1") + get(b"/xdispatch/2"))
+    await wire.settle()
+    first = wire.upstream(0)
+    wire.client.pause_writing()  # the client stopped reading during the first response
+    first.feed(ok(b"one", b"Connection: close\r\n"))  # that line cannot be reused
+    await wire.settle()
+    second = wire.upstreams[-1]
+    assert second is not first
+    assert parse_requests(second.sent())[0].target == "/xdispatch/2"
+    assert not second.transport.reading  # its response must not stream into a full buffer
+    wire.client.resume_writing()
+    assert second.transport.reading
+
+
 async def test_pause_reasons_combine_and_reading_resumes_when_none_is_left(wire: Wire) -> None:
     wire.send(b"".join(get(b"/xdispatch/%d" % n) for n in range(MAX_PIPELINE + 2)))
     await wire.settle()
