@@ -267,11 +267,12 @@ def test_no_client_bytes_reach_another_clients_upstream_request(
 
 @contextlib.asynccontextmanager
 async def stalled_gateway(
-    tmp_path: Path, key_dir: Path, answer: bytes
+    tmp_path: Path, key_dir: Path, answer: bytes, *, flood: bool = False
 ) -> AsyncIterator[tuple[Gateway, RawUpstream]]:
     """A gateway in front of an upstream that answers one head with ``answer`` (maybe
-    nothing) and then never reads again: a slow WebSocket backend, before or after its 101."""
-    stalling = RawUpstream(answer, stall=True)
+    nothing) and then never reads again: a slow WebSocket backend, before or after its 101.
+    With ``flood`` it sends frames after its answer for as long as they are taken."""
+    stalling = RawUpstream(answer, stall=True, flood=flood)
     await stalling.start()
     try:
         ports: dict[str, int] = dict.fromkeys(APP_NAMES, stalling.port)
@@ -340,12 +341,14 @@ async def test_upgrade_buffer_is_bounded_while_waiting_for_101(
                 await flood
 
 
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
 async def test_a_tunnel_to_a_slow_upstream_pauses_the_client(tmp_path: Path, key_dir: Path) -> None:
-    switched = (
-        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
-    )
-    async with stalled_gateway(tmp_path, key_dir, switched) as (gateway, _):
+    async with stalled_gateway(tmp_path, key_dir, SWITCHED) as (gateway, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
         writer.write(WS_HEAD % b"/api/v1/health" + b"\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
@@ -373,6 +376,34 @@ async def test_a_tunnel_to_a_slow_upstream_pauses_the_client(tmp_path: Path, key
             writer.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await flood
+
+
+async def test_a_tunnel_to_a_slow_client_pauses_the_upstream(tmp_path: Path, key_dir: Path) -> None:
+    """The other way round: the upstream floods after its 101 and the client never reads."""
+    async with stalled_gateway(tmp_path, key_dir, SWITCHED, flood=True) as (gateway, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
+        try:
+            writer.write(WS_HEAD % b"/api/v1/health" + b"\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 101 ")  # and from here on the client reads nothing
+            conn = _client_side(gateway)
+            tunnel = conn.tunnel
+            client_transport = conn.transport
+            assert tunnel is not None and tunnel.transport is not None
+            assert client_transport is not None
+            upstream_transport = tunnel.transport
+            high = client_transport.get_write_buffer_limits()[1]
+            await _until(
+                lambda: (
+                    client_transport.get_write_buffer_size() > 4 * (high + READ_SIZE)
+                    or not upstream_transport.is_reading()
+                ),
+                "the upstream paused, or the client write buffer past its bound",
+            )
+            assert client_transport.get_write_buffer_size() <= high + READ_SIZE
+            assert not upstream_transport.is_reading()
+        finally:
+            writer.close()
 
 
 @pytest.mark.parametrize(
