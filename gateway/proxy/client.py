@@ -238,8 +238,13 @@ class Downstream(asyncio.Protocol):
         self.last_active = self.loop.time()
 
     def open_tunnel(self, conn: Upstream, rest: bytes) -> None:
-        """The upstream answered 101: ``conn`` and this connection are a byte tunnel."""
+        """The upstream answered 101: ``conn`` and this connection are a byte tunnel. Its
+        timeouts are the WebSocket's own business (ping/pong), not the keep-alive or read
+        timeouts of HTTP: the watchdog stops; a drain waits for it until the deadline."""
         self.tunnel = conn
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if rest:
             self.write(rest)
         for chunk in self.upgrade_buffer or ():
@@ -323,7 +328,9 @@ class Downstream(asyncio.Protocol):
             self.transport.abort()
 
     def close_if_idle(self) -> None:
-        if self.active is None and self.parsing is None:
+        """Close a keep-alive connection between requests (shutdown begins); a tunnel is
+        in-flight work, cut at the drain deadline (docs/operations.md)."""
+        if self.active is None and self.parsing is None and self.tunnel is None:
             self.close()
 
 
