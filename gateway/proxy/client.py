@@ -62,6 +62,7 @@ class Downstream(asyncio.Protocol):
         self.upgrade_buffer: list[bytes] | None = None  # client bytes before the 101
         self.upgrade_buffered = 0
         self.out: list[bytes] | None = None  # corked output, see write()
+        self.refusal: bytes | None = None  # the answer to a malformed request, sent last
         # One watchdog per connection, ticking lazily: cheaper than a timer per request.
         self.watchdog: asyncio.TimerHandle | None = None
         self.last_active = self.loop.time()
@@ -106,6 +107,8 @@ class Downstream(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.send(data)
             return
+        if self.refusal is not None:
+            return  # read before reading paused: after a malformed request, nothing counts
         if self.upgrade_buffer is not None:
             self._buffer_upgrade(data)
             return
@@ -232,6 +235,9 @@ class Downstream(asyncio.Protocol):
             self.active = nxt
             nxt.begin()
             return
+        if self.refusal is not None:
+            self._refuse()
+            return
         if self.tracker.closing:
             self.close()
             return
@@ -281,6 +287,11 @@ class Downstream(asyncio.Protocol):
 
     # ------------------------------------------------------------ refusing
     def _bad_request(self, exc: Exception) -> None:
+        """Refuse what could not be parsed (or arrived too slowly) with a 4xx and close;
+        nothing after it is read, and requests not yet answered are not. A response already
+        being written is finished first (rather than cut short), unless it belongs to the
+        request whose body was malformed: then the connection just closes, as an answer
+        cannot follow part of a response."""
         if isinstance(exc, Reject):
             status, code, title = exc.status, exc.code, exc.title
         elif isinstance(exc.__cause__, Reject) or isinstance(exc.__context__, Reject):
@@ -289,13 +300,32 @@ class Downstream(asyncio.Protocol):
             status, code, title = inner.status, inner.code, inner.title
         else:
             status, code, title = 400, "bad_request", "Malformed HTTP request"
+        if self.refusal is not None or self.closing:
+            return
         self.metrics.outcome["rejected"].inc()
         body, _ = problem(status, code, title, str(exc) if status == 400 else "")
+        self.refusal = framing.answer(status, body, PROBLEM_JSON, b"", close=True)
+        self.flow.pause_reading(Pause.REFUSED)
+        self.in_message = False
+        broken, self.parsing = self.parsing, None
+        for queued in self.pipeline:
+            queued.abandon()
+        self.pipeline.clear()
         active = self.active
-        if active is not None and active.upstream is not None:
-            active.upstream.detach()  # mid-relay: that upstream exchange is abandoned
-        if active is None or not active.response_started:
-            self.write(framing.answer(status, body, PROBLEM_JSON, b"", close=True))
+        if active is not None and (active is broken or not active.response_started):
+            active.abandon()  # its upstream may have part of a request: never reused
+            self.active = None
+            if active.response_started:
+                self.close()
+                return
+        if self.active is None:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        """Everything before the refused request is answered: the refusal, then close."""
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None:
+            self.write(refusal)
         self.close()
 
     # ------------------------------------------------------------ writing

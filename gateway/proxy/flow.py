@@ -29,6 +29,7 @@ class Pause(enum.IntFlag):
     BUFFER_FULL = 2  # a request body held for an upstream not yet ready is over max_buffer
     PIPELINE = 4  # more pipelined requests queued than MAX_PIPELINE
     UPGRADE = 8  # bytes after an upgrade head, held until the 101, over UPGRADE_HIGH_WATER
+    REFUSED = 16  # a malformed request was read: nothing after it is (never lifted)
 
 
 NOT_PAUSED = Pause(0)

@@ -264,6 +264,47 @@ async def test_bad_requests_are_answered_and_closed_before_any_upstream(
     assert wire.upstreams == []
 
 
+async def test_a_malformed_pipelined_request_lets_the_response_in_flight_finish(
+    wire: Wire,
+) -> None:
+    wire.send(get(b"/xdispatch/download"))
+    await wire.settle()
+    upstream = wire.upstream(0)
+    upstream.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")  # streaming
+    wire.send(b"NOT HTTP AT ALL\r\n\r\n")  # the next request is malformed
+    assert not upstream.transport.closing
+    upstream.feed(b"67890")
+    first, refusal = wire.replies()
+    assert (first.status, bytes(first.body)) == (200, b"1234567890")  # whole, then the 400
+    assert (refusal.status, refusal.code) == (400, "bad_request")
+    assert wire.transport.closing
+
+
+async def test_a_malformed_request_refuses_the_requests_not_yet_answered(wire: Wire) -> None:
+    bad = b"GET / HTTP/1.1\r\nNo colon\r\n\r\n"
+    wire.send(get(b"/xdispatch/1") + get(b"/api/v1/shipments") + bad + get(b"/xdispatch/4"))
+    await wire.settle()
+    assert [reply.status for reply in wire.replies()] == [400]
+    assert wire.transport.closing
+    assert all(upstream.transport.closing for upstream in wire.upstreams)
+
+
+async def test_a_malformed_body_of_the_request_being_relayed_ends_the_connection(
+    wire: Wire,
+) -> None:
+    chunked = (
+        b"POST /xdispatch/upload HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    wire.send(chunked + b"5\r\nhello\r\n")
+    await wire.settle()
+    upstream = wire.upstream(0)
+    upstream.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+    wire.send(b"zz\r\n")  # not a chunk size: that request cannot be completed
+    assert upstream.transport.closing  # the upstream got half a request: never reused
+    assert wire.transport.closing
+    assert wire.replies() == []  # the 200 already began: no answer can follow it
+
+
 async def test_an_answer_before_the_body_drains_a_small_body_and_goes_on(wire: Wire) -> None:
     wire.send(post(b"/api/v1/shipments", b"part", length=10))  # no key: 401 at once
     (reply,) = wire.replies()
