@@ -70,6 +70,7 @@ class Downstream(asyncio.Protocol):
         self.headers_done = False
         self.message_started = 0.0
         self.last_body = 0.0
+        self.last_tick = self.last_active
         self.body_received = 0
         # the head being parsed
         self._url = b""
@@ -266,6 +267,13 @@ class Downstream(asyncio.Protocol):
         now = self.loop.time()
         settings = self.settings
         self.watchdog = self.loop.call_later(settings.tick, self._tick)
+        if self.flow.paused:
+            # We stopped reading (a slow upstream, a full queue): the client cannot send,
+            # so that time never counts towards its head or body deadline.
+            held = now - self.last_tick
+            self.message_started += held
+            self.last_body += held
+        self.last_tick = now
         if self.in_message:
             # Slow clients cannot hold a connection: the head and the body each have a
             # deadline (a slow-loris head, a stalled upload).

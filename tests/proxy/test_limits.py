@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import pytest
 
 from tests.conftest import GatewayFactory, IssueKey
-from tests.harness import Gateway
+from tests.harness import Gateway, RawUpstream
 
 LIMITS = """
 [server]
@@ -144,3 +145,33 @@ async def test_a_denied_expect_continue_request_is_answered_and_closed(
     )
     assert _status(response) == 403
     assert b"Connection: close" in response
+
+
+async def test_an_upload_held_back_by_a_slow_upstream_is_not_a_stalled_client(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Reading from the client pauses while the upstream does not read the body: that
+    time is the upstream's (504 after read_timeout), never the client's body_timeout."""
+    stalling = RawUpstream(b"", stall=True)
+    await stalling.start()
+    try:
+        gateway = await gateway_factory(
+            stalling.port, extra="[server]\nbody_timeout = 0.3\n", app_extra="read_timeout = 1.5\n"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
+        size = 256 << 20  # far more than the socket buffers on the way hold
+        writer.write(
+            b"POST /xdispatch/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        reply = asyncio.get_running_loop().create_task(reader.read(65536))
+        chunk = b"u" * 65536
+        with contextlib.suppress(ConnectionError):
+            while not reply.done():
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 10)
+        response = await asyncio.wait_for(reply, 10)
+        writer.close()
+        assert _status(response) == 504, response[:200]
+        assert b'"code":"upstream_timeout"' in response
+    finally:
+        await stalling.stop()
