@@ -319,6 +319,11 @@ class Exchange:
         down = self.downstream
         upstream = self.upstream
         assert upstream is not None
+        if status == 101 and not self.framing.upgrade:
+            # Only a WebSocket upgrade we forwarded may switch: any other 101 would make
+            # this client connection a tunnel whose later requests go unchecked.
+            self.upstream_failed("bad_response")
+            return
         if self.framing.upgrade and status != 101:
             self.close_after = True  # the parser is in upgrade mode: this line cannot go on
         verdict = self.verdict

@@ -219,6 +219,23 @@ async def test_a_pipelined_upgrade_behind_an_in_flight_request_is_not_parsed_as_
     assert [reply.status for reply in wire.replies()] == [200, 101]
 
 
+async def test_a_101_to_a_request_that_asked_for_no_websocket_is_a_bad_response(
+    wire: Wire,
+) -> None:
+    """Otherwise an upstream's stray 101 would turn the client connection into a tunnel
+    whose later requests reach the upstream unchecked."""
+    wire.send(get(b"/xdispatch/1"))
+    await wire.settle()
+    upstream = wire.upstream(0)
+    upstream.feed(SWITCHED + b"raw")
+    assert wire.client.tunnel is None
+    (reply,) = wire.replies()
+    assert (reply.status, reply.code) == (502, "upstream_bad_response")
+    assert upstream.transport.closing
+    wire.send(get(b"/api/v1/shipments"))  # enforced as ever: no key, 401
+    assert [reply.status for reply in wire.replies()] == [502, 401]
+
+
 async def test_a_refused_upgrade_closes_the_connection(wire: Wire) -> None:
     refused = WS.replace(b"/xdispatch/ws", b"/api/v1/itineraries")  # no key: 401
     wire.send(refused + FRAME * 10)
