@@ -10,17 +10,20 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter
 from typing import cast
 
 import httptools
 
-from gateway.enforcer import PROBLEM_JSON, Enforcer, problem
+from gateway.accesslog import AccessLog
+from gateway.enforcer import PROBLEM_JSON, RESPOND, Enforcer, Verdict, request_id
 from gateway.proxy import framing
-from gateway.proxy.exchange import UPSTREAM_OWES, Exchange
+from gateway.proxy.exchange import Exchange
 from gateway.proxy.flow import FlowControl, Pause
 from gateway.proxy.pool import Upstream, UpstreamPool
 from gateway.proxy.request import Reject, read_head
 from gateway.proxy.settings import MAX_PIPELINE, UPGRADE_HIGH_WATER, ProxySettings
+from gateway.proxy.state import UPSTREAM_OWES
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,12 @@ class Downstream(asyncio.Protocol):
         pool: UpstreamPool,
         settings: ProxySettings,
         tracker: Tracker,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.enforcer = enforcer
+        # Only an enabled log: a disabled one is not worth a call per request.
+        self.access_log = access_log if access_log is not None and access_log.enabled else None
         self.pool = pool
         self.settings = settings
         self.metrics = enforcer.metrics
@@ -63,6 +69,7 @@ class Downstream(asyncio.Protocol):
         self.upgrade_buffered = 0
         self.out: list[bytes] | None = None  # corked output, see write()
         self.refusal: bytes | None = None  # the answer to a malformed request, sent last
+        self.failed_keys = 0  # license keys refused (401) on this connection
         # One watchdog per connection, ticking lazily: cheaper than a timer per request.
         self.watchdog: asyncio.TimerHandle | None = None
         self.last_active = self.loop.time()
@@ -191,6 +198,7 @@ class Downstream(asyncio.Protocol):
             parser.get_http_version(),
             self.settings,
             upgrade=parser.should_upgrade(),
+            peer=self.peer,
         )
         ex = Exchange(self, head, request, parser.should_keep_alive())
         self.parsing = ex
@@ -311,11 +319,21 @@ class Downstream(asyncio.Protocol):
         if self.refusal is not None or self.closing:
             return
         self.metrics.outcome["rejected"].inc()
-        body, _ = problem(status, code, title, str(exc) if status == 400 else "")
-        self.refusal = framing.answer(status, body, PROBLEM_JSON, b"", close=True)
+        broken = self.parsing
+        rid = broken.head.request_id if broken is not None else request_id()
+        detail = str(exc) if status == 400 else ""
+        body = framing.problem_body(status, code, title, detail, rid)
+        self.refusal = framing.answer(status, body, PROBLEM_JSON, b"", close=True, request_id=rid)
+        if self.access_log is not None:
+            method = broken.head.method if broken is not None else "-"
+            self.access_log.record(
+                self.enforcer.app, method, None, None, None, "rejected", status, None,
+                0.0 if broken is None else perf_counter() - broken.started,
+                len(self.refusal), rid, None, None,
+            )  # fmt: skip
         self.flow.pause_reading(Pause.REFUSED)
         self.in_message = False
-        broken, self.parsing = self.parsing, None
+        self.parsing = None
         for queued in self.pipeline:
             queued.abandon()
         self.pipeline.clear()
@@ -335,6 +353,30 @@ class Downstream(asyncio.Protocol):
         if refusal is not None:
             self.write(refusal)
         self.close()
+
+    # ------------------------------------------------------------ accounting
+    def key_refused(self) -> bool:
+        """A license key was refused (401) on this connection: True once the connection's
+        budget is spent, and the answer then closes it. A key flood then pays for a new
+        connection every ``max_failed_keys`` keys; a client with a valid key never gets
+        here."""
+        self.failed_keys += 1
+        return self.failed_keys >= self.settings.max_failed_keys
+
+    def log_access(self, ex: Exchange, outcome: str | None, duration: float) -> None:
+        """One access-log line for a finished exchange. Route, feature, tenant and tier
+        come from the verdict when it carries them."""
+        assert self.access_log is not None
+        verdict = ex.verdict
+        if outcome is None:  # a RESPOND verdict: the enforcer counted its outcome itself
+            outcome = _outcome_of(verdict, ex.status)
+        self.access_log.record(
+            self.enforcer.app, ex.head.method,
+            getattr(verdict, "route", None), getattr(verdict, "route_name", None),
+            getattr(verdict, "feature", None), outcome, ex.status, ex.upstream_status,
+            duration, ex.sent, ex.head.request_id,
+            getattr(verdict, "tenant", None), getattr(verdict, "tier", None),
+        )  # fmt: skip
 
     # ------------------------------------------------------------ writing
     def cork(self) -> None:
@@ -372,10 +414,28 @@ class Downstream(asyncio.Protocol):
             self.close()
 
 
+def _outcome_of(verdict: Verdict | None, status: int) -> str:
+    """The outcome of an answer the enforcer gave: the verdict's when it names one, else
+    the one its status implies (as the enforcer counts it)."""
+    if verdict is not None and verdict.outcome != "allowed":
+        return verdict.outcome
+    if verdict is None or verdict.kind != RESPOND or status < 400:
+        return "allowed"
+    if status == 401:
+        return "unlicensed"
+    if status == 400 or status >= 500:
+        return "rejected"
+    return "blocked"
+
+
 def downstream_factory(
-    enforcer: Enforcer, pool: UpstreamPool, settings: ProxySettings, tracker: Tracker
+    enforcer: Enforcer,
+    pool: UpstreamPool,
+    settings: ProxySettings,
+    tracker: Tracker,
+    access_log: AccessLog | None = None,
 ) -> Callable[[], Downstream]:
     def make() -> Downstream:
-        return Downstream(enforcer, pool, settings, tracker)
+        return Downstream(enforcer, pool, settings, tracker, access_log)
 
     return make

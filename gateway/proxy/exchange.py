@@ -1,31 +1,45 @@
-"""One request/response pair on a client connection, as an explicit state machine.
-
-    QUEUED ──▶ DECIDING ──▶ AWAIT_TENANT ──▶ DECIDING (again, with the record)
-                  │
-                  ├──▶ AWAIT_UPSTREAM ──▶ WAITING ──▶ RELAYING ──▶ DONE
-                  │          ▲              │  │
-                  │          └── (retry) ───┘  └──▶ TUNNEL (101)
-                  │
-                  └──▶ answered here ──▶ DRAINING (rest of the body dropped) ──▶ DONE
-
-An exchange is created QUEUED when its head is parsed; the client connection begins it when
-it is first in line. ``_NEXT`` lists the legal transitions and ``to`` is the only place that
-changes the state. The other attributes are facts about the two messages' framing and
-progress (how much body was held or sent), never "where are we" flags.
+"""One request/response pair on a client connection: decided by the enforcer, then
+answered here or relayed to an upstream connection, and finished. Where it stands is its
+``State`` (``state.py``, with the diagram); ``to`` is the only place that changes it. The
+other attributes are facts about the two messages' framing and progress (how much body was
+held or sent, how much response written), never "where are we" flags.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
-from gateway.enforcer import NEED_TENANT, PROBLEM_JSON, RESPOND, RequestHead, Verdict, problem
+from gateway.enforcer import (
+    CLASSIC,
+    COLLECT,
+    NEED_TENANT,
+    PROBLEM_JSON,
+    RESPOND,
+    RequestHead,
+    Verdict,
+)
 from gateway.proxy import framing
 from gateway.proxy.flow import Pause
 from gateway.proxy.request import RequestFraming
+from gateway.proxy.state import (
+    AWAIT_TENANT,
+    AWAIT_UPSTREAM,
+    COLLECTING,
+    DECIDING,
+    DONE,
+    DRAINING,
+    NEXT,
+    QUEUED,
+    RELAYING,
+    RESPONDED,
+    TUNNEL,
+    UPSTREAM_OWES,
+    WAITING,
+    State,
+)
 
 if TYPE_CHECKING:
     from gateway.proxy.client import Downstream
@@ -34,50 +48,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class State(enum.Enum):
-    QUEUED = "queued"  # parsed; waits behind the exchange being answered
-    DECIDING = "deciding"  # the enforcer decides (synchronous)
-    AWAIT_TENANT = "await_tenant"  # a tenant record or classic key is being fetched
-    AWAIT_UPSTREAM = "await_upstream"  # forwarded: a connection is opened or queued for
-    WAITING = "waiting"  # the request went upstream; no final response head yet
-    RELAYING = "relaying"  # the response head went to the client; its body streams
-    DRAINING = "draining"  # answered before the request body ended: the rest is dropped
-    DONE = "done"
-    TUNNEL = "tunnel"  # 101: the connection is a byte tunnel now
+class Answering(Protocol):
+    """``Enforcer.answer``: the answer to a COLLECT verdict, from the request body."""
 
-
-QUEUED, DECIDING, AWAIT_TENANT, AWAIT_UPSTREAM = (
-    State.QUEUED,
-    State.DECIDING,
-    State.AWAIT_TENANT,
-    State.AWAIT_UPSTREAM,
-)
-WAITING, RELAYING, DRAINING, DONE, TUNNEL = (
-    State.WAITING,
-    State.RELAYING,
-    State.DRAINING,
-    State.DONE,
-    State.TUNNEL,
-)
-
-# Answered (here or by the upstream), fully or in part: another answer must not follow.
-RESPONDED = frozenset({RELAYING, DRAINING, DONE, TUNNEL})
-# The upstream is expected to send: the read timeout applies.
-UPSTREAM_OWES = frozenset({WAITING, RELAYING})
-
-_NEXT: dict[State, frozenset[State]] = {
-    QUEUED: frozenset({DECIDING}),
-    DECIDING: frozenset({AWAIT_TENANT, AWAIT_UPSTREAM, DRAINING, DONE}),
-    AWAIT_TENANT: frozenset({DECIDING, DRAINING, DONE}),
-    AWAIT_UPSTREAM: frozenset({WAITING, DRAINING, DONE}),
-    WAITING: frozenset({RELAYING, AWAIT_UPSTREAM, DRAINING, DONE}),
-    RELAYING: frozenset({TUNNEL, DONE}),
-    DRAINING: frozenset({DONE}),
-    DONE: frozenset(),
-    TUNNEL: frozenset(),
-}
+    def answer(self, head: RequestHead, body: bytes) -> Verdict: ...
 
 
 class Exchange:
@@ -103,6 +80,9 @@ class Exchange:
         "task",
         "started",
         "last_activity",
+        "sent",
+        "status",
+        "upstream_status",
     )
 
     def __init__(
@@ -131,14 +111,22 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.started = perf_counter()
         self.last_activity = self.loop.time()
+        self.sent = 0  # response bytes written to the client
+        self.status = 0  # of the final response, once known
+        self.upstream_status: int | None = None  # None: answered here
 
     def to(self, state: State) -> None:
-        assert state in _NEXT[self.state], f"{self.state} -> {state}"
+        assert state in NEXT[self.state], f"{self.state} -> {state}"
         self.state = state
 
     @property
     def response_started(self) -> bool:
         return self.state in RESPONDED
+
+    def write(self, data: bytes) -> None:
+        """To the client, counted for the access log."""
+        self.sent += len(data)
+        self.downstream.write(data)
 
     # ------------------------------------------------------------ deciding
     def begin(self) -> None:
@@ -170,82 +158,62 @@ class Exchange:
 
     def dispatch(self, verdict: Verdict) -> None:
         self.verdict = verdict
-        if verdict.kind == RESPOND:
+        down = self.downstream
+        if verdict.close:
+            self.close_after = True
+        kind = verdict.kind
+        if kind == RESPOND:
+            if verdict.status == 401 and self.head.license_key is not None and down.key_refused():
+                self.close_after = True
             self.answer(verdict.status, verdict.body, verdict.response_headers)
             return
-        down = self.downstream
+        if kind == COLLECT:
+            self._collect()
+            return
         self.upstream_head = framing.upstream_head(
             self.head,
             verdict,
             drop=self.framing.drop,
             upgrade=self.framing.upgrade,
             host=down.settings.host_header,
-            peer=down.peer,
         )
         self.to(AWAIT_UPSTREAM)
-        pool = down.pool
-        conn = pool.take()
-        if conn is not None:
-            self.attach(conn)
-        elif pool.can_open():
-            self.task = self.loop.create_task(self._connect())
-        else:
-            self.task = self.loop.create_task(self._queue_for_connection())
+        down.pool.provide(self)
+
+    # ------------------------------------------------------------ answered from the body
+    def _collect(self) -> None:
+        verdict = self.verdict
+        assert verdict is not None
+        self.to(COLLECTING)
+        if self.held > self.downstream.settings.max_buffer:
+            # Held while deciding; the verdict's max_body bounds it from here on.
+            self.downstream.flow.resume_reading(Pause.BUFFER_FULL)
+        if self.body_bytes > verdict.max_body:
+            self._collect_too_large()
+        elif self.body_done:
+            self._collected()
+        elif self.framing.expect_continue:
+            self.write(CONTINUE)  # the client waits for this before sending the body
+
+    def _collect_too_large(self) -> None:
+        self.close_after = True  # the rest of the body is not read
+        self.answer_problem(413, "body_too_large", "Request body too large", "rejected")
+
+    def _collected(self) -> None:
+        body = b"".join(self.take_body())
+        try:
+            # Enforcer.answer (tenant-facing endpoints) lands with the enforcer split.
+            verdict = cast(Answering, self.downstream.enforcer).answer(self.head, body)
+        except Exception:  # a bug of ours: answer, never hang
+            log.exception("answering a collected request failed")
+            self.answer_problem(500, "internal_error", "Internal gateway error", "rejected")
+            return
+        self.verdict = verdict
+        if verdict.close:
+            self.close_after = True
+        self.answer(verdict.status, verdict.body, verdict.response_headers)
 
     # ------------------------------------------------------------ to the upstream
-    async def _queue_for_connection(self) -> None:
-        """All upstream connections busy: wait (bounded) for one, else 503."""
-        down = self.downstream
-        pool = down.pool
-        waiter = pool.wait()
-        try:
-            conn = await asyncio.wait_for(asyncio.shield(waiter), down.settings.queue_timeout)
-        except TimeoutError:
-            waiter.cancel()
-            self.task = None
-            down.metrics.upstream_errors["overloaded"].inc()
-            body, _ = problem(
-                503,
-                "upstream_overloaded",
-                "Upstream connection limit reached",
-                f"app {down.enforcer.app}: all {down.settings.max_connections} connections busy",
-            )
-            self.answer(503, body, b"Retry-After: 1\r\n", outcome="upstream_error")
-            return
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                pool.release(waiter.result())  # type: ignore[arg-type]
-            waiter.cancel()
-            raise
-        self.task = None
-        if not down.serving(self):
-            if conn is not None:
-                pool.release(conn)
-            return
-        if conn is None:
-            self.task = self.loop.create_task(self._connect())
-        else:
-            self.attach(conn)
-
-    async def _connect(self) -> None:
-        down = self.downstream
-        try:
-            conn = await down.pool.connect()
-        except TimeoutError:
-            self.task = None
-            self.upstream_error("timeout", 504, "Upstream connect timed out")
-            return
-        except OSError as exc:
-            self.task = None
-            log.debug("upstream connect failed: %s", exc)
-            self.upstream_error("refused", 502, "Upstream refused the connection")
-            return
-        self.task = None
-        if not down.serving(self):
-            down.pool.release(conn)
-            return
-        self.attach(conn)
-
     def attach(self, conn: Upstream) -> None:
         """Send the head and whatever body arrived meanwhile; the rest streams."""
         conn.attach(self)
@@ -290,7 +258,11 @@ class Exchange:
         self.body.append(body)
         self.body_bytes += len(body)
         self.held += len(body)
-        if self.held > self.downstream.settings.max_buffer:
+        if state is COLLECTING:
+            assert self.verdict is not None
+            if self.body_bytes > self.verdict.max_body:
+                self._collect_too_large()
+        elif self.held > self.downstream.settings.max_buffer:
             self.downstream.flow.pause_reading(Pause.BUFFER_FULL)
 
     def body_end(self) -> None:
@@ -299,15 +271,15 @@ class Exchange:
         if state is DRAINING:
             self.to(DONE)
             self.downstream.finished(self)
-            return
-        upstream = self.upstream
-        if upstream is not None and state in UPSTREAM_OWES and self.framing.chunked:
-            upstream.send(framing.LAST_CHUNK)
+        elif state is COLLECTING:
+            self._collected()
+        elif self.upstream is not None and state in UPSTREAM_OWES and self.framing.chunked:
+            self.upstream.send(framing.LAST_CHUNK)
 
     # ------------------------------------------------------------ upstream → client
     def relay_interim(self, status: int, reason: bytes) -> None:
         if self.framing.version == "1.1":
-            self.downstream.write(framing.interim_head(status, reason))
+            self.write(framing.interim_head(status, reason))
 
     def relay_head(
         self,
@@ -327,6 +299,7 @@ class Exchange:
         if self.framing.upgrade and status != 101:
             self.close_after = True  # the parser is in upgrade mode: this line cannot go on
         verdict = self.verdict
+        assert verdict is not None
         out = framing.client_head(
             status,
             reason,
@@ -334,35 +307,36 @@ class Exchange:
             drop,
             version=self.framing.version,
             method=self.head.method,
-            extra=verdict.response_headers if verdict is not None else b"",
+            extra=verdict.response_headers,
             close=self.close_after or down.tracker.closing,
+            request_id=None if verdict.kind == CLASSIC else self.head.request_id.encode(),
         )
         self.close_after = out.close
         self.chunked_out = out.chunked
+        self.status = self.upstream_status = status
         upstream.until_close = out.until_close
         self.to(RELAYING)
-        down.write(out.head)
+        self.write(out.head)
         if self.head.method == "HEAD":
             # httptools cannot be told a HEAD response has no body: finish here and do not
             # reuse the connection, whose parser would wait for that body.
             upstream.detach()
-            self._count_forwarded()
-            self._complete()
+            self._complete(verdict.outcome)
 
     def relay_body(self, body: bytes) -> None:
-        self.downstream.write(framing.chunk(body) if self.chunked_out else body)
+        self.write(framing.chunk(body) if self.chunked_out else body)
 
     def relay_end(self, reusable: bool) -> None:
         if self.chunked_out:
-            self.downstream.write(framing.LAST_CHUNK)
+            self.write(framing.LAST_CHUNK)
         upstream = self.upstream
         if upstream is not None:
             # Never reuse what cannot be proved clean: a line that carried an upgrade or
             # CONNECT head, or whose request body did not go out whole, may still owe the
             # upstream bytes.
             upstream.detach(reusable and self.body_done and not self.framing.switching)
-        self._count_forwarded()
-        self._complete()
+        assert self.verdict is not None
+        self._complete(self.verdict.outcome)
 
     def upgraded(self, rest: bytes) -> None:
         """The upstream answered 101: from now on both sides are a byte tunnel."""
@@ -376,14 +350,10 @@ class Exchange:
         self.to(TUNNEL)
         self.upstream = None
         conn.open_tunnel()
-        self._count_forwarded()
-        down.metrics.duration.observe(perf_counter() - self.started)
+        assert self.verdict is not None
+        down.metrics.outcome[self.verdict.outcome].inc()
+        self._finished(self.verdict.outcome)
         down.open_tunnel(conn, rest)
-
-    def _count_forwarded(self) -> None:
-        verdict = self.verdict
-        if verdict is not None:
-            self.downstream.metrics.outcome[verdict.outcome].inc()
 
     # ------------------------------------------------------------ upstream faults
     def upstream_failed(self, kind: str) -> None:
@@ -402,7 +372,7 @@ class Exchange:
             self.retried = True
             conn.detach()
             self.to(AWAIT_UPSTREAM)
-            self.task = self.loop.create_task(self._connect())
+            self.downstream.pool.open_for(self)
             return
         if conn is not None:
             conn.detach()
@@ -416,7 +386,9 @@ class Exchange:
             self.upstream.detach()
         self.upstream_error("timeout", 504, "Upstream did not answer in time")
 
-    def upstream_error(self, kind: str, status: int, title: str) -> None:
+    def upstream_error(
+        self, kind: str, status: int, title: str, detail: str = "", extra: bytes = b""
+    ) -> None:
         state = self.state
         if state is DRAINING or state is DONE or state is TUNNEL:
             return
@@ -426,18 +398,21 @@ class Exchange:
             # Part of the response is already out: the only honest signal is an abort.
             self.to(DONE)
             down.metrics.outcome["upstream_error"].inc()
+            self._finished("upstream_error")
             down.abort()
             return
-        body, _ = problem(status, f"upstream_{kind}", title, f"app {down.enforcer.app}")
-        self.answer(status, body, b"", outcome="upstream_error")
+        detail = detail or f"app {down.enforcer.app}"
+        body = framing.problem_body(status, f"upstream_{kind}", title, detail, self.head.request_id)
+        self.answer(status, body, extra, outcome="upstream_error")
 
     # ------------------------------------------------------------ answering here
     def answer_problem(self, status: int, code: str, title: str, outcome: str) -> None:
-        body, _ = problem(status, code, title)
+        body = framing.problem_body(status, code, title, "", self.head.request_id)
         self.answer(status, body, b"", outcome=outcome)
 
     def answer(self, status: int, body: bytes, extra: bytes, outcome: str | None = None) -> None:
-        """Write a complete problem+json response."""
+        """Write a complete response: the verdict's (its content type, problem+json by
+        default), or the problem+json of an ``outcome`` the proxy counts itself."""
         down = self.downstream
         self.take_body()  # dropped
         if self.framing.upgrade:
@@ -450,15 +425,30 @@ class Exchange:
                 self.close_after = True
         if down.tracker.closing:
             self.close_after = True
-        down.write(framing.answer(status, body, PROBLEM_JSON, extra, close=self.close_after))
+        verdict = self.verdict
+        content_type = verdict.content_type if outcome is None and verdict else PROBLEM_JSON
+        self.status = status
+        self.write(
+            framing.answer(
+                status,
+                body,
+                content_type,
+                extra,
+                close=self.close_after,
+                request_id=self.head.request_id,
+            )
+        )
         if outcome is not None:
             down.metrics.outcome[outcome].inc()
-        self._complete(answered=True)
+        self._complete(outcome, answered=True)
 
-    def _complete(self, answered: bool = False) -> None:
+    def _complete(self, outcome: str | None, answered: bool = False) -> None:
         """The response is fully written."""
+        if not answered:
+            assert outcome is not None
+            self.downstream.metrics.outcome[outcome].inc()
+        self._finished(outcome)
         down = self.downstream
-        down.metrics.duration.observe(perf_counter() - self.started)
         if self.close_after or (not self.body_done and not answered):
             self.to(DONE)
             down.close()
@@ -468,6 +458,14 @@ class Exchange:
             return
         self.to(DONE)
         down.finished(self)
+
+    def _finished(self, outcome: str | None) -> None:
+        """The response is out (or, for a tunnel, its 101): timed, and logged."""
+        down = self.downstream
+        duration = perf_counter() - self.started
+        down.metrics.duration.observe(duration)
+        if down.access_log is not None:
+            down.log_access(self, outcome, duration)
 
     def abandon(self) -> None:
         """The client connection is gone."""

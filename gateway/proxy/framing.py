@@ -11,7 +11,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import NamedTuple
 
-from gateway.enforcer import CLASSIC, RequestHead, Verdict
+from gateway.enforcer import CLASSIC, RequestHead, Verdict, problem
 
 HOP_BY_HOP = frozenset(
     {
@@ -34,6 +34,8 @@ WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 # Framing and routing headers a client cannot have dropped by naming them in Connection
 # (dropping Content-Length but forwarding the body would smuggle a second request).
 PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# Request headers the gateway writes itself on forwarded (non-classic) requests.
+REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"})
 
 # RFC 9110's reason phrases where Python before 3.13 still has RFC 7231's.
 _RFC9110 = {
@@ -85,18 +87,18 @@ def upstream_head(
     drop: list[bytes],
     upgrade: bool,
     host: bytes | None,
-    peer: bytes,
 ) -> bytes:
     """The request head the upstream receives. Classic requests keep every byte except
     X-Entitlement-* and hop-by-hop headers; the others get the canonical target, the
-    ``host`` rewrite (None: the client's Host), one combined X-Forwarded-For ending in the
-    peer, and the verdict's X-Entitlement-* lines."""
+    ``host`` rewrite (None: the client's Host), one X-Forwarded-For ending in the peer,
+    the request id, and the verdict's X-Entitlement-* lines, without the headers the
+    verdict strips."""
     classic = verdict.kind == CLASSIC
     lines = [
         b"%s %s HTTP/1.1\r\n" % (head.method.encode(), head.target if classic else verdict.target)
     ]
-    xff = b""
     host_rewrite = None if classic else host
+    strip = verdict.strip
     for name, value, lname in head.headers:
         if lname in HOP_BY_HOP:
             if lname == b"transfer-encoding":
@@ -105,10 +107,7 @@ def upstream_head(
         if is_entitlement_header(lname) or (drop and lname in drop):
             continue
         if not classic:
-            if lname == b"x-forwarded-for":  # several lines are one list, in order
-                xff = b"%s, %s" % (xff, value) if xff else value
-                continue
-            if lname == b"x-forwarded-proto":
+            if lname in REPLACED or (strip and lname in strip):
                 continue
             if lname == b"host" and host_rewrite is not None:
                 lines.append(b"Host: %s\r\n" % host_rewrite)
@@ -117,8 +116,11 @@ def upstream_head(
     if upgrade:
         lines.append(WEBSOCKET_UPGRADE)
     if not classic:
-        forwarded = b"%s, %s" % (xff, peer) if xff else peer
-        lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % forwarded)
+        xff = head.forwarded_for
+        lines.append(
+            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\n"
+            % (b"%s, %s" % (xff, head.peer) if xff else head.peer, head.request_id.encode())
+        )
         lines.append(verdict.upstream_headers)
     lines.append(b"\r\n")
     return b"".join(lines)
@@ -143,10 +145,12 @@ def client_head(
     method: str,
     extra: bytes,
     close: bool,
+    request_id: bytes | None,
 ) -> ClientHead:
     """The head of a relayed final response: hop-by-hop headers and those the upstream's
     Connection names dropped, ``extra`` (the verdict's response lines) added, and framing
-    the client's HTTP version can read."""
+    the client's HTTP version can read. ``request_id`` (None for classic traffic, which
+    goes back untouched) replaces any X-Request-Id of the upstream's."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     has_length = False
     upstream_chunked = False
@@ -161,11 +165,15 @@ def client_head(
             continue
         if drop and lname in drop:
             continue
+        if request_id is not None and lname == b"x-request-id":
+            continue
         if lname == b"content-length":
             has_length = True
         lines.append(b"%s: %s\r\n" % (name, value))
     if extra:
         lines.append(extra)
+    if request_id is not None:
+        lines.append(b"X-Request-Id: %s\r\n" % request_id)
     body_allowed = method != "HEAD" and status not in NO_BODY_STATUS and status != 101
     until_close = body_allowed and not has_length and not upstream_chunked
     chunked = False
@@ -189,13 +197,30 @@ def interim_head(status: int, reason: bytes) -> bytes:
     return b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason)
 
 
-def answer(status: int, body: bytes, content_type: bytes, extra: bytes, *, close: bool) -> bytes:
+def answer(
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    extra: bytes,
+    *,
+    close: bool,
+    request_id: str,
+) -> bytes:
     """A complete response the gateway writes itself."""
-    return b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
+    return b"%sContent-Type: %s\r\nContent-Length: %d\r\n%sX-Request-Id: %s\r\n%s\r\n%s" % (
         STATUS_LINES[status],
         content_type,
         len(body),
         extra,
+        request_id.encode(),
         b"Connection: close\r\n" if close else b"",
         body,
     )
+
+
+def problem_body(status: int, code: str, title: str, detail: str, request_id: str) -> bytes:
+    """The problem+json body of an answer the proxy gives itself (an upstream fault, a
+    malformed request), carrying the request id the response header carries."""
+    body, generated = problem(status, code, title, detail)
+    # ``problem`` makes an id of its own: the answer's is put in its place.
+    return body.replace(b'"%s"}' % generated.encode(), b'"%s"}' % request_id.encode())

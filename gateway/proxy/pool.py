@@ -58,6 +58,72 @@ class UpstreamPool:
     def can_open(self) -> bool:
         return self.open < self.settings.max_connections
 
+    # ------------------------------------------------------------ for an exchange
+    def provide(self, ex: Exchange) -> None:
+        """Attach a connection to ``ex``: an idle one at once, else a new one, else (all
+        busy) the next one released, waiting at most ``queue_timeout`` (then 503)."""
+        conn = self.take()
+        if conn is not None:
+            ex.attach(conn)
+        elif self.can_open():
+            self.open_for(ex)
+        else:
+            ex.task = ex.loop.create_task(self._queue_for(ex))
+
+    def open_for(self, ex: Exchange) -> None:
+        ex.task = ex.loop.create_task(self._connect_for(ex))
+
+    async def _connect_for(self, ex: Exchange) -> None:
+        try:
+            conn = await self.connect()
+        except TimeoutError:
+            ex.task = None
+            ex.upstream_error("timeout", 504, "Upstream connect timed out")
+            return
+        except OSError as exc:
+            ex.task = None
+            log.debug("upstream connect failed: %s", exc)
+            ex.upstream_error("refused", 502, "Upstream refused the connection")
+            return
+        ex.task = None
+        if not ex.downstream.serving(ex):
+            self.release(conn)
+            return
+        ex.attach(conn)
+
+    async def _queue_for(self, ex: Exchange) -> None:
+        waiter = self.wait()
+        try:
+            conn = await asyncio.wait_for(asyncio.shield(waiter), self.settings.queue_timeout)
+        except TimeoutError:
+            waiter.cancel()
+            ex.task = None
+            ex.upstream_error(
+                "overloaded",
+                503,
+                "Upstream connection limit reached",
+                f"app {ex.downstream.enforcer.app}: "
+                f"all {self.settings.max_connections} connections busy",
+                b"Retry-After: 1\r\n",
+            )
+            return
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self.release(waiter.result())  # type: ignore[arg-type]
+            waiter.cancel()
+            raise
+        ex.task = None
+        if not ex.downstream.serving(ex):
+            if conn is not None:
+                self.release(conn)
+            return
+        if conn is None:
+            self.open_for(ex)
+        else:
+            ex.attach(conn)
+
+    # ------------------------------------------------------------ connections
+
     def wait(self) -> asyncio.Future[Upstream | None]:
         """Queue for a connection: resolves to a pooled one, or None (open your own)."""
         waiter: asyncio.Future[Upstream | None] = asyncio.get_running_loop().create_future()

@@ -7,21 +7,39 @@ callbacks of ``client.Downstream`` collect the raw headers, ``read_head`` does t
 
 from __future__ import annotations
 
-from gateway.enforcer import RequestHead
+import re
+
+from gateway.enforcer import RequestHead, request_id
 from gateway.proxy.framing import PROTECTED, declares_body
 from gateway.proxy.settings import (
     H_CL,
+    H_CLIENT,
     H_CONNECTION,
     H_EXPECT,
     H_HOST,
     H_LICENSE,
+    H_REQUEST_ID,
     H_ROLE,
     H_TE,
     H_TENANT,
+    H_TOKEN,
     H_UPGRADE,
     H_USER,
+    H_XFF,
     ProxySettings,
 )
+
+# Identity headers that may appear once (upstreams disagree on which of two they read): the
+# RequestHead attribute each fills, and the complaint when it comes twice.
+ONCE = {
+    H_TENANT: ("tenant", "more than one tenant id header"),
+    H_ROLE: ("role", "more than one role header"),
+    H_USER: ("user", "more than one user id header"),
+    H_TOKEN: ("token", "more than one identity token header"),
+    H_CLIENT: ("client_id", "more than one client id header"),
+}
+# An inbound X-Request-Id is kept when it is one header of this shape; else one is made.
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class Reject(Exception):
@@ -59,14 +77,18 @@ def read_head(
     settings: ProxySettings,
     *,
     upgrade: bool,
+    peer: bytes,
 ) -> tuple[RequestHead, RequestFraming]:
-    """``upgrade``: llhttp saw ``Connection: Upgrade`` with ``Upgrade``, or CONNECT."""
+    """``upgrade``: llhttp saw ``Connection: Upgrade`` with ``Upgrade``, or CONNECT;
+    ``peer``: the client connection's address."""
     head = RequestHead(method, target, headers)
+    head.peer = peer
     framing = RequestFraming(version)
     watch = settings.watch
     hosts = 0
     te: bytes | None = None
     upgrade_to = b""
+    inbound_ids: list[bytes] = []
     for _, value, lname in headers:
         kind = watch.get(lname)
         if kind is None:
@@ -78,20 +100,20 @@ def read_head(
             head.license_key = value.strip()
             if not value.isascii():
                 head.bad_header = "license key header is not ASCII"
-        elif kind == H_TENANT:
-            if head.tenant is not None:
-                head.bad_header = "more than one tenant id header"
-            head.tenant = value.strip()
-        elif kind == H_ROLE:
-            if head.role is not None:  # upstreams disagree on which one they read
-                head.bad_header = "more than one role header"
-            head.role = value.strip()
-        elif kind == H_USER:
-            if head.user is not None:
-                head.bad_header = "more than one user id header"
-            head.user = value.strip()
+        elif kind in ONCE:
+            attribute, twice = ONCE[kind]
+            if getattr(head, attribute) is not None:
+                head.bad_header = twice
+            setattr(head, attribute, value.strip())
         elif kind == H_HOST:
             hosts += 1
+            if head.host is None:
+                head.host = value
+        elif kind == H_XFF:  # several lines are one list, in order
+            xff = head.forwarded_for
+            head.forwarded_for = b"%s, %s" % (xff, value) if xff else value
+        elif kind == H_REQUEST_ID:
+            inbound_ids.append(value.strip())
         elif kind == H_CONNECTION:
             for token in value.split(b","):
                 token = token.strip().lower()
@@ -109,6 +131,10 @@ def read_head(
         elif kind == H_CL:
             if int(value) > settings.max_body_bytes:  # llhttp checked it is a number
                 raise Reject(413, "body_too_large", "Request body too large")
+    if len(inbound_ids) == 1 and REQUEST_ID.fullmatch(inbound_ids[0]):
+        head.request_id = inbound_ids[0].decode("ascii")
+    else:
+        head.request_id = request_id()
     if hosts != 1 and (hosts or version == "1.1"):  # RFC 9112 §3.2
         head.bad_header = "more than one Host header" if hosts else "no Host header"
     framing.chunked = te is not None

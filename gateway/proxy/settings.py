@@ -17,6 +17,9 @@ H_HOST: Final = 8
 H_XFF: Final = 9
 H_EXPECT: Final = 10
 H_UPGRADE: Final = 11
+H_REQUEST_ID: Final = 12
+H_TOKEN: Final = 13
+H_CLIENT: Final = 14
 
 # Client bytes held while an upgrade waits for the upstream's 101: past this, reading pauses.
 UPGRADE_HIGH_WATER: Final = 64 * 1024
@@ -42,6 +45,7 @@ class ProxySettings:
         "max_connections",
         "queue_timeout",
         "tick",
+        "max_failed_keys",
     )
 
     def __init__(
@@ -62,7 +66,14 @@ class ProxySettings:
         body_timeout: float = 60.0,
         max_connections: int = 1000,
         queue_timeout: float = 5.0,
+        token_header: str | None = None,
+        client_header: str | None = None,
+        max_failed_keys: int = 8,
     ) -> None:
+        """``token_header``: the identity token's header (``RequestHead.token``);
+        ``client_header``: the usage client id's (``RequestHead.client_id``); None: not
+        read. ``max_failed_keys``: license keys refused (401) on one connection before it
+        is answered and closed (a key flood pays a new connection every few keys)."""
         self.watch = {
             license_header.lower().encode(): H_LICENSE,
             tenant_header.lower().encode(): H_TENANT,
@@ -75,7 +86,14 @@ class ProxySettings:
             b"x-forwarded-for": H_XFF,
             b"expect": H_EXPECT,
             b"upgrade": H_UPGRADE,
+            b"x-request-id": H_REQUEST_ID,
         }
+        for header, kind in ((token_header, H_TOKEN), (client_header, H_CLIENT)):
+            if header is not None:
+                name = header.lower().encode()
+                if name in self.watch:
+                    raise ValueError(f"{header}: already read for another purpose")
+                self.watch[name] = kind
         self.host_header = host_header  # None: preserve the client's Host
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -92,3 +110,4 @@ class ProxySettings:
         self.queue_timeout = queue_timeout
         # Watchdog period: timeouts fire at most a quarter late.
         self.tick = min(read_timeout, keepalive_timeout, header_timeout, body_timeout) / 4
+        self.max_failed_keys = max_failed_keys

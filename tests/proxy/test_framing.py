@@ -23,5 +23,7 @@ from gateway.proxy import framing
 )
 def test_every_answer_carries_the_reason_phrase_of_its_status(status: int, line: bytes) -> None:
     """RFC 9110 phrases (Python before 3.13 still has the RFC 7231 ones for 413/414)."""
-    answer = framing.answer(status, b"{}", b"application/problem+json", b"", close=False)
+    answer = framing.answer(
+        status, b"{}", b"application/problem+json", b"", close=False, request_id="r-1"
+    )
     assert answer.startswith(line)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.proxy.exchange import State
 from gateway.proxy.flow import Pause
 from gateway.proxy.settings import MAX_PIPELINE, UPGRADE_HIGH_WATER
+from gateway.proxy.state import State
 from tests.proxy.fake import Wire, parse_requests
 
 WS = (
