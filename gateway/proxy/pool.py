@@ -288,6 +288,7 @@ class Upstream(asyncio.Protocol):
             ex.upgraded(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
             log.debug("upstream sent a bad response: %s", exc)
+            self.stray = True  # never reused, even after a response that ended cleanly
             ex.upstream_failed("bad_response")
         finally:
             client.uncork()
