@@ -104,7 +104,9 @@ class Runtime:
             pool = UpstreamPool(up_host, up_port, proxy_settings, self.metrics.for_app(app))
             self.pools[app] = pool
             enforcer = Enforcer(app, config, self.shared)
-            factory = downstream_factory(enforcer, pool, proxy_settings, self.tracker)
+            factory = downstream_factory(
+                enforcer, pool, proxy_settings, self.tracker, self.access_log
+            )
             self._factories[app] = factory
         self.servers: list[asyncio.Server] = []
         self.started = False
@@ -361,6 +363,14 @@ def _proxy_settings(settings: Settings, app: AppSettings) -> ProxySettings:
         body_timeout=server.body_timeout,
         max_connections=app.max_connections,
         queue_timeout=app.queue_timeout,
+        # What the enforcer reads besides the license and identity headers: the identity
+        # provider's token ([identity] mode = "jwt") and the usage client id ([seats]).
+        token_header=(
+            settings.identity.header
+            if settings.identity is not None and settings.identity.mode == "jwt"
+            else None
+        ),
+        client_header=settings.seats.client_header,
     )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +135,41 @@ def upstream_ports(upstreams: dict[str, EchoUpstream]) -> dict[str, int]:
     return {app: server.port for app, server in upstreams.items()}
 
 
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
 @pytest.fixture
-async def gateway(
-    tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int]
-) -> AsyncIterator[Gateway]:
+async def gateway_factory(tmp_path: Path, key_dir: Path) -> AsyncIterator[GatewayFactory]:
+    """``await gateway_factory(upstream, tenants=..., extra=..., app_extra=...)``: a gateway
+    runtime with the shipped routes and matrix in front of ``upstream`` (one port for every
+    app, or a port per app), stopped after the test. The first lives in ``tmp_path``, later
+    ones in folders of their own; ``tenants`` (TOML text) is written as ``tenants.toml``
+    beside its gateway.toml, for ``[store] seed = "tenants.toml"``."""
+    folders = itertools.count()
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(
+            upstream: int | Mapping[str, int], *, tenants: str | None = None, **config: Any
+        ) -> Gateway:
+            number = next(folders)
+            folder = tmp_path if number == 0 else tmp_path / f"gateway-{number}"
+            folder.mkdir(exist_ok=True)
+            if tenants is not None:
+                (folder / "tenants.toml").write_text(tenants)
+            ports: Mapping[str, int] = (
+                {app: upstream for app in APP_NAMES} if isinstance(upstream, int) else upstream
+            )
+            return await stack.enter_async_context(
+                running_gateway(folder, key_dir, ports, **config)
+            )
+
+        yield start
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory, upstream_ports: dict[str, int]) -> Gateway:
     """A gateway runtime with the shipped routes and matrix in front of ``upstreams``."""
-    async with running_gateway(tmp_path, key_dir, upstream_ports) as running:
-        yield running
+    return await gateway_factory(upstream_ports)
 
 
 @pytest.fixture

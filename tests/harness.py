@@ -146,11 +146,15 @@ class RawUpstream:
     request head with a fixed raw response (for byte-identity tests).
 
     With ``stall``, it answers the first head (``response`` may be empty) and then never
-    reads again: a slow backend, before or after a 101."""
+    reads again: a slow backend, before or after a 101. With ``flood`` as well, it then
+    sends WebSocket-ish frames for as long as the connection takes them."""
 
-    def __init__(self, response: bytes, *, stall: bool = False) -> None:
+    FRAME = b"\x82\x7e\xff\xff" + b"x" * 65535
+
+    def __init__(self, response: bytes, *, stall: bool = False, flood: bool = False) -> None:
         self.response = response
         self.stall = stall
+        self.flood = flood
         self.received = bytearray()
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -173,6 +177,9 @@ class RawUpstream:
                     writer.write(self.response)
                     await writer.drain()
                     if self.stall:
+                        while self.flood and not self._stopping.is_set():
+                            writer.write(self.FRAME)
+                            await writer.drain()
                         await self._stopping.wait()
                         break
         finally:

@@ -38,7 +38,7 @@ from gateway.metrics import Metrics
 from tests.conftest import IssueKey
 from tests.harness import free_port, running_gateway, stop_process, write_config
 from tests.provisioning import provision
-from tests.test_hardening_paths import LoopThread, RecordingUpstream, exchange_sync
+from tests.rawhttp import LoopThread, RecordingUpstream, exchange_sync
 
 REASONS = {"license_malformed", "license_unknown_key", "license_bad_signature"}
 

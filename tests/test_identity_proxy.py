@@ -1,10 +1,7 @@
 """Identity through a real gateway: the acceptance checks of README, Identity, run against a
-running ``Runtime`` with real upstreams and a real JWKS endpoint.
-
-The enforcer consults ``gateway.identity``; the relay does not yet honour ``Verdict.strip``
-nor capture the bearer token header (wired in separately), so the tests that need those are
-strict xfails: each fails today for the reason it names, and the wiring turns them green
-(remove the mark then)."""
+running ``Runtime`` with real upstreams and a real JWKS endpoint: the relay captures the
+peer and the bearer token, the enforcer identifies, and untrusted identity headers never
+reach the upstream."""
 
 from __future__ import annotations
 
@@ -17,10 +14,6 @@ import pytest
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, running_gateway
 from tests.idp import AUDIENCE, ISSUER, IdentityProvider, make_key
-
-NOT_WIRED = pytest.mark.xfail(
-    strict=True, reason="the relay does not strip identity headers nor capture tokens yet"
-)
 
 HEADERS_MODE = '\n[identity]\nmode = "headers"\ntrusted_peers = ["10.9.9.9/32"]\n'
 SEED = '\n[store]\nurl = "memory://"\nseed = "tenants.toml"\n'
@@ -46,7 +39,6 @@ async def test_a_tenant_header_from_an_untrusted_peer_is_401_identity_untrusted(
         assert (response.status, body.get("code")) == (401, "identity_untrusted")
 
 
-@NOT_WIRED
 async def test_a_role_header_from_an_untrusted_peer_does_not_pass_an_admin_only_route(
     tmp_path: Path,
     key_dir: Path,
@@ -71,7 +63,6 @@ async def test_a_role_header_from_an_untrusted_peer_does_not_pass_an_admin_only_
         assert not {"X-Tenant-Id", "X-User-Role"} & set(seen), "spoofed headers forwarded"
 
 
-@pytest.mark.xfail(strict=True, reason="the relay does not fill RequestHead.peer yet")
 async def test_a_license_for_another_tenant_than_the_identified_one_is_403(
     tmp_path: Path,
     key_dir: Path,
@@ -89,7 +80,6 @@ async def test_a_license_for_another_tenant_than_the_identified_one_is_403(
         assert (response.status, body.get("code")) == (403, "tenant_mismatch")
 
 
-@NOT_WIRED
 async def test_a_verified_token_unlocks_its_tenants_plan_and_an_unknown_key_does_not(
     tmp_path: Path,
     key_dir: Path,

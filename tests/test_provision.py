@@ -22,8 +22,8 @@ from gateway.provision import ProvisionError, parse_event, sign, verify_signatur
 from tests.conftest import IssueKey
 from tests.harness import Gateway, running_gateway, two_gateways
 from tests.provisioning import SECRET, event, provision, signature
+from tests.rawhttp import Reply, read_reply
 from tests.redis_server import RedisServer
-from tests.test_hardening_paths import Reply, read_reply
 
 OPTIMIZE = "/api/v1/shipments/1/optimize"
 

@@ -178,6 +178,54 @@ async def test_websocket_upgrade_is_tunnelled(
         assert message.data == "echo:hello"
 
 
+async def _echoes(ws: aiohttp.ClientWebSocketResponse, rounds: int) -> None:
+    """``rounds`` round trips, a tenth of a second apart."""
+    for n in range(rounds):
+        await asyncio.sleep(0.1)
+        await ws.send_str(f"m{n}")
+        message = await asyncio.wait_for(ws.receive(), 5)
+        assert message.data == f"echo:m{n}", message
+
+
+async def test_an_open_websocket_is_drained_not_cut_at_shutdown(
+    gateway: Gateway, client: aiohttp.ClientSession, issue_key: IssueKey
+) -> None:
+    """docs/operations.md: in-flight work gets ``server.shutdown_deadline``; a tunnel is
+    in-flight work, so it lives on while draining and the drain ends when it closes."""
+    headers = {"X-License-Key": issue_key(tier="core")}
+    async with client.ws_connect(gateway.url("operations", "/ws"), headers=headers) as ws:
+        stopping = asyncio.get_running_loop().create_task(gateway.runtime.stop(deadline=60.0))
+        await _echoes(ws, 5)
+        assert not stopping.done()  # the drain waits for the tunnel
+    await asyncio.wait_for(stopping, 10)  # the client closed it: nothing left to drain
+
+
+async def test_an_open_websocket_is_cut_at_the_drain_deadline(
+    gateway: Gateway, client: aiohttp.ClientSession, issue_key: IssueKey
+) -> None:
+    headers = {"X-License-Key": issue_key(tier="core")}
+    async with client.ws_connect(gateway.url("operations", "/ws"), headers=headers) as ws:
+        await gateway.runtime.stop(deadline=0.3)
+        message = await asyncio.wait_for(ws.receive(), 5)
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), message
+
+
+async def test_an_open_websocket_outlives_the_keep_alive_timeout(
+    tmp_path: Path,
+    key_dir: Path,
+    upstreams: dict[str, EchoUpstream],
+    issue_key: IssueKey,
+    client: aiohttp.ClientSession,
+) -> None:
+    """The keep-alive timeout is for idle HTTP connections; a tunnel is not one."""
+    ports = {app: server.port for app, server in upstreams.items()}
+    quick = "[server]\nkeepalive_timeout = 0.2\n"
+    async with running_gateway(tmp_path, key_dir, ports, extra=quick) as gw:
+        headers = {"X-License-Key": issue_key(tier="core")}
+        async with client.ws_connect(gw.url("operations", "/ws"), headers=headers) as ws:
+            await _echoes(ws, 6)
+
+
 async def test_upstream_timeout_is_504(
     tmp_path: Path,
     key_dir: Path,

@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -134,3 +135,26 @@ async def test_a_revoked_key_on_an_unlisted_method_of_a_public_path_is_refused(
         ) as response:
             assert response.status == 401
             assert (await response.json())["code"] == "license_revoked"
+
+
+def _request_id_seen(seen: dict[str, Any]) -> str:
+    (value,) = [v for k, v in seen["headers"].items() if k.lower() == "x-request-id"]
+    assert isinstance(value, str)
+    return value
+
+
+async def test_the_request_id_goes_upstream_and_comes_back(
+    gateway: Gateway, client: aiohttp.ClientSession, issue_key: IssueKey
+) -> None:
+    headers = {"X-License-Key": issue_key(tier="core")}
+    async with client.get(gateway.url("operations", "/api/v1/shipments"), headers=headers) as r:
+        assert r.headers["X-Request-Id"] == _request_id_seen(await r.json())
+    headers["X-Request-Id"] = "trace-42"
+    async with client.get(gateway.url("operations", "/api/v1/shipments"), headers=headers) as r:
+        assert _request_id_seen(await r.json()) == "trace-42"
+        assert r.headers["X-Request-Id"] == "trace-42"
+    async with client.get(
+        gateway.url("operations", "/api/v1/shipments"), headers={"X-Request-Id": "trace-43"}
+    ) as r:
+        assert r.status == 401
+        assert r.headers["X-Request-Id"] == "trace-43"

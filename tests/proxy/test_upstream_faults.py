@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.matrix import APP_NAMES
 from tests.conftest import IssueKey
 from tests.harness import Gateway, free_port, running_gateway
-from tests.test_hardening_paths import converse, request
+from tests.rawhttp import converse, request
 
 # What the upstream does with one request, decided when its head arrives:
 #   "ok"          answer 200 once the request is complete

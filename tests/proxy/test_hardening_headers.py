@@ -9,29 +9,16 @@ recording upstream (llhttp, like most upstreams), which shows what would have re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 
-from gateway.matrix import APP_NAMES, AppName, TierMatrix
+from gateway.matrix import AppName, TierMatrix
 from tests.conftest import IssueKey
-from tests.harness import Gateway, running_gateway
-from tests.test_hardening_paths import RecordingUpstream, Seen, converse, exchange, request
+from tests.harness import Gateway
+from tests.proxy.conftest import MAX_HEADER_BYTES, MAX_HEADERS
+from tests.rawhttp import RecordingUpstream, Seen, converse, exchange, request
 
 CLASSIC_KEY = "ABCDE-12345-FGHIJ-67890-KLMNO"
-MAX_HEADER_BYTES = 4096
-MAX_HEADERS = 30
-CONFIG = f"""
-[server]
-max_header_bytes = {MAX_HEADER_BYTES}
-max_headers = {MAX_HEADERS}
-
-[store]
-url = "memory://"
-seed = "tenants.toml"
-"""
 # What a mis-framed body would turn into: a request for a feature Core does not have,
 # carrying the headers an upstream trusts.
 SMUGGLED = (
@@ -39,34 +26,6 @@ SMUGGLED = (
     b"X-Entitlement-Tier: enterprise\r\nContent-Length: 0\r\n\r\n"
 )
 OPTIMIZE = "/api/v1/shipments/1/optimize"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[RecordingUpstream]:
-    server = RecordingUpstream()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@asynccontextmanager
-async def gateway_with_acme(
-    tmp_path: Path, key_dir: Path, upstream_port: int, issue_key: IssueKey
-) -> AsyncIterator[Gateway]:
-    """A gateway with ``CONFIG`` whose store holds the Fleet tenant ``acme``."""
-    acme = issue_key(tier="fleet", sub="acme")
-    (tmp_path / "tenants.toml").write_text(f'[[tenants]]\nid = "acme"\nkeys = ["{acme}"]\n')
-    ports: dict[str, int] = dict.fromkeys(APP_NAMES, upstream_port)
-    async with running_gateway(tmp_path, key_dir, ports, extra=CONFIG) as gw:
-        yield gw
-
-
-@pytest.fixture
-async def gateway(
-    tmp_path: Path, key_dir: Path, upstream: RecordingUpstream, issue_key: IssueKey
-) -> AsyncIterator[Gateway]:
-    async with gateway_with_acme(tmp_path, key_dir, upstream.port, issue_key) as gw:
-        yield gw
 
 
 @pytest.fixture
@@ -131,7 +90,7 @@ SPOOFED = (
     ],
 )
 async def test_spoofed_entitlement_headers_are_always_stripped(
-    gateway: Gateway,
+    acme_gateway: Gateway,
     upstream: RecordingUpstream,
     matrix: TierMatrix,
     core_key: str,
@@ -148,7 +107,7 @@ async def test_spoofed_entitlement_headers_are_always_stripped(
         key = CLASSIC_KEY
     elif identity == "tenant":
         headers += b"X-Tenant-Id: acme\r\n"
-    reply = await exchange(gateway.listen[app], request(line, key=key, headers=headers))
+    reply = await exchange(acme_gateway.listen[app], request(line, key=key, headers=headers))
     assert reply.status == 200, reply
     (seen,) = upstream.complete()
     if expected is None:
@@ -158,13 +117,13 @@ async def test_spoofed_entitlement_headers_are_always_stripped(
 
 
 async def test_underscore_spellings_of_entitlement_headers_are_stripped(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str
 ) -> None:
     """CGI/WSGI upstreams map X_Entitlement_Tier and X-Entitlement-Tier to the same
     HTTP_X_ENTITLEMENT_TIER variable."""
     spoofed = b"X_Entitlement_Tier: enterprise\r\nx_entitlement-features: ops.sms_messaging\r\n"
     reply = await exchange(
-        gateway.listen["operations"],
+        acme_gateway.listen["operations"],
         request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=spoofed),
     )
     assert reply.status == 200, reply
@@ -233,7 +192,7 @@ async def test_underscore_spellings_of_entitlement_headers_are_stripped(
     ],
 )
 async def test_connection_tokens_cannot_hide_what_the_gateway_relies_on(
-    gateway: Gateway,
+    acme_gateway: Gateway,
     upstream: RecordingUpstream,
     issue_key: IssueKey,
     matrix: TierMatrix,
@@ -249,7 +208,9 @@ async def test_connection_tokens_cannot_hide_what_the_gateway_relies_on(
         headers += b"X-Tenant-Id: acme\r\n"
     else:
         key = issue_key(tier=identity)
-    reply = await exchange(gateway.listen["operations"], request(line, key=key, headers=headers))
+    reply = await exchange(
+        acme_gateway.listen["operations"], request(line, key=key, headers=headers)
+    )
     assert reply.status == status, reply
     if code is not None:
         assert reply.code == code
@@ -277,13 +238,13 @@ async def test_connection_tokens_cannot_hide_what_the_gateway_relies_on(
     ],
 )
 async def test_connection_tokens_cannot_strip_the_framing(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str, framing: bytes, body: bytes
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str, framing: bytes, body: bytes
 ) -> None:
     raw = (
         b"POST /api/v1/shipments HTTP/1.1\r\nHost: gateway.test\r\n"
         b"X-License-Key: " + core_key.encode() + b"\r\n" + framing + b"\r\n" + body
     )
-    reply = await exchange(gateway.listen["operations"], raw, deadline=2)
+    reply = await exchange(acme_gateway.listen["operations"], raw, deadline=2)
     assert reply.status in (200, 400), reply
     await asyncio.sleep(0.05)  # a smuggled request would arrive right behind the first
     assert [seen.target for seen in upstream.requests] in ([], ["/api/v1/shipments"])
@@ -333,11 +294,11 @@ async def test_connection_tokens_cannot_strip_the_framing(
     ],
 )
 async def test_ambiguous_identity_headers_are_400(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str, headers: bytes, detail: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str, headers: bytes, detail: str
 ) -> None:
     headers = headers.replace(b"{key}", core_key.encode())
     reply = await exchange(
-        gateway.listen["operations"],
+        acme_gateway.listen["operations"],
         request(b"GET /api/v1/shipments HTTP/1.1", headers=headers),
     )
     assert reply.status == 400, reply
@@ -373,7 +334,7 @@ async def test_ambiguous_identity_headers_are_400(
     ],
 )
 async def test_host_header_must_appear_exactly_once(
-    gateway: Gateway,
+    acme_gateway: Gateway,
     upstream: RecordingUpstream,
     core_key: str,
     raw: bytes,
@@ -383,7 +344,7 @@ async def test_host_header_must_appear_exactly_once(
     """RFC 9112 §3.2: an HTTP/1.1 request needs one Host; no request may have two (an
     upstream and a virtual-host router could each pick another)."""
     raw += b"X-License-Key: %s\r\n\r\n" % core_key.encode()
-    reply = await exchange(gateway.listen["operations"], raw)
+    reply = await exchange(acme_gateway.listen["operations"], raw)
     assert reply.status == status, reply
     if detail is None:
         assert len(upstream.complete()) == 1
@@ -394,14 +355,14 @@ async def test_host_header_must_appear_exactly_once(
 
 
 async def test_repeated_x_forwarded_for_headers_are_combined_in_order(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str
 ) -> None:
     headers = (
         b"X-Forwarded-For: 203.0.113.1\r\nX-Note: between\r\n"
         b"x-forwarded-for: 198.51.100.2, 192.0.2.3\r\n"
     )
     reply = await exchange(
-        gateway.listen["operations"],
+        acme_gateway.listen["operations"],
         request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=headers),
     )
     assert reply.status == 200, reply
@@ -430,12 +391,16 @@ WEBSOCKET = b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub2
     ],
 )
 async def test_websocket_upgrade_forwards_only_connection_upgrade(
-    gateway: Gateway, upstream: RecordingUpstream, matrix: TierMatrix, core_key: str, headers: bytes
+    acme_gateway: Gateway,
+    upstream: RecordingUpstream,
+    matrix: TierMatrix,
+    core_key: str,
+    headers: bytes,
 ) -> None:
     """A further hop (a proxy inside the app) would drop the headers the client lists in
     Connection, the gateway's X-Entitlement-* among them."""
     raw = request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=headers + WEBSOCKET)
-    await converse(gateway.listen["operations"], raw, until_closed=True)
+    await converse(acme_gateway.listen["operations"], raw, until_closed=True)
     assert upstream.requests, "the upgrade request was not forwarded"
     for seen in upstream.requests:
         assert seen.header("Connection") == ["Upgrade"]
@@ -444,13 +409,13 @@ async def test_websocket_upgrade_forwards_only_connection_upgrade(
 
 
 async def test_several_upgrade_headers_are_one_list_and_not_a_websocket_upgrade(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str
 ) -> None:
     """``Upgrade: h2c`` then ``Upgrade: websocket`` is the list "h2c, websocket": an
     upstream reading the first would switch to h2c, a tunnel the gateway cannot check."""
     headers = b"Connection: Upgrade\r\nUpgrade: h2c\r\nUpgrade: websocket\r\n" + WEBSOCKET
     reply = await exchange(
-        gateway.listen["operations"],
+        acme_gateway.listen["operations"],
         request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=headers),
     )
     assert reply.status == 200, reply
@@ -471,7 +436,7 @@ async def test_several_upgrade_headers_are_one_list_and_not_a_websocket_upgrade(
     ],
 )
 async def test_license_key_for_another_tenant_than_the_tenant_header_is_403(
-    gateway: Gateway,
+    acme_gateway: Gateway,
     upstream: RecordingUpstream,
     issue_key: IssueKey,
     tenant: bytes,
@@ -482,7 +447,7 @@ async def test_license_key_for_another_tenant_than_the_tenant_header_is_403(
     entitlements of another tenant's key."""
     key = issue_key(tier="enterprise", sub=key_tenant)
     reply = await exchange(
-        gateway.listen["operations"],
+        acme_gateway.listen["operations"],
         request(
             b"GET /api/v1/itineraries HTTP/1.1",
             key=key,
@@ -518,11 +483,11 @@ async def test_license_key_for_another_tenant_than_the_tenant_header_is_403(
     ],
 )
 async def test_control_characters_in_the_head_are_refused(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str, headers: bytes
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str, headers: bytes
 ) -> None:
     headers = headers.replace(b"{key}", core_key.encode())
     conversation = await converse(
-        gateway.listen["operations"],
+        acme_gateway.listen["operations"],
         request(b"GET /api/v1/shipments HTTP/1.1", key=core_key, headers=headers),
         wanted=2,
     )
@@ -588,7 +553,7 @@ def _filler(count: int, size: int) -> bytes:
     ],
 )
 async def test_oversized_heads_are_refused(
-    gateway: Gateway,
+    acme_gateway: Gateway,
     upstream: RecordingUpstream,
     core_key: str,
     line: bytes,
@@ -597,7 +562,7 @@ async def test_oversized_heads_are_refused(
     code: str | None,
 ) -> None:
     reply = await exchange(
-        gateway.listen["operations"], request(line, key=core_key, headers=headers)
+        acme_gateway.listen["operations"], request(line, key=core_key, headers=headers)
     )
     assert reply.status == status, reply
     if code is None:
@@ -695,10 +660,10 @@ CHUNKED_SMUGGLED = b"0\r\n\r\n" + SMUGGLED
     ],
 )
 async def test_smuggling_shapes_are_refused(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str, raw: bytes
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str, raw: bytes
 ) -> None:
     raw = raw.replace(b"{key}", core_key.encode())
-    conversation = await converse(gateway.listen["operations"], raw, wanted=2)
+    conversation = await converse(acme_gateway.listen["operations"], raw, wanted=2)
     first, *later = conversation.replies
     assert first.status == 400, conversation.replies
     assert first.code in ("bad_request", "bad_header")
@@ -740,10 +705,10 @@ async def test_smuggling_shapes_are_refused(
     ],
 )
 async def test_a_request_inside_a_body_stays_a_body(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str, framing: bytes, body: bytes
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str, framing: bytes, body: bytes
 ) -> None:
     raw = _post(framing, body).replace(b"{key}", core_key.encode())
-    reply = await exchange(gateway.listen["operations"], raw)
+    reply = await exchange(acme_gateway.listen["operations"], raw)
     assert reply.status == 200, reply
     await asyncio.sleep(0.05)
     (seen,) = upstream.requests
@@ -752,7 +717,7 @@ async def test_a_request_inside_a_body_stays_a_body(
 
 
 async def test_a_pipelined_second_request_is_enforced_on_its_own(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str
 ) -> None:
     first = _post(b"Content-Length: 0\r\n", b"")
     second = (
@@ -760,7 +725,7 @@ async def test_a_pipelined_second_request_is_enforced_on_its_own(
         b"X-License-Key: {key}\r\nX-Entitlement-Tier: enterprise\r\nContent-Length: 0\r\n\r\n"
     )
     raw = (first + second).replace(b"{key}", core_key.encode())
-    conversation = await converse(gateway.listen["operations"], raw, wanted=2)
+    conversation = await converse(acme_gateway.listen["operations"], raw, wanted=2)
     replies = conversation.replies
     assert [reply.status for reply in replies] == [200, 403]
     assert replies[1].code == "feature_not_entitled"
@@ -768,12 +733,12 @@ async def test_a_pipelined_second_request_is_enforced_on_its_own(
 
 
 async def test_only_websocket_upgrades_are_forwarded(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str
 ) -> None:
     """An upstream that accepted h2c (or anything else) with 101 would open a tunnel the
     gateway no longer checks (h2c smuggling)."""
     reply = await exchange(
-        gateway.listen["operations"],
+        acme_gateway.listen["operations"],
         request(
             b"GET /api/v1/shipments HTTP/1.1",
             key=core_key,
@@ -787,7 +752,7 @@ async def test_only_websocket_upgrades_are_forwarded(
 
 
 async def test_bytes_after_a_refused_upgrade_are_parsed_as_requests(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str
 ) -> None:
     """What a client sends after an h2c upgrade the gateway declined is HTTP again, and
     each request in it is decided on its own."""
@@ -796,18 +761,18 @@ async def test_bytes_after_a_refused_upgrade_are_parsed_as_requests(
         key=core_key,
         headers=b"Connection: Upgrade\r\nUpgrade: h2c\r\n",
     )
-    conversation = await converse(gateway.listen["operations"], first + SMUGGLED, wanted=2)
+    conversation = await converse(acme_gateway.listen["operations"], first + SMUGGLED, wanted=2)
     assert [reply.status for reply in conversation.replies] == [200, 401], conversation.replies
     assert [seen.target for seen in upstream.requests] == ["/api/v1/shipments"]
     assert upstream.requests[0].header("Upgrade") == []
 
 
 async def test_chunked_trailers_never_reach_the_upstream(
-    gateway: Gateway, upstream: RecordingUpstream, core_key: str
+    acme_gateway: Gateway, upstream: RecordingUpstream, core_key: str
 ) -> None:
     body = b"3\r\nabc\r\n0\r\nX-Entitlement-Tier: enterprise\r\nX-License-Key: forged\r\n\r\n"
     raw = _post(b"Transfer-Encoding: chunked\r\n", body).replace(b"{key}", core_key.encode())
-    reply = await exchange(gateway.listen["operations"], raw)
+    reply = await exchange(acme_gateway.listen["operations"], raw)
     assert reply.status == 200, reply
     (seen,) = upstream.complete()
     assert bytes(seen.body) == b"abc"

@@ -24,10 +24,9 @@ from hypothesis import strategies as st
 
 from gateway.matrix import APP_NAMES
 from gateway.proxy import UPGRADE_HIGH_WATER, Downstream
-from tests.conftest import IssueKey
 from tests.harness import Gateway, RawUpstream, running_gateway
-from tests.test_hardening_headers import CLASSIC_KEY, SMUGGLED, gateway_with_acme
-from tests.test_hardening_paths import (
+from tests.proxy.test_hardening_headers import CLASSIC_KEY, SMUGGLED
+from tests.rawhttp import (
     RecordingUpstream,
     Reply,
     ThreadedGateway,
@@ -48,18 +47,11 @@ READ_SIZE = 256 * 1024
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[RecordingUpstream]:
+    """Answers on the head, like Node.js (see the module docstring)."""
     server = RecordingUpstream(answer_on_head=True)
     await server.start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-async def gateway(
-    tmp_path: Path, key_dir: Path, upstream: RecordingUpstream, issue_key: IssueKey
-) -> AsyncIterator[Gateway]:
-    async with gateway_with_acme(tmp_path, key_dir, upstream.port, issue_key) as gw:
-        yield gw
 
 
 # ---------------------------------------------------------------- a body nobody reads
@@ -117,9 +109,9 @@ TE = b"Transfer-Encoding: chunked\r\n"
     ],
 )
 async def test_upgrade_with_body_is_refused(
-    gateway: Gateway, upstream: RecordingUpstream, raw: bytes
+    acme_gateway: Gateway, upstream: RecordingUpstream, raw: bytes
 ) -> None:
-    conversation = await converse(gateway.listen["operations"], raw, wanted=2)
+    conversation = await converse(acme_gateway.listen["operations"], raw, wanted=2)
     (reply,) = conversation.replies
     assert reply.status == 400, conversation.replies
     assert reply.code == "bad_request"
@@ -140,9 +132,9 @@ async def test_upgrade_with_body_is_refused(
     ],
 )
 async def test_pool_never_reuses_connection_after_upgrade_attempt(
-    gateway: Gateway, upstream: RecordingUpstream, attempt: bytes
+    acme_gateway: Gateway, upstream: RecordingUpstream, attempt: bytes
 ) -> None:
-    port = gateway.listen["operations"]
+    port = acme_gateway.listen["operations"]
     first = await exchange(port, attempt)
     assert first.status == 200, first  # the upstream declined by answering as plain HTTP
     await asyncio.sleep(0.05)
@@ -154,11 +146,11 @@ async def test_pool_never_reuses_connection_after_upgrade_attempt(
 
 
 async def test_pool_never_reuses_connection_after_an_answer_before_the_body(
-    gateway: Gateway, upstream: RecordingUpstream
+    acme_gateway: Gateway, upstream: RecordingUpstream
 ) -> None:
     """The upstream answered while the client was still sending the body: what the line
     still owes the upstream is unknown, so the line is closed."""
-    port = gateway.listen["operations"]
+    port = acme_gateway.listen["operations"]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(_head(b"POST /api/v1/health HTTP/1.1", b"Content-Length: 100\r\n") + b"partial")
     await writer.drain()
@@ -275,11 +267,12 @@ def test_no_client_bytes_reach_another_clients_upstream_request(
 
 @contextlib.asynccontextmanager
 async def stalled_gateway(
-    tmp_path: Path, key_dir: Path, answer: bytes
+    tmp_path: Path, key_dir: Path, answer: bytes, *, flood: bool = False
 ) -> AsyncIterator[tuple[Gateway, RawUpstream]]:
     """A gateway in front of an upstream that answers one head with ``answer`` (maybe
-    nothing) and then never reads again: a slow WebSocket backend, before or after its 101."""
-    stalling = RawUpstream(answer, stall=True)
+    nothing) and then never reads again: a slow WebSocket backend, before or after its 101.
+    With ``flood`` it sends frames after its answer for as long as they are taken."""
+    stalling = RawUpstream(answer, stall=True, flood=flood)
     await stalling.start()
     try:
         ports: dict[str, int] = dict.fromkeys(APP_NAMES, stalling.port)
@@ -348,12 +341,14 @@ async def test_upgrade_buffer_is_bounded_while_waiting_for_101(
                 await flood
 
 
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
 async def test_a_tunnel_to_a_slow_upstream_pauses_the_client(tmp_path: Path, key_dir: Path) -> None:
-    switched = (
-        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
-    )
-    async with stalled_gateway(tmp_path, key_dir, switched) as (gateway, _):
+    async with stalled_gateway(tmp_path, key_dir, SWITCHED) as (gateway, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
         writer.write(WS_HEAD % b"/api/v1/health" + b"\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
@@ -383,6 +378,34 @@ async def test_a_tunnel_to_a_slow_upstream_pauses_the_client(tmp_path: Path, key
                 await flood
 
 
+async def test_a_tunnel_to_a_slow_client_pauses_the_upstream(tmp_path: Path, key_dir: Path) -> None:
+    """The other way round: the upstream floods after its 101 and the client never reads."""
+    async with stalled_gateway(tmp_path, key_dir, SWITCHED, flood=True) as (gateway, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.listen["operations"])
+        try:
+            writer.write(WS_HEAD % b"/api/v1/health" + b"\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 101 ")  # and from here on the client reads nothing
+            conn = _client_side(gateway)
+            tunnel = conn.tunnel
+            client_transport = conn.transport
+            assert tunnel is not None and tunnel.transport is not None
+            assert client_transport is not None
+            upstream_transport = tunnel.transport
+            high = client_transport.get_write_buffer_limits()[1]
+            await _until(
+                lambda: (
+                    client_transport.get_write_buffer_size() > 4 * (high + READ_SIZE)
+                    or not upstream_transport.is_reading()
+                ),
+                "the upstream paused, or the client write buffer past its bound",
+            )
+            assert client_transport.get_write_buffer_size() <= high + READ_SIZE
+            assert not upstream_transport.is_reading()
+        finally:
+            writer.close()
+
+
 @pytest.mark.parametrize(
     ("identity", "status"),
     [
@@ -394,11 +417,11 @@ async def test_a_tunnel_to_a_slow_upstream_pauses_the_client(tmp_path: Path, key
     ],
 )
 async def test_connection_is_closed_after_refusing_an_upgrade(
-    gateway: Gateway, upstream: RecordingUpstream, identity: bytes, status: int
+    acme_gateway: Gateway, upstream: RecordingUpstream, identity: bytes, status: int
 ) -> None:
     head = WS_HEAD % b"/api/v1/itineraries" + identity + b"\r\n"
     conversation = await converse(
-        gateway.listen["operations"], head + b"\x81\x05hello" * 100, until_closed=True
+        acme_gateway.listen["operations"], head + b"\x81\x05hello" * 100, until_closed=True
     )
     (reply,) = conversation.replies
     assert reply.status == status, reply
