@@ -1,7 +1,7 @@
 """Loading ``gateway.toml`` and, through it, the route table, tier matrix and key ring.
 
 Every key but an app's ``listen`` and ``upstream`` has a default; unknown keys are errors;
-relative paths are relative to the file's own folder (DESIGN §3). ``load_config`` checks
+relative paths are relative to the file's own folder (docs/design.md §3). ``load_config`` checks
 all files and raises one ``ConfigError`` listing every problem it found in any of them.
 
     config = load_config(Path("gateway.toml"))

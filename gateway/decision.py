@@ -1,7 +1,7 @@
 """The decision: a pure function of (route, license, tenant record, role, now).
 
 No I/O and no aiohttp here, so every branch is unit-testable and ``gateway explain`` shows
-exactly what the proxy would do. Reasons come in the fixed order of DESIGN §4:
+exactly what the proxy would do. Reasons come in the fixed order of docs/design.md §4:
 
 ``license_missing`` → ``license_malformed`` → ``license_unknown_key`` →
 ``license_bad_signature`` (those three come from ``KeyRing.verify``) →
@@ -70,7 +70,7 @@ STATUS: dict[str, int] = {
 
 
 class TenantRecord(msgspec.Struct, frozen=True):
-    """What the tenant store knows of one tenant (DESIGN §7)."""
+    """What the tenant store knows of one tenant (docs/design.md §7)."""
 
     tenant: str
     suspended: bool = False

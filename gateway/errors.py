@@ -2,7 +2,7 @@
 
 ``ConfigProblem`` is one thing wrong in one file; ``ConfigError`` carries all of them, so
 ``gateway check`` and the hot reloader can list every problem at once. ``LicenseError``
-carries one stable reason code from DESIGN §4.
+carries one stable reason code from docs/design.md §4.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ConfigError(Exception):
 
 
 class LicenseError(Exception):
-    """A license key that cannot be trusted; ``reason`` is a stable code (DESIGN §4)."""
+    """A license key that cannot be trusted; ``reason`` is a stable code (docs/design.md §4)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason

@@ -53,7 +53,7 @@ class Seats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class LicenseClaims(msgspec.Struct, frozen=True, omit_defaults=True):
-    """The claims of DESIGN §4. Unknown claims are ignored, so issuers can add fields."""
+    """The claims of docs/design.md §4. Unknown claims are ignored, so issuers can add fields."""
 
     iss: str
     sub: str  # tenant id (custID)

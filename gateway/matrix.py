@@ -1,6 +1,6 @@
 """The tier matrix: which features each tier and add-on grants, with prices and quotas.
 
-Loaded from ``tier_matrix.toml`` (DESIGN §3), validated as a whole, then frozen. Everything
+Loaded from ``tier_matrix.toml`` (docs/design.md §3), validated as a whole, then frozen. Everything
 a request needs (a tier's feature set, the header values for the upstream, the cheapest tier
 or add-on that unlocks a feature) is computed here once, so the hot path only looks things up.
 

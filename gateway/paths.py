@@ -4,7 +4,7 @@
 percent-encoded unreserved characters; whatever would stay ambiguous between the gateway and
 an upstream (an encoded ``/`` ``\\`` ``%`` or ``;``, NUL and other control characters, ``;`` path
 parameters, invalid or overlong UTF-8, dot segments above the root, targets that are not
-origin-form) raises ``PathRejected`` (DESIGN §5: 400 ``path_rejected``).
+origin-form) raises ``PathRejected`` (docs/design.md §5: 400 ``path_rejected``).
 
     canonical_path("/api/v1//shipments/%31/./optimize")  # "/api/v1/shipments/1/optimize"
 """

@@ -1,4 +1,4 @@
-"""The billing system's provisioning hook: ``POST /admin/provision`` (DESIGN §5).
+"""The billing system's provisioning hook: ``POST /admin/provision`` (docs/design.md §5).
 
 The body is signed with HMAC-SHA256 over ``"<t>.<raw body>"`` in a
 ``Gateway-Signature: t=<unix seconds>,v1=<hex>`` header (several ``v1`` values are

@@ -1,6 +1,6 @@
 """The route table: which product feature each ``(app, method, path)`` belongs to.
 
-``routes.toml`` (DESIGN §3) is compiled once into a per-app segment trie: a lookup walks the
+``routes.toml`` (docs/design.md §3) is compiled once into a per-app segment trie: a lookup walks the
 path's segments (literal child first, then ``{name}``, then ``{name:path}``), so its cost is
 the length of the path, never the number of routes. The most specific route wins segment by
 segment; two routes of equal specificity that can match one request are rejected at compile
@@ -31,7 +31,7 @@ PathCase = Literal["sensitive", "insensitive"]
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}$")
 _METHOD = re.compile(r"^[A-Z][A-Z-]*$")
-# Literal segments may hold only what a canonical path can hold (DESIGN §5, RFC 3986 pchar
+# Literal segments may hold only what a canonical path can hold (docs/design.md §5, RFC 3986 pchar
 # without percent-encoding): a literal the canonicaliser could never produce never matches.
 _LITERAL = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@]+$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
@@ -147,7 +147,7 @@ class AppRoutes:
         self._leaves: list[_Leaf] = []
 
     def match(self, method: str, path: str) -> RouteMatch:
-        """Look up a canonical path (DESIGN §5); one trailing slash is not significant.
+        """Look up a canonical path (docs/design.md §5); one trailing slash is not significant.
 
         Depth-first in specificity order (literal child, then ``{name}``, then
         ``{name:path}``), so the first FULL match found is the most specific one and the

@@ -1296,7 +1296,7 @@ def write_report(
         f"connections {', '.join(map(str, args.connections))}; `wrk -t1`.",
         f"- Noise: {noise(bench)}",
         "",
-        "## Targets (issue 4)",
+        "## Targets",
         "",
         "Ratios of median req/s from this run (the issue's measure); the micro-benchmark "
         "targets come from the section below. The last column gives the same ratios in "
@@ -1359,7 +1359,7 @@ def write_report(
 
 
 def soak_section() -> list[str]:
-    """The last long soak (issue 6), recorded in SOAK.md by loadtests/soak.py: kept in this
+    """The last long soak, recorded in SOAK.md by loadtests/soak.py: kept in this
     report so a new bench run does not lose it."""
     soak = HERE / "SOAK.md"
     if not soak.exists():

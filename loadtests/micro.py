@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the gateway's decision path, without sockets (issue 4, part 2).
+"""Micro-benchmarks of the gateway's decision path, without sockets.
 
 * ``Enforcer.check(RequestHead)`` on a warm cache — canonical path + route match + cached
   license + decide — at 50, 5,000 and 50,000 routes (synthetic ``routes.toml`` files over

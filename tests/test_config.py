@@ -1,4 +1,4 @@
-"""Loading gateway.toml and the files it names (DESIGN §3), and ``gateway check``."""
+"""Loading gateway.toml and the files it names (docs/design.md §3), and ``gateway check``."""
 
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ def test_add_on_combinations_are_what_each_tier_can_buy() -> None:
 
 
 def test_the_reference_agrees_with_the_product_table() -> None:
-    """A few cells of DESIGN §3's table, so the reference itself is anchored."""
+    """A few cells of docs/design.md §3's table, so the reference itself is anchored."""
     assert TIERS == ["core", "fleet", "enterprise"]
     assert TIER_FEATURES["enterprise"] == ALL_FEATURES
     assert "ops.basic_shipment_optimization" not in TIER_FEATURES["core"]

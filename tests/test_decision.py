@@ -1,5 +1,5 @@
 """The decision: reason order, expiry strategies, grandfathering, upsell, current license,
-seats (DESIGN §4 and §5). ``decide`` is pure, so every case runs at a fixed ``NOW``."""
+seats (docs/design.md §4 and §5). ``decide`` is pure, so every case runs at a fixed ``NOW``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Fuzzing (issue 6 item 5) with hypothesis.
+"""Fuzzing with hypothesis: nothing a client sends crashes the gateway or reaches an
+upstream undecided.
 
 (a) The license key parser: ``KeyRing.verify`` on arbitrary text, on strings made from
 arbitrary bytes, on valid keys with characters flipped, inserted and deleted, and on

@@ -1,4 +1,5 @@
-"""License keys: the compact JWS codec, the key ring, key files and classic keys (DESIGN §4)."""
+"""License keys: the compact JWS codec, the key ring, key files and classic keys
+(docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tier matrix: the shipped file against DESIGN §3's product table, look-ups, errors."""
+"""The tier matrix: the shipped file against docs/design.md §3's product table, look-ups, errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ SHIPPED = (REPO / "tier_matrix.toml").read_text()
 INCLUDED = "included"
 ABSENT = "absent"
 
-# DESIGN §3 "The product matrix", one row per feature: Core, Fleet, Enterprise. A cell is
+# docs/design.md §3 "The product matrix", one row per feature: Core, Fleet, Enterprise. A cell is
 # INCLUDED, ABSENT (neither the tier nor an add-on for it grants it) or the add-on's name.
 PRODUCT_TABLE = [
     pytest.param("ops.on_demand", INCLUDED, INCLUDED, INCLUDED, id="ops-on-demand"),

@@ -164,7 +164,7 @@ async def test_metrics_after_mixed_traffic(
     text = await metrics_text(client, gateway)
     events = gateway.events()
 
-    # every metric of DESIGN §6 is exposed (labelled ones without children show HELP/TYPE)
+    # every metric of docs/design.md §6 is exposed (labelled ones without children show HELP/TYPE)
     type_lines = {
         line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")
     }

@@ -1,4 +1,4 @@
-"""Canonical request paths (DESIGN §5): one canonical form, or ``PathRejected`` (400)."""
+"""Canonical request paths (docs/design.md §5): one canonical form, or ``PathRejected`` (400)."""
 
 from __future__ import annotations
 

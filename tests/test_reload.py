@@ -1,4 +1,4 @@
-"""Hot reload of ``routes.toml`` and ``tier_matrix.toml`` (DESIGN §3) and the process
+"""Hot reload of ``routes.toml`` and ``tier_matrix.toml`` (docs/design.md §3) and the process
 lifecycle of ``gateway serve``: SIGHUP reloads, SIGTERM drains in-flight requests."""
 
 from __future__ import annotations

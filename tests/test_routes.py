@@ -1,4 +1,4 @@
-"""The compiled route table (DESIGN §3 routes.toml): precedence, matching, path_case (config
+"""The compiled route table (docs/design.md §3 routes.toml): precedence, matching, path_case (config
 errors, names and ambiguity are in ``test_routes_config.py``).
 
 The property test at the end checks the trie against a brute-force reference matcher written

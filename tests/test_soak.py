@@ -1,4 +1,4 @@
-"""The short soak (issue 6 item 6): ``loadtests/soak.py --duration 30`` must pass.
+"""The short soak: ``loadtests/soak.py --duration 30`` must pass.
 
 Thirty seconds of mixed traffic against a ``gateway serve`` process, with reloads and one
 upstream restart; the script itself checks RSS, every status and every error, and exits 1

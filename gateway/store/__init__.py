@@ -1,4 +1,4 @@
-"""The tenant store: current licenses, suspensions and revocations per tenant (DESIGN §7),
+"""The tenant store: current licenses, suspensions and revocations per tenant (docs/design.md §7),
 and the seats and usage counted by the gateway (README "Seats and usage").
 
 One interface, engines chosen by URL (``open_store``), like uvicorn's ``LOOP_FACTORIES``:

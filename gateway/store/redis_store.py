@@ -1,4 +1,4 @@
-"""Redis tenant store: fleets of sidecars sharing one Redis (DESIGN §7).
+"""Redis tenant store: fleets of sidecars sharing one Redis (docs/design.md §7).
 
 ``redis://host:port/db`` (``rediss://`` for TLS, credentials in the URL as usual), with the
 ``redis`` package's asyncio client. Key layout, under a prefix (default ``gw:``):

@@ -1,4 +1,4 @@
-"""SQLite tenant store: the embedded default, one file that survives restarts (DESIGN §7).
+"""SQLite tenant store: the embedded default, one file that survives restarts (docs/design.md §7).
 
 ``sqlite:///var/lib/gateway/tenants.db`` (an absolute path), ``sqlite://tenants.db``
 (relative to the working directory) or ``sqlite:///:memory:`` (one connection, gone on

@@ -1,4 +1,5 @@
-"""Header attacks over raw sockets (DESIGN §5, issue 6 item 2).
+"""Header attacks over raw sockets: what the gateway relies on in a request head
+(docs/design.md §5).
 
 Spoofed ``X-Entitlement-*`` headers, ``Connection`` tokens naming headers the gateway relies
 on, duplicate and undecodable identity headers, control characters, oversized heads and

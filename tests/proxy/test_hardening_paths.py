@@ -1,4 +1,5 @@
-"""Path confusion through the running gateway (DESIGN §5, issue 6 item 1).
+"""Path confusion through the running gateway: it decides on exactly the path it forwards
+(docs/design.md §5).
 
 Every raw request target below goes over a plain socket to a real gateway in front of a
 recording upstream. Each one is either refused with 400 (``path_rejected``, or

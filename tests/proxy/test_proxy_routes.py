@@ -1,5 +1,5 @@
 """Every route of the shipped ``routes.toml`` through the running proxy, and the HTTP
-contract around it (DESIGN §5): license sources, header hygiene, Host and X-Forwarded-For,
+contract around it (docs/design.md §5): license sources, header hygiene, Host and X-Forwarded-For,
 grace warnings, and what never leaks into events."""
 
 from __future__ import annotations

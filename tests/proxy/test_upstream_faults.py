@@ -1,4 +1,4 @@
-"""Upstream faults (issue 6 item 4): refused, reset before or during the response, slow
+"""Upstream faults: refused, reset before or during the response, slow
 first byte, stalled body, garbage, and a pooled keep-alive connection the upstream closed.
 
 Each fault comes from a raw asyncio server scripted per request. The client (a raw socket)
