@@ -14,13 +14,14 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway.caches import bounded_put
-from gateway.decision import STATUS, Decision, allowed_roles
+from gateway.decision import STATUS, Decision, allowed_roles, effective_plan
 from gateway.errors import IdentityError, LicenseError
 from gateway.identity import TENANT_MISMATCH
 from gateway.license import License
 from gateway.matrix import AppName
 from gateway.problems import problem_prefix, request_id, with_request_id
 from gateway.refusals import RefusalLog, decision_prefix
+from gateway.rollout import path_shape
 from gateway.routes import Route, RouteMatch
 from gateway.verdict import FORWARD, RESPOND, RequestHead, Verdict
 
@@ -112,6 +113,30 @@ class Answers:
         facts = self.refusals.facts(rules.policy, lic, now) if lic is not None else None
         route = found.route
         body = with_request_id(self._prefix(decision, rules, facts, route), rid)
+        self._report(head, rid, decision, rules, role, user, tenant, route, now)
+        if decision.warning is not None:
+            extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
+        verdict = respond(status, body, extra, outcome, route, code)
+        verdict.feature = decision.feature
+        verdict.tenant = tenant
+        verdict.tier = decision.tier
+        return verdict
+
+    def _report(
+        self,
+        head: RequestHead,
+        rid: str,
+        decision: Decision,
+        rules: Rules,
+        role: str | None,
+        user: str | None,
+        tenant: str | None,
+        route: Route | None,
+        now: float,
+        **more: Any,
+    ) -> None:
+        """The refusal event of a denial by ``decide``."""
+        code = decision.code
         kind = _EVENT_OF.get(code, code)
         fields: dict[str, Any] = {}
         if kind == "feature_block":
@@ -132,15 +157,83 @@ class Answers:
             fields = {"method": head.method}
         self.refusals.emit(
             kind, head, rid, rules.revision, code=code, route=route, tenant=tenant,
-            license=lic, policy=rules.policy, now=now, tier=decision.tier, **fields,
+            license=decision.license, policy=rules.policy, now=now, tier=decision.tier,
+            **fields, **more,
         )  # fmt: skip
-        if decision.warning is not None:
-            extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
-        verdict = respond(status, body, extra, outcome, route, code)
+
+    def shadow(
+        self,
+        head: RequestHead,
+        decision: Decision,
+        rules: Rules,
+        role: str | None,
+        user: str | None,
+        tenant: str | None,
+        found: RouteMatch,
+        now: float,
+        target: bytes,
+        identity_lines: bytes,
+        strip: frozenset[bytes],
+    ) -> Verdict:
+        """``enforce = "shadow"``: what ``deny`` would answer is reported (the event with
+        ``"shadow": true``, ``gateway_shadow_block_total`` for a feature) and the request is
+        forwarded as an allowed one would be (the upstream gets the plan's
+        ``X-Entitlement-*``; the client no ``X-License-Warning``)."""
+        if decision.code == "feature_not_entitled":
+            assert decision.feature is not None and decision.tier is not None
+            self.metrics.feature_block(self.app, decision.feature, decision.tier, True).inc()
+        rid = head.request_id or request_id()
+        route = found.route
+        self._report(head, rid, decision, rules, role, user, tenant, route, now, shadow=True)
+        headers = identity_lines
+        lic = decision.license
+        plan = effective_plan(rules.policy, lic.claims, now) if lic is not None else None
+        if lic is not None and plan is not None:
+            entitlement = rules.matrix.entitlement(plan.tier, plan.addons)
+            headers = b"X-Entitlement-Tenant: %s\r\n%s%s" % (
+                lic.claims.sub.encode(),
+                entitlement.upstream_lines,
+                identity_lines,
+            )
+        verdict = Verdict(FORWARD, 0, b"", target, headers, b"", "shadow_blocked")
+        verdict.strip = strip
+        if route is not None:
+            verdict.route = route.path
+            verdict.route_name = route.name
         verdict.feature = decision.feature
         verdict.tenant = tenant
-        verdict.tier = decision.tier
+        verdict.tier = plan.tier if plan is not None else decision.tier
+        verdict.code = decision.code
         return verdict
+
+    def unenforced(self, target: bytes, route: Route | None) -> Verdict:
+        """``enforce = "off"``: forwarded undecided (inbound ``X-Entitlement-*`` is still
+        stripped by the relay, as always)."""
+        verdict = Verdict(FORWARD, 0, b"", target, b"", b"", "unenforced")
+        if route is not None:
+            verdict.route = route.path
+            verdict.route_name = route.name
+        return verdict
+
+    def unmatched_allowed(
+        self, head: RequestHead, verdict: Verdict, path: str, tenant: str | None, rules: Rules
+    ) -> None:
+        """A request no route matched, let through by ``unmatched = "allow"``: its own
+        outcome, and a sampled event with the path's shape (ids replaced) so missing
+        mappings show on the dashboard."""
+        verdict.outcome = "unmatched_allowed"
+        events = self.shared.events
+        if events.admit("unmatched_allowed"):
+            events.emit_admitted(
+                "unmatched_allowed",
+                tenant=tenant,
+                tier=verdict.tier,
+                app=self.app,
+                method=head.method,
+                path_shape=path_shape(path),
+                request_id=head.request_id or request_id(),
+                revision=rules.revision,
+            )
 
     def _prefix(
         self,

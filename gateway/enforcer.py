@@ -31,6 +31,7 @@ from gateway.caches import (
     TenantCache,
     bounded_put,
 )
+from gateway.candidates import CandidateLog
 from gateway.classify import ASK_STORE, REJECTED, ROUTED, ClassicRules, classify
 from gateway.config import Config
 from gateway.decision import Policy, TenantRecord, decide
@@ -46,6 +47,7 @@ from gateway.problems import (
     problem,
     request_id,
 )
+from gateway.rollout import PLAIN, Rollout, host_denial
 from gateway.routes import Match, RouteMatch, RouteTable
 from gateway.store import TenantStore
 from gateway.verdict import (
@@ -95,12 +97,15 @@ REFUSAL_TARGETS = 4096  # request targets remembered as "a refused key gets 401 
 class Rules:
     """The hot-reloadable part of the config, swapped as one reference."""
 
-    __slots__ = ("matrix", "routes", "policy", "revision", "refusals")
+    __slots__ = ("matrix", "routes", "policy", "revision", "refusals", "rollout")
 
-    def __init__(self, matrix: TierMatrix, routes: RouteTable, policy: Policy) -> None:
+    def __init__(
+        self, matrix: TierMatrix, routes: RouteTable, policy: Policy, rollout: Rollout = PLAIN
+    ) -> None:
         self.matrix = matrix
         self.routes = routes
         self.policy = policy
+        self.rollout = rollout  # enforcement modes, cohort, candidate, host features
         self.revision = f"{routes.sha}/{matrix.sha}"
         # (app, method, target) -> the route look-up, for targets where any refused license
         # key is answered 401 with the key's reason (see Enforcer._fast_refusal). Per
@@ -118,6 +123,7 @@ class Enforcer:
         self._is_classic = self.classic.keys.is_classic
         self.metrics: AppMetrics = shared.metrics.for_app(app)
         self.answers = Answers(app, shared)
+        self.candidates = CandidateLog(app, shared)
         # jwt mode, public route: no identity needed, but clients' identity headers never
         # reach the upstream
         self._no_identity = Identity(None, None, None, "none", shared.identifier.identity_headers)
@@ -170,6 +176,10 @@ class Enforcer:
         found = step.found
         assert found is not None
         route = found.route
+        rollout = rules.rollout
+        plan = None if rollout.plain else rollout.apps.get(self.app)  # None: "on", no hosts
+        if plan is not None and plan.mode == "off":
+            return self.answers.unenforced(step.target, route)
         public = found.kind is Match.FULL and route is not None and route.public
         now = time.time()
 
@@ -243,12 +253,31 @@ class Enforcer:
         lic = decision.license
         if lic is not None and lic.claims.addons:
             self.answers.check_addons(head, lic, found, rules, now)
+        if plan is not None and decision.code == "allowed" and plan.host_feature is not None:
+            host = plan.other_host(head.host)
+            ent = decision.entitlement
+            if host is not None and ent is not None and plan.host_feature not in ent.features:
+                decision = host_denial(rules.matrix, decision, plan.host_feature, host)
+        if rollout.candidate is not None:
+            self.candidates.compare(
+                rollout.candidate, head, step.path, found, decision, presented, record, role,
+                tenant_id, rules, now,
+            )  # fmt: skip
         if decision.allowed:
             verdict = self.answers.allow(decision, step.target, found, identity_lines)
             verdict.strip = strip
+            if route is None:  # no route matched (unmatched = "allow")
+                self.answers.unmatched_allowed(head, verdict, step.path, tenant_id, rules)
             return verdict
+        shadowed = plan is not None and plan.mode == "shadow"
+        if shadowed and (tenant_id is None or tenant_id not in rollout.cohort):
+            return self.answers.shadow(
+                head, decision, rules, role, user, tenant_id, found, now, step.target,
+                identity_lines, strip,
+            )  # fmt: skip
         if (
-            presented.__class__ is LicenseError
+            plan is None
+            and presented.__class__ is LicenseError
             and decision.code == presented.reason
             and len(rules.refusals) < REFUSAL_TARGETS
         ):
@@ -329,7 +358,7 @@ class Shared:
         self.config = config
         self.metrics = metrics
         self.events = events
-        self.rules = Rules(config.matrix, config.routes, config.policy)
+        self.rules = Rules(config.matrix, config.routes, config.policy, config.rollout)
         self.licenses = LicenseCache(
             config.keyring,
             metrics,
@@ -340,9 +369,13 @@ class Shared:
         # Who is asking ([identity]); the runtime starts it (jwt mode loads the JWKS).
         self.identifier = Identifier.from_config(config)
         self.addons_reported: dict[str, bool] = {}  # key fingerprints told addon_not_available
-        metrics.config_loaded(config.routes.sha, config.matrix)
+        metrics.config_loaded(config.routes.sha, config.matrix, config.rollout.describe())
 
-    def swap_rules(self, matrix: TierMatrix, routes: RouteTable) -> None:
+    def swap_rules(
+        self, matrix: TierMatrix, routes: RouteTable, rollout: Rollout | None = None
+    ) -> None:
+        """Swap in a reloaded route table and matrix (and rollout; None: keep it)."""
         policy = msgspec.structs.replace(self.rules.policy, matrix=matrix)
-        self.rules = Rules(matrix, routes, policy)
-        self.metrics.config_loaded(routes.sha, matrix)
+        rollout = rollout if rollout is not None else self.rules.rollout
+        self.rules = Rules(matrix, routes, policy, rollout)
+        self.metrics.config_loaded(routes.sha, matrix, rollout.describe())

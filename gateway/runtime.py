@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin import admin_app
-from gateway.config import Config, load_config, load_rules
+from gateway.config import Config, Settings, load_config, load_rules, load_settings
 from gateway.enforcer import Enforcer, Shared
 from gateway.errors import ConfigError
 from gateway.events import EventLog, sampled_rates
@@ -34,6 +34,7 @@ from gateway.matrix import AppName
 from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
 from gateway.revocations import with_revocation_list
+from gateway.rollout import load_rollout, watched_files
 from gateway.seats import SeatBook
 from gateway.store import StoreError, TenantStore, open_store, per_process
 from gateway.store.seed import import_tenants, read_tenants
@@ -101,6 +102,7 @@ class Runtime:
         # tick as the last one keeps its mtime; the size or inode then still tells.
         self._mtimes: dict[Path, tuple[int, int, int]] = {}
         self._reload_lock = asyncio.Lock()
+        self._settings: Settings | None = None  # gateway.toml as of the last reload
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
@@ -229,12 +231,20 @@ class Runtime:
             self.seats.invalidate(tenant)
 
     # ------------------------------------------------------------------ reload
+    @property
+    def reloaded_settings(self) -> Settings | None:
+        """``gateway.toml`` as the last reload read it (None: none since the start)."""
+        return self._settings
+
     def _watched(self) -> list[Path]:
         files = self.config.settings.files
-        return [self.config.resolve(files.routes), self.config.resolve(files.tier_matrix)]
+        rollout = watched_files(self.config, self._settings)
+        return [self.config.resolve(files.routes), self.config.resolve(files.tier_matrix), *rollout]
 
-    def _remember_mtimes(self) -> None:
+    def _remember_mtimes(self, only_new: bool = False) -> None:
         for path in self._watched():
+            if only_new and path in self._mtimes:
+                continue
             with contextlib.suppress(OSError):
                 self._mtimes[path] = _signature(path.stat())
 
@@ -263,6 +273,10 @@ class Runtime:
                 keyring = await asyncio.to_thread(
                     KeyRing.load, self.config.resolve(self.config.settings.license.public_keys)
                 )
+                # Enforcement modes, cohort, candidate and host features follow gateway.toml
+                # at every reload (README "Rolling out"); its other settings need a restart.
+                settings = await asyncio.to_thread(load_settings, self.config.path)
+                rollout = await asyncio.to_thread(load_rollout, self.config, settings, matrix)
             except ConfigError as exc:
                 self.metrics.reload_failed.inc()
                 log.error(
@@ -271,11 +285,16 @@ class Runtime:
                     "\n  ".join(str(p) for p in exc.problems),
                 )
                 return False
-            self.shared.swap_rules(matrix, routes)
+            self.shared.swap_rules(matrix, routes, rollout)
+            self._settings = settings
+            self._remember_mtimes(only_new=True)  # a cohort or candidate file named just now
             if not keyring.same_keys(self.shared.licenses.keyring):
                 self._swap_keyring(keyring)
             self.metrics.reload_ok.inc()
-            log.info("reload (%s): routes %s, matrix %s", why, routes.sha, matrix.sha)
+            log.info(
+                "reload (%s): routes %s, matrix %s, enforce %s",
+                why, routes.sha, matrix.sha, rollout.describe(),
+            )  # fmt: skip
             return True
 
     def _swap_keyring(self, keyring: KeyRing) -> None:
