@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
+
 from gateway.caches import bounded_put
 from gateway.decision import STATUS, Decision, allowed_roles, effective_plan
 from gateway.errors import IdentityError, LicenseError
@@ -23,6 +25,7 @@ from gateway.problems import problem_prefix, request_id, with_request_id
 from gateway.refusals import RefusalLog, decision_prefix
 from gateway.rollout import path_shape
 from gateway.routes import Route, RouteMatch
+from gateway.seats import Admission, emit_seat_events, seat_problem
 from gateway.verdict import FORWARD, RESPOND, RequestHead, Verdict
 
 if TYPE_CHECKING:
@@ -83,6 +86,36 @@ class Answers:
         verdict.code = "allowed"
         return verdict
 
+    def seat_decision(
+        self, admission: Admission, allowed: Decision, role: str | None, rules: Rules
+    ) -> Decision:
+        """The 429 ``seat_limit_exceeded`` of a new user beyond the allowance, as a denial
+        (so shadow mode treats it like any other); ``deny`` adds the seat fields."""
+        detail, _ = seat_problem(admission, rules.matrix, role, rules.policy.upgrade_url)
+        return msgspec.structs.replace(
+            allowed,
+            allowed=False,
+            status=STATUS["seat_limit_exceeded"],
+            code="seat_limit_exceeded",
+            detail=detail,
+            entitlement=None,
+            seat=admission,
+        )
+
+    def admitted(
+        self, head: RequestHead, verdict: Verdict, admission: Admission, user: str, rules: Rules
+    ) -> None:
+        """A new user admitted to a seat: ``X-Seat-Warning`` beyond the included seats, and
+        the ``seat_overage`` / ``seat_warning`` events (once per user, per window)."""
+        if admission.warning is not None:
+            verdict.response_headers += b"X-Seat-Warning: %s\r\n" % admission.warning.encode()
+        if admission.events:
+            assert verdict.tenant is not None
+            emit_seat_events(
+                self.shared.events, admission, tenant=verdict.tenant, app=self.app, user=user,
+                request_id=head.request_id or request_id(), revision=rules.revision,
+            )  # fmt: skip
+
     def deny(
         self,
         head: RequestHead,
@@ -112,7 +145,16 @@ class Answers:
         lic = decision.license
         facts = self.refusals.facts(rules.policy, lic, now) if lic is not None else None
         route = found.route
-        body = with_request_id(self._prefix(decision, rules, facts, route), rid)
+        if isinstance(decision.seat, Admission):  # active_users: the seat numbers too
+            _, fields = seat_problem(decision.seat, rules.matrix, role, rules.policy.upgrade_url)
+            if facts is not None:
+                fields.update(license_state=facts[0], expires_at=facts[1])
+            prefix = problem_prefix(
+                decision.status, decision.code, decision.title, decision.detail, **fields
+            )
+            body = with_request_id(prefix, rid)
+        else:
+            body = with_request_id(self._prefix(decision, rules, facts, route), rid)
         self._report(head, rid, decision, rules, role, user, tenant, route, now)
         if decision.warning is not None:
             extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
@@ -153,6 +195,14 @@ class Answers:
             }
         elif code == "seat_limit_exceeded":
             fields = {"feature": decision.feature, "user": user, "detail": decision.detail}
+            if isinstance(decision.seat, Admission):
+                seat = decision.seat
+                fields.update(
+                    seat=seat.limits.kind,
+                    used=seat.used,
+                    included=seat.limits.included,
+                    allowance=seat.limits.allowance,
+                )
         elif code == "route_unmatched":
             fields = {"method": head.method}
         self.refusals.emit(

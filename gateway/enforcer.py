@@ -49,7 +49,9 @@ from gateway.problems import (
 )
 from gateway.rollout import PLAIN, Rollout, host_denial
 from gateway.routes import Match, RouteMatch, RouteTable
+from gateway.seats import KNOWN, SEAT_KINDS, SeatBook
 from gateway.store import TenantStore
+from gateway.usage import UsageMeter, client_id
 from gateway.verdict import (
     CLASSIC,
     COLLECT,
@@ -89,6 +91,7 @@ _NEED_TENANT_VERDICT: Final = Verdict(NEED_TENANT)
 _WAIT_CLASSIC_KEY: Final = "classic_key"
 _WAIT_TENANT: Final = "tenant"
 _WAIT_KEYS: Final = "identity_keys"
+_WAIT_SEAT: Final = "seat"
 _NOTHING: Final[frozenset[bytes]] = frozenset()
 _MAX_WAITS: Final = 3  # prefetch rounds: a tenant record, then what the record leads to
 REFUSAL_TARGETS = 4096  # request targets remembered as "a refused key gets 401 here"
@@ -124,6 +127,9 @@ class Enforcer:
         self.metrics: AppMetrics = shared.metrics.for_app(app)
         self.answers = Answers(app, shared)
         self.candidates = CandidateLog(app, shared)
+        # The seat kind this listener counts ([seats] mode = "active_users"), else None.
+        seat_mode = config.settings.seats.mode
+        self.seat_kind = SEAT_KINDS.get(app) if seat_mode == "active_users" else None
         # jwt mode, public route: no identity needed, but clients' identity headers never
         # reach the upstream
         self._no_identity = Identity(None, None, None, "none", shared.identifier.identity_headers)
@@ -263,11 +269,28 @@ class Enforcer:
                 rollout.candidate, head, step.path, found, decision, presented, record, role,
                 tenant_id, rules, now,
             )  # fmt: skip
+        admission = None
+        if self.seat_kind is not None and user is not None and decision.code == "allowed":
+            # [seats] mode = "active_users": the user holds a seat, or is admitted to one.
+            assert lic is not None
+            admission = head.admission
+            if admission is None:
+                seats = self.shared.seats
+                if seats.check(lic.claims.sub, self.seat_kind, user, now) != KNOWN:
+                    head.waiting = (_WAIT_SEAT, (lic.claims.sub, user, decision))
+                    return _NEED_TENANT_VERDICT
+            elif not admission.allowed:
+                decision = self.answers.seat_decision(admission, decision, role, rules)
         if decision.allowed:
             verdict = self.answers.allow(decision, step.target, found, identity_lines)
             verdict.strip = strip
             if route is None:  # no route matched (unmatched = "allow")
                 self.answers.unmatched_allowed(head, verdict, step.path, tenant_id, rules)
+            if admission is not None and user is not None:
+                self.answers.admitted(head, verdict, admission, user, rules)
+            assert lic is not None
+            client = client_id(head.client_id)
+            self.shared.usage.count(lic.claims.sub, decision.feature, client, now)
             return verdict
         shadowed = plan is not None and plan.mode == "shadow"
         if shadowed and (tenant_id is None or tenant_id not in rollout.cohort):
@@ -332,8 +355,8 @@ class Enforcer:
         key's store entry, the identity provider's keys), then decide; ``check(head,
         fetched=True)`` returns that verdict."""
         for _ in range(_MAX_WAITS):
-            waiting, head.waiting = head.waiting, None
-            kind, what = waiting if waiting is not None else (None, None)
+            kind, what = head.waiting or ("", None)  # (what to load, for whom)
+            head.waiting = None
             if kind == _WAIT_CLASSIC_KEY:
                 assert head.license_key is not None
                 await self.shared.classic_keys.fetch(head.license_key)
@@ -342,6 +365,13 @@ class Enforcer:
                 await self.shared.tenants.fetch(what)
             elif kind == _WAIT_KEYS:
                 await self.shared.identifier.refresh_keys()
+            elif kind == _WAIT_SEAT:
+                assert self.seat_kind is not None and what is not None
+                tenant, user, decision = what
+                head.admission = await self.shared.seats.admit(
+                    tenant, self.seat_kind, user, matrix=self.shared.rules.matrix,
+                    tier=decision.tier, seats=decision.seats, now=time.time(),
+                )  # fmt: skip
             verdict = self._check(head, fetched=True)
             if verdict is not _NEED_TENANT_VERDICT:
                 head.verdict = verdict
@@ -369,6 +399,10 @@ class Shared:
         # Who is asking ([identity]); the runtime starts it (jwt mode loads the JWKS).
         self.identifier = Identifier.from_config(config)
         self.addons_reported: dict[str, bool] = {}  # key fingerprints told addon_not_available
+        # Seat holders and usage counts ([seats], README "Seats and usage"); the runtime
+        # runs the usage flusher and follows the store's changes for both.
+        self.seats = SeatBook(store, config.settings.seats, metrics)
+        self.usage = UsageMeter(store, metrics)
         metrics.config_loaded(config.routes.sha, config.matrix, config.rollout.describe())
 
     def swap_rules(

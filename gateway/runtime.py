@@ -35,10 +35,8 @@ from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
 from gateway.revocations import with_revocation_list
 from gateway.rollout import load_rollout, watched_files
-from gateway.seats import SeatBook
 from gateway.store import StoreError, TenantStore, open_store, per_process
 from gateway.store.seed import import_tenants, read_tenants
-from gateway.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +124,8 @@ class Runtime:
         if warning is not None:
             log.warning("%s", warning)
         await self.shared.identifier.start()  # jwt mode: the provider's keys, fail-static
-        # Seat holders and usage counts ([seats], README "Seats and usage").
-        self.seats = SeatBook(self.store, settings.seats, self.metrics)
-        self.usage = UsageMeter(self.store, self.metrics)
+        self.seats = self.shared.seats
+        self.usage = self.shared.usage
         self._remember_mtimes()
         lic = settings.license
         loop = asyncio.get_running_loop()
