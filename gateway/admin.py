@@ -159,11 +159,16 @@ async def config(request: web.Request) -> web.Response:
     rules = runtime.shared.rules
     keyring = runtime.shared.licenses.keyring
     apps: dict[str, Any] = {}
+    rollout = rules.rollout
     for name, app in settings.apps.items():
         apps[name] = {
             **msgspec.structs.asdict(app),
             "unmatched": rules.routes.apps[name].unmatched,
+            # as in force (it follows gateway.toml at every reload)
+            "enforce": rollout.modes.get(name, app.enforce),
         }
+    candidate = rollout.candidate
+    live = runtime.reloaded_settings or settings
     body = {
         "version": __version__,
         "config_file": str(cfg.path),
@@ -196,8 +201,19 @@ async def config(request: web.Request) -> web.Response:
             "provision_secret_env": settings.admin.provision_secret_env,
             "provisioning_enabled": bool(os.environ.get(settings.admin.provision_secret_env)),
         },
-        # No [identity] section exists yet: tenant and role headers are trusted from any peer.
-        "identity": None,
+        # None without an [identity] section: tenant and role headers trusted from any peer.
+        "identity": runtime.shared.identifier.describe(),
+        "rollout": {
+            "enforce_tenants": len(rollout.cohort),
+            "enforce_tenants_file": live.rollout.enforce_tenants_file,
+        },
+        "candidate": None
+        if candidate is None
+        else {
+            "routes": live.candidate.routes,
+            "tier_matrix": live.candidate.tier_matrix,
+            "revisions": {"routes": candidate.routes.sha, "matrix": candidate.matrix.sha},
+        },
     }
     return web.json_response(body)
 

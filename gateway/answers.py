@@ -13,15 +13,19 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
+
 from gateway.caches import bounded_put
-from gateway.decision import STATUS, Decision, allowed_roles
+from gateway.decision import STATUS, Decision, allowed_roles, effective_plan
 from gateway.errors import IdentityError, LicenseError
 from gateway.identity import TENANT_MISMATCH
 from gateway.license import License
 from gateway.matrix import AppName
 from gateway.problems import problem_prefix, request_id, with_request_id
 from gateway.refusals import RefusalLog, decision_prefix
+from gateway.rollout import path_shape
 from gateway.routes import Route, RouteMatch
+from gateway.seats import Admission, emit_seat_events, seat_problem
 from gateway.verdict import FORWARD, RESPOND, RequestHead, Verdict
 
 if TYPE_CHECKING:
@@ -82,6 +86,36 @@ class Answers:
         verdict.code = "allowed"
         return verdict
 
+    def seat_decision(
+        self, admission: Admission, allowed: Decision, role: str | None, rules: Rules
+    ) -> Decision:
+        """The 429 ``seat_limit_exceeded`` of a new user beyond the allowance, as a denial
+        (so shadow mode treats it like any other); ``deny`` adds the seat fields."""
+        detail, _ = seat_problem(admission, rules.matrix, role, rules.policy.upgrade_url)
+        return msgspec.structs.replace(
+            allowed,
+            allowed=False,
+            status=STATUS["seat_limit_exceeded"],
+            code="seat_limit_exceeded",
+            detail=detail,
+            entitlement=None,
+            seat=admission,
+        )
+
+    def admitted(
+        self, head: RequestHead, verdict: Verdict, admission: Admission, user: str, rules: Rules
+    ) -> None:
+        """A new user admitted to a seat: ``X-Seat-Warning`` beyond the included seats, and
+        the ``seat_overage`` / ``seat_warning`` events (once per user, per window)."""
+        if admission.warning is not None:
+            verdict.response_headers += b"X-Seat-Warning: %s\r\n" % admission.warning.encode()
+        if admission.events:
+            assert verdict.tenant is not None
+            emit_seat_events(
+                self.shared.events, admission, tenant=verdict.tenant, app=self.app, user=user,
+                request_id=head.request_id or request_id(), revision=rules.revision,
+            )  # fmt: skip
+
     def deny(
         self,
         head: RequestHead,
@@ -111,7 +145,40 @@ class Answers:
         lic = decision.license
         facts = self.refusals.facts(rules.policy, lic, now) if lic is not None else None
         route = found.route
-        body = with_request_id(self._prefix(decision, rules, facts, route), rid)
+        if isinstance(decision.seat, Admission):  # active_users: the seat numbers too
+            _, fields = seat_problem(decision.seat, rules.matrix, role, rules.policy.upgrade_url)
+            if facts is not None:
+                fields.update(license_state=facts[0], expires_at=facts[1])
+            prefix = problem_prefix(
+                decision.status, decision.code, decision.title, decision.detail, **fields
+            )
+            body = with_request_id(prefix, rid)
+        else:
+            body = with_request_id(self._prefix(decision, rules, facts, route), rid)
+        self._report(head, rid, decision, rules, role, user, tenant, route, now)
+        if decision.warning is not None:
+            extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
+        verdict = respond(status, body, extra, outcome, route, code)
+        verdict.feature = decision.feature
+        verdict.tenant = tenant
+        verdict.tier = decision.tier
+        return verdict
+
+    def _report(
+        self,
+        head: RequestHead,
+        rid: str,
+        decision: Decision,
+        rules: Rules,
+        role: str | None,
+        user: str | None,
+        tenant: str | None,
+        route: Route | None,
+        now: float,
+        **more: Any,
+    ) -> None:
+        """The refusal event of a denial by ``decide``."""
+        code = decision.code
         kind = _EVENT_OF.get(code, code)
         fields: dict[str, Any] = {}
         if kind == "feature_block":
@@ -128,19 +195,95 @@ class Answers:
             }
         elif code == "seat_limit_exceeded":
             fields = {"feature": decision.feature, "user": user, "detail": decision.detail}
+            if isinstance(decision.seat, Admission):
+                seat = decision.seat
+                fields.update(
+                    seat=seat.limits.kind,
+                    used=seat.used,
+                    included=seat.limits.included,
+                    allowance=seat.limits.allowance,
+                )
         elif code == "route_unmatched":
             fields = {"method": head.method}
         self.refusals.emit(
             kind, head, rid, rules.revision, code=code, route=route, tenant=tenant,
-            license=lic, policy=rules.policy, now=now, tier=decision.tier, **fields,
+            license=decision.license, policy=rules.policy, now=now, tier=decision.tier,
+            **fields, **more,
         )  # fmt: skip
-        if decision.warning is not None:
-            extra += b"X-License-Warning: %s\r\n" % decision.warning.encode()
-        verdict = respond(status, body, extra, outcome, route, code)
+
+    def shadow(
+        self,
+        head: RequestHead,
+        decision: Decision,
+        rules: Rules,
+        role: str | None,
+        user: str | None,
+        tenant: str | None,
+        found: RouteMatch,
+        now: float,
+        target: bytes,
+        identity_lines: bytes,
+        strip: frozenset[bytes],
+    ) -> Verdict:
+        """``enforce = "shadow"``: what ``deny`` would answer is reported (the event with
+        ``"shadow": true``, ``gateway_shadow_block_total`` for a feature) and the request is
+        forwarded as an allowed one would be (the upstream gets the plan's
+        ``X-Entitlement-*``; the client no ``X-License-Warning``)."""
+        if decision.code == "feature_not_entitled":
+            assert decision.feature is not None and decision.tier is not None
+            self.metrics.feature_block(self.app, decision.feature, decision.tier, True).inc()
+        rid = head.request_id or request_id()
+        route = found.route
+        self._report(head, rid, decision, rules, role, user, tenant, route, now, shadow=True)
+        headers = identity_lines
+        lic = decision.license
+        plan = effective_plan(rules.policy, lic.claims, now) if lic is not None else None
+        if lic is not None and plan is not None:
+            entitlement = rules.matrix.entitlement(plan.tier, plan.addons)
+            headers = b"X-Entitlement-Tenant: %s\r\n%s%s" % (
+                lic.claims.sub.encode(),
+                entitlement.upstream_lines,
+                identity_lines,
+            )
+        verdict = Verdict(FORWARD, 0, b"", target, headers, b"", "shadow_blocked")
+        verdict.strip = strip
+        if route is not None:
+            verdict.route = route.path
+            verdict.route_name = route.name
         verdict.feature = decision.feature
         verdict.tenant = tenant
-        verdict.tier = decision.tier
+        verdict.tier = plan.tier if plan is not None else decision.tier
+        verdict.code = decision.code
         return verdict
+
+    def unenforced(self, target: bytes, route: Route | None) -> Verdict:
+        """``enforce = "off"``: forwarded undecided (inbound ``X-Entitlement-*`` is still
+        stripped by the relay, as always)."""
+        verdict = Verdict(FORWARD, 0, b"", target, b"", b"", "unenforced")
+        if route is not None:
+            verdict.route = route.path
+            verdict.route_name = route.name
+        return verdict
+
+    def unmatched_allowed(
+        self, head: RequestHead, verdict: Verdict, path: str, tenant: str | None, rules: Rules
+    ) -> None:
+        """A request no route matched, let through by ``unmatched = "allow"``: its own
+        outcome, and a sampled event with the path's shape (ids replaced) so missing
+        mappings show on the dashboard."""
+        verdict.outcome = "unmatched_allowed"
+        events = self.shared.events
+        if events.admit("unmatched_allowed"):
+            events.emit_admitted(
+                "unmatched_allowed",
+                tenant=tenant,
+                tier=verdict.tier,
+                app=self.app,
+                method=head.method,
+                path_shape=path_shape(path),
+                request_id=head.request_id or request_id(),
+                revision=rules.revision,
+            )
 
     def _prefix(
         self,

@@ -23,6 +23,14 @@ from gateway.jwks import JwksError, parse_jwks, read_jwks_file
 from gateway.license import DEFAULT_CLASSIC_PATTERN, ClassicKeys, KeyRing
 from gateway.matrix import APP_NAMES, AppName, TierMatrix, build_matrix
 from gateway.peers import parse_network
+from gateway.rollout import (
+    PLAIN,
+    CandidateSettings,
+    EnforceMode,
+    RolloutSettings,
+    check_rollout,
+    load_rollout,
+)
 from gateway.routes import ROLES, PathCase, RouteTable, build_routes
 from gateway.sinks import resolve_sink, sink_problem
 from gateway.tomlfile import TomlDocument
@@ -52,6 +60,10 @@ class AppSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Features the plan lacks, for this app's UIs (GET {prefix}): "hide" (phase 1) or
     # "tag" (phase 2: shown locked, with the tier that unlocks them).
     upsell: Literal["hide", "tag"] = "hide"
+    # README "Rolling out": "shadow" decides but forwards anyway, "off" does not decide.
+    enforce: EnforceMode = "on"
+    default_hosts: tuple[str, ...] = ()  # host names that need no host_feature
+    host_feature: str | None = None  # needed by a request to any other Host
 
 
 class AdminSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -203,12 +215,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     identity: IdentitySettings | None = None  # None: headers trusted from any peer
     audit: AuditSettings = AuditSettings()
     reminders: ReminderSettings = ReminderSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    candidate: CandidateSettings = CandidateSettings()
 
 
 class Config:
     """Everything loaded from disk, validated and frozen. A reload builds a new one."""
 
-    __slots__ = ("path", "settings", "matrix", "routes", "keyring", "classic", "policy")
+    __slots__ = ("path", "settings", "matrix", "routes", "keyring", "classic", "policy", "rollout")
 
     def __init__(
         self,
@@ -231,6 +245,7 @@ class Config:
             upgrade_url=f"{settings.entitlements.prefix}/ui",
             seat_mode=settings.seats.mode,
         )
+        self.rollout = PLAIN  # load_config reads the rollout's files (gateway.rollout)
 
     def resolve(self, relative: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -267,6 +282,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "seats": SeatSettings,
     "audit": AuditSettings,
     "reminders": ReminderSettings,
+    "rollout": RolloutSettings,
+    "candidate": CandidateSettings,
 }
 
 
@@ -390,6 +407,7 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
     if audit_log is not None and not (doc.path.parent / audit_log).parent.is_dir():
         doc.problem("audit.log", "its folder does not exist", header="[audit]")
     _check_seats(doc, settings.seats)
+    check_rollout(doc, settings)
     _check_spools(doc, settings)
     _check_reminders(doc, settings.reminders)
     if settings.identity is not None:
@@ -589,7 +607,9 @@ def load_config(path: Path) -> Config:
                 )
     if problems or settings is None or matrix is None or routes is None or keyring is None:
         raise ConfigError(problems)
-    return Config(path.resolve(), settings, matrix, routes, keyring)
+    config = Config(path.resolve(), settings, matrix, routes, keyring)
+    config.rollout = load_rollout(config)
+    return config
 
 
 def load_rules(config: Config) -> tuple[TierMatrix, RouteTable]:

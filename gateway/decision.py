@@ -108,6 +108,8 @@ class Decision(msgspec.Struct, frozen=True):
     license: License | None = None
     warning: str | None = None  # X-License-Warning
     seats: Seats | None = None  # the license's seats claim in force (None: the tier's)
+    # active_users mode: the seat admission behind a seat_limit_exceeded (gateway.seats)
+    seat: object = None
 
     @property
     def title(self) -> str:

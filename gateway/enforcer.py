@@ -31,6 +31,7 @@ from gateway.caches import (
     TenantCache,
     bounded_put,
 )
+from gateway.candidates import CandidateLog
 from gateway.classify import ASK_STORE, REJECTED, ROUTED, ClassicRules, classify
 from gateway.config import Config
 from gateway.decision import Policy, TenantRecord, decide
@@ -46,8 +47,11 @@ from gateway.problems import (
     problem,
     request_id,
 )
+from gateway.rollout import PLAIN, Rollout, host_denial
 from gateway.routes import Match, RouteMatch, RouteTable
+from gateway.seats import KNOWN, SEAT_KINDS, SeatBook
 from gateway.store import TenantStore
+from gateway.usage import UsageMeter, client_id
 from gateway.verdict import (
     CLASSIC,
     COLLECT,
@@ -87,6 +91,7 @@ _NEED_TENANT_VERDICT: Final = Verdict(NEED_TENANT)
 _WAIT_CLASSIC_KEY: Final = "classic_key"
 _WAIT_TENANT: Final = "tenant"
 _WAIT_KEYS: Final = "identity_keys"
+_WAIT_SEAT: Final = "seat"
 _NOTHING: Final[frozenset[bytes]] = frozenset()
 _MAX_WAITS: Final = 3  # prefetch rounds: a tenant record, then what the record leads to
 REFUSAL_TARGETS = 4096  # request targets remembered as "a refused key gets 401 here"
@@ -95,12 +100,15 @@ REFUSAL_TARGETS = 4096  # request targets remembered as "a refused key gets 401 
 class Rules:
     """The hot-reloadable part of the config, swapped as one reference."""
 
-    __slots__ = ("matrix", "routes", "policy", "revision", "refusals")
+    __slots__ = ("matrix", "routes", "policy", "revision", "refusals", "rollout")
 
-    def __init__(self, matrix: TierMatrix, routes: RouteTable, policy: Policy) -> None:
+    def __init__(
+        self, matrix: TierMatrix, routes: RouteTable, policy: Policy, rollout: Rollout = PLAIN
+    ) -> None:
         self.matrix = matrix
         self.routes = routes
         self.policy = policy
+        self.rollout = rollout  # enforcement modes, cohort, candidate, host features
         self.revision = f"{routes.sha}/{matrix.sha}"
         # (app, method, target) -> the route look-up, for targets where any refused license
         # key is answered 401 with the key's reason (see Enforcer._fast_refusal). Per
@@ -118,6 +126,10 @@ class Enforcer:
         self._is_classic = self.classic.keys.is_classic
         self.metrics: AppMetrics = shared.metrics.for_app(app)
         self.answers = Answers(app, shared)
+        self.candidates = CandidateLog(app, shared)
+        # The seat kind this listener counts ([seats] mode = "active_users"), else None.
+        seat_mode = config.settings.seats.mode
+        self.seat_kind = SEAT_KINDS.get(app) if seat_mode == "active_users" else None
         # jwt mode, public route: no identity needed, but clients' identity headers never
         # reach the upstream
         self._no_identity = Identity(None, None, None, "none", shared.identifier.identity_headers)
@@ -170,6 +182,10 @@ class Enforcer:
         found = step.found
         assert found is not None
         route = found.route
+        rollout = rules.rollout
+        plan = None if rollout.plain else rollout.apps.get(self.app)  # None: "on", no hosts
+        if plan is not None and plan.mode == "off":
+            return self.answers.unenforced(step.target, route)
         public = found.kind is Match.FULL and route is not None and route.public
         now = time.time()
 
@@ -243,12 +259,48 @@ class Enforcer:
         lic = decision.license
         if lic is not None and lic.claims.addons:
             self.answers.check_addons(head, lic, found, rules, now)
+        if plan is not None and decision.code == "allowed" and plan.host_feature is not None:
+            host = plan.other_host(head.host)
+            ent = decision.entitlement
+            if host is not None and ent is not None and plan.host_feature not in ent.features:
+                decision = host_denial(rules.matrix, decision, plan.host_feature, host)
+        if rollout.candidate is not None:
+            self.candidates.compare(
+                rollout.candidate, head, step.path, found, decision, presented, record, role,
+                tenant_id, rules, now,
+            )  # fmt: skip
+        admission = None
+        if self.seat_kind is not None and user is not None and decision.code == "allowed":
+            # [seats] mode = "active_users": the user holds a seat, or is admitted to one.
+            assert lic is not None
+            admission = head.admission
+            if admission is None:
+                seats = self.shared.seats
+                if seats.check(lic.claims.sub, self.seat_kind, user, now) != KNOWN:
+                    head.waiting = (_WAIT_SEAT, (lic.claims.sub, user, decision))
+                    return _NEED_TENANT_VERDICT
+            elif not admission.allowed:
+                decision = self.answers.seat_decision(admission, decision, role, rules)
         if decision.allowed:
             verdict = self.answers.allow(decision, step.target, found, identity_lines)
             verdict.strip = strip
+            if route is None:  # no route matched (unmatched = "allow")
+                self.answers.unmatched_allowed(head, verdict, step.path, tenant_id, rules)
+            if admission is not None and user is not None:
+                self.answers.admitted(head, verdict, admission, user, rules)
+            assert lic is not None
+            client = client_id(head.client_id)
+            self.shared.usage.count(lic.claims.sub, decision.feature, client, now)
             return verdict
+        shadowed = plan is not None and plan.mode == "shadow"
+        if shadowed and (tenant_id is None or tenant_id not in rollout.cohort):
+            return self.answers.shadow(
+                head, decision, rules, role, user, tenant_id, found, now, step.target,
+                identity_lines, strip,
+            )  # fmt: skip
         if (
-            presented.__class__ is LicenseError
+            plan is None
+            and presented.__class__ is LicenseError
             and decision.code == presented.reason
             and len(rules.refusals) < REFUSAL_TARGETS
         ):
@@ -303,8 +355,8 @@ class Enforcer:
         key's store entry, the identity provider's keys), then decide; ``check(head,
         fetched=True)`` returns that verdict."""
         for _ in range(_MAX_WAITS):
-            waiting, head.waiting = head.waiting, None
-            kind, what = waiting if waiting is not None else (None, None)
+            kind, what = head.waiting or ("", None)  # (what to load, for whom)
+            head.waiting = None
             if kind == _WAIT_CLASSIC_KEY:
                 assert head.license_key is not None
                 await self.shared.classic_keys.fetch(head.license_key)
@@ -313,6 +365,13 @@ class Enforcer:
                 await self.shared.tenants.fetch(what)
             elif kind == _WAIT_KEYS:
                 await self.shared.identifier.refresh_keys()
+            elif kind == _WAIT_SEAT:
+                assert self.seat_kind is not None and what is not None
+                tenant, user, decision = what
+                head.admission = await self.shared.seats.admit(
+                    tenant, self.seat_kind, user, matrix=self.shared.rules.matrix,
+                    tier=decision.tier, seats=decision.seats, now=time.time(),
+                )  # fmt: skip
             verdict = self._check(head, fetched=True)
             if verdict is not _NEED_TENANT_VERDICT:
                 head.verdict = verdict
@@ -329,7 +388,7 @@ class Shared:
         self.config = config
         self.metrics = metrics
         self.events = events
-        self.rules = Rules(config.matrix, config.routes, config.policy)
+        self.rules = Rules(config.matrix, config.routes, config.policy, config.rollout)
         self.licenses = LicenseCache(
             config.keyring,
             metrics,
@@ -340,9 +399,17 @@ class Shared:
         # Who is asking ([identity]); the runtime starts it (jwt mode loads the JWKS).
         self.identifier = Identifier.from_config(config)
         self.addons_reported: dict[str, bool] = {}  # key fingerprints told addon_not_available
-        metrics.config_loaded(config.routes.sha, config.matrix)
+        # Seat holders and usage counts ([seats], README "Seats and usage"); the runtime
+        # runs the usage flusher and follows the store's changes for both.
+        self.seats = SeatBook(store, config.settings.seats, metrics)
+        self.usage = UsageMeter(store, metrics)
+        metrics.config_loaded(config.routes.sha, config.matrix, config.rollout.describe())
 
-    def swap_rules(self, matrix: TierMatrix, routes: RouteTable) -> None:
+    def swap_rules(
+        self, matrix: TierMatrix, routes: RouteTable, rollout: Rollout | None = None
+    ) -> None:
+        """Swap in a reloaded route table and matrix (and rollout; None: keep it)."""
         policy = msgspec.structs.replace(self.rules.policy, matrix=matrix)
-        self.rules = Rules(matrix, routes, policy)
-        self.metrics.config_loaded(routes.sha, matrix)
+        rollout = rollout if rollout is not None else self.rules.rollout
+        self.rules = Rules(matrix, routes, policy, rollout)
+        self.metrics.config_loaded(routes.sha, matrix, rollout.describe())

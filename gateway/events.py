@@ -48,9 +48,13 @@ REFUSAL_EVENTS = (
 )
 
 
+# Sampled at the same rate: what a flood or a rollout could multiply.
+SAMPLED_EVENTS = (*REFUSAL_EVENTS, "decision_diff", "unmatched_allowed")
+
+
 def sampled_rates(settings: EventSettings) -> dict[str, float]:
     """Events per second, per sampled kind (the rest is counted as dropped)."""
-    rates = dict.fromkeys(REFUSAL_EVENTS, settings.refusals_per_second)
+    rates = dict.fromkeys(SAMPLED_EVENTS, settings.refusals_per_second)
     rates["license_invalid"] = settings.license_invalid_per_second
     return rates
 

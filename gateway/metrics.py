@@ -44,7 +44,19 @@ def multiprocess_dir() -> str | None:
 
 
 STORE_OPS = ("get", "classic_key", "provision", "seats", "usage", "reminders")
-OUTCOMES = ("allowed", "blocked", "classic", "public", "unlicensed", "rejected", "upstream_error")
+OUTCOMES = (
+    "allowed",
+    "blocked",
+    "classic",
+    "public",
+    "unlicensed",
+    "rejected",
+    "upstream_error",
+    "shadow_blocked",  # enforce = "shadow": would have been refused, forwarded
+    "unenforced",  # enforce = "off": forwarded undecided
+    "unmatched_allowed",  # no route matched, unmatched = "allow": forwarded
+)
+CANDIDATE_CHANGES = ("newly_blocked", "newly_allowed", "feature_changed")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "bad_response", "overloaded")
 LICENSE_RESULTS = (
     "valid",
@@ -108,7 +120,16 @@ class FastHistogram:
 class AppMetrics:
     """The children of one app's labelled metrics, bound once."""
 
-    __slots__ = ("outcome", "classic", "duration", "upstream_errors", "feature_blocks", "_parent")
+    __slots__ = (
+        "outcome",
+        "classic",
+        "duration",
+        "upstream_errors",
+        "feature_blocks",
+        "shadow_blocks",
+        "candidate_diff",
+        "_parent",
+    )
 
     def __init__(self, parent: Metrics, app: str) -> None:
         self._parent = parent
@@ -121,25 +142,38 @@ class AppMetrics:
             kind: parent.upstream_errors.labels(app=app, kind=kind) for kind in UPSTREAM_ERROR_KINDS
         }
         self.feature_blocks: dict[tuple[str, str], Tally] = {}
+        self.shadow_blocks: dict[tuple[str, str], Tally] = {}
+        self.candidate_diff = {
+            change: parent.tally(parent.candidate_diff.labels(app=app, change=change))
+            for change in CANDIDATE_CHANGES
+        }
 
     def bind_features(self, app: str, matrix: TierMatrix) -> None:
         """Children for every (feature of this app, tier); called on every config load."""
-        blocks = self._parent.feature_blocks
         tally = self._parent.tally
-        self.feature_blocks = {
-            (feature, tier): tally(blocks.labels(app=app, feature=feature, tier=tier))
+        pairs = [
+            (feature, tier)
             for feature, spec in matrix.features.items()
             if spec.app == app
             for tier in matrix.tiers
+        ]
+        blocks, shadow = self._parent.feature_blocks, self._parent.shadow_blocks
+        self.feature_blocks = {
+            (f, t): tally(blocks.labels(app=app, feature=f, tier=t)) for f, t in pairs
+        }
+        self.shadow_blocks = {
+            (f, t): tally(shadow.labels(app=app, feature=f, tier=t)) for f, t in pairs
         }
 
-    def feature_block(self, app: str, feature: str, tier: str) -> Tally:
-        child = self.feature_blocks.get((feature, tier))
+    def feature_block(self, app: str, feature: str, tier: str, shadow: bool = False) -> Tally:
+        """``gateway_feature_block_total`` (or, for a block in shadow mode,
+        ``gateway_shadow_block_total``) of one (feature, tier)."""
+        children = self.shadow_blocks if shadow else self.feature_blocks
+        child = children.get((feature, tier))
         if child is None:  # a tier the matrix no longer has: rare, so bind lazily
-            child = self._parent.tally(
-                self._parent.feature_blocks.labels(app=app, feature=feature, tier=tier)
-            )
-            self.feature_blocks[(feature, tier)] = child
+            family = self._parent.shadow_blocks if shadow else self._parent.feature_blocks
+            child = self._parent.tally(family.labels(app=app, feature=feature, tier=tier))
+            children[(feature, tier)] = child
         return child
 
 
@@ -160,6 +194,18 @@ class Metrics:
             "gateway_feature_block",
             "Requests blocked because the tier does not include the feature",
             ["app", "feature", "tier"],
+            registry=r,
+        )
+        self.shadow_blocks = Counter(
+            "gateway_shadow_block",
+            'Requests enforce = "shadow" forwarded although the tier lacks the feature',
+            ["app", "feature", "tier"],
+            registry=r,
+        )
+        self.candidate_diff = Counter(
+            "gateway_candidate_diff",
+            "Requests the [candidate] configuration decides differently, by app and change",
+            ["app", "change"],
             registry=r,
         )
         self.classic = Counter(
@@ -199,12 +245,12 @@ class Metrics:
         )  # fmt: skip
         self.config_info = Gauge(
             "gateway_config_info",
-            "Revisions of the loaded routes and tier matrix",
-            ["routes_sha", "matrix_sha"],
+            "Revisions of the loaded routes and tier matrix, and the apps' enforcement modes",
+            ["routes_sha", "matrix_sha", "enforce"],
             registry=r,
             multiprocess_mode="livemax",
         )
-        self._info_labels: tuple[str, str] | None = None
+        self._info_labels: tuple[str, str, str] | None = None
         self.events_dropped = Counter(
             "gateway_events_dropped", "Analytics events dropped", ["sink"], registry=r
         )
@@ -253,9 +299,10 @@ class Metrics:
         for fast in self._fast:
             fast.flush()
 
-    def config_loaded(self, routes_sha: str, matrix: TierMatrix) -> None:
-        """Expose the new revisions and bind feature-block children for the new matrix."""
-        labels = (routes_sha, matrix.sha)
+    def config_loaded(self, routes_sha: str, matrix: TierMatrix, enforce: str = "") -> None:
+        """Expose the new revisions (and modes, ``operations=on,...``) and bind
+        feature-block children for the new matrix."""
+        labels = (routes_sha, matrix.sha, enforce)
         if self._info_labels is not None and self._info_labels != labels:
             if multiprocess_dir() is None:
                 self.config_info.clear()

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_app, public_key_fingerprint
-from gateway.config import AppSettings, Config, Settings, load_rules
+from gateway.config import AppSettings, Config, Settings, load_rules, load_settings
 from gateway.decision import Policy
 from gateway.enforcer import Enforcer, Shared
 from gateway.errors import ConfigError
@@ -42,10 +42,9 @@ from gateway.metrics import Metrics, multiprocess_dir
 from gateway.proxy import ProxySettings, Tracker, UpstreamPool, downstream_factory
 from gateway.reminders import Reminders
 from gateway.revocations import with_revocation_list
-from gateway.seats import SeatBook
+from gateway.rollout import load_rollout, watched_files
 from gateway.store import StoreError, TenantStore, open_store
 from gateway.store.seed import import_tenants, read_tenants
-from gateway.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +89,8 @@ class Runtime:
             open_store(config.store_url, config.keyring), config
         )
         self.shared = Shared(config, self.metrics, self.events, self.store)
-        # Seat holders and usage counts ([seats], README "Seats and usage").
-        self.seats = SeatBook(self.store, settings.seats, self.metrics)
-        self.usage = UsageMeter(self.store, self.metrics)
+        self.seats = self.shared.seats  # [seats], README "Seats and usage"
+        self.usage = self.shared.usage
         self.reminders = Reminders(
             self.store, self.events, self._policy, settings.reminders, self.metrics
         )
@@ -116,6 +114,7 @@ class Runtime:
         # tick as the last one keeps its mtime; the size or inode then still tells.
         self._mtimes: dict[Path, tuple[int, int, int]] = {}
         self._reload_lock = asyncio.Lock()
+        self._settings: Settings | None = None  # gateway.toml as of the last reload
         self._admin = web.AppRunner(admin_app(self), access_log=None, handle_signals=False)
 
     def _policy(self) -> Policy:
@@ -219,12 +218,20 @@ class Runtime:
             self.seats.invalidate(tenant)
 
     # ------------------------------------------------------------------ reload
+    @property
+    def reloaded_settings(self) -> Settings | None:
+        """``gateway.toml`` as the last reload read it (None: none since the start)."""
+        return self._settings
+
     def _watched(self) -> list[Path]:
         files = self.config.settings.files
-        return [self.config.resolve(files.routes), self.config.resolve(files.tier_matrix)]
+        rollout = watched_files(self.config, self._settings)
+        return [self.config.resolve(files.routes), self.config.resolve(files.tier_matrix), *rollout]
 
-    def _remember_mtimes(self) -> None:
+    def _remember_mtimes(self, only_new: bool = False) -> None:
         for path in self._watched():
+            if only_new and path in self._mtimes:
+                continue
             with contextlib.suppress(OSError):
                 self._mtimes[path] = _signature(path.stat())
 
@@ -253,6 +260,10 @@ class Runtime:
                 keyring = await asyncio.to_thread(
                     KeyRing.load, self.config.resolve(self.config.settings.license.public_keys)
                 )
+                # Enforcement modes, cohort, candidate and host features follow gateway.toml
+                # at every reload (README "Rolling out"); its other settings need a restart.
+                settings = await asyncio.to_thread(load_settings, self.config.path)
+                rollout = await asyncio.to_thread(load_rollout, self.config, settings, matrix)
             except ConfigError as exc:
                 self.metrics.reload_failed.inc()
                 log.error(
@@ -261,14 +272,16 @@ class Runtime:
                     "\n  ".join(str(p) for p in exc.problems),
                 )
                 return False
-            self.shared.swap_rules(matrix, routes)
+            self.shared.swap_rules(matrix, routes, rollout)
+            self._settings = settings
+            self._remember_mtimes(only_new=True)  # a cohort or candidate file named just now
             changed = not keyring.same_keys(self.shared.licenses.keyring)
             if changed:
                 self._swap_keyring(keyring)
             self.metrics.reload_ok.inc()
             log.info(
-                "reload (%s): routes %s, matrix %s, %s%s",
-                why, routes.sha, matrix.sha, describe_keys(keyring),
+                "reload (%s): routes %s, matrix %s, enforce %s, %s%s",
+                why, routes.sha, matrix.sha, rollout.describe(), describe_keys(keyring),
                 " (key ring changed)" if changed else "",
             )  # fmt: skip
             return True

@@ -55,6 +55,7 @@ class RequestHead:
         "presented",
         "waiting",
         "verdict",
+        "admission",
         "state",
     )
 
@@ -85,6 +86,7 @@ class RequestHead:
         self.presented: Any = UNRESOLVED  # the license key's License / LicenseError / None
         self.waiting: Any = None  # what ``prefetch`` has to load
         self.verdict: Verdict | None = None  # decided by ``prefetch``, returned by check
+        self.admission: Any = None  # a new seat user's admission (gateway.seats), once asked
         self.state: Any = None  # the enforcer's other per-request findings
 
     def header(self, lower_name: bytes) -> bytes | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.enforcer import NEED_TENANT, Enforcer, RequestHead, Shared, Verdict
-from gateway.events import REFUSAL_EVENTS, EventLog
+from gateway.events import SAMPLED_EVENTS, EventLog
 from gateway.matrix import AppName
 from gateway.metrics import Metrics
 from gateway.store import TenantStore, open_store
@@ -38,7 +38,7 @@ class EnforcerWorld:
         self.log = EventLog(
             f"file://{self.events_path}",
             self.metrics,
-            per_second=dict.fromkeys((*REFUSAL_EVENTS, "license_invalid"), per_second),
+            per_second=dict.fromkeys((*SAMPLED_EVENTS, "license_invalid"), per_second),
         )
         self.store = store if store is not None else open_store("memory://", config.keyring)
         self.shared = Shared(config, self.metrics, self.log, self.store)

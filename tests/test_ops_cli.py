@@ -55,7 +55,7 @@ def acme(capsys: Capture, config: Path, issue_key: IssueKey) -> dict[str, str]:
             nbf=NOW - 40 * DAY, exp=NOW - 26 * DAY,
         ),
         "current": issue_key(
-            sub="acme", jti="current", tier="fleet", addons=["sms_messaging"], serial=3,
+            sub="acme", jti="current", tier="fleet", addons=["emergency_support"], serial=3,
             exp=NOW + 30 * DAY,
         ),
         "leaked": issue_key(sub="acme", jti="leaked", tier="enterprise", serial=4),
@@ -79,12 +79,12 @@ def test_tenant_show_flags_each_license_and_shows_seats_next_to_usage(
     }
     assert lines["downgrade"].endswith("[scheduled]")
     assert lines["leaked"].endswith("[revoked]")
-    assert lines["current"].startswith(" * current  fleet + sms_messaging")
+    assert lines["current"].startswith(" * current  fleet + emergency_support")
     assert lines["current"].endswith("[in force]")
     assert lines["trial"].endswith("[expired, trial]")
     assert lines["old"].endswith("[superseded]")
     assert "state:      active" in out
-    assert "plan:       fleet; add-ons: sms_messaging" in out
+    assert "plan:       fleet; add-ons: emergency_support" in out
     assert "Operations users: 5 used of 5 included  AT THE LIMIT" in out
     assert "drivers: 2 used of 5 included\n" in out
     assert "revoked:    leaked" in out
@@ -143,7 +143,7 @@ def test_tenant_list(
     assert out.splitlines()[0].split() == [
         "TENANT", "STATE", "TIER", "ADD-ONS", "EXPIRES", "LICENSE", "IN", "FORCE",
     ]  # fmt: skip
-    assert rows["acme"].split()[1:4] == ["active", "fleet", "sms_messaging"]
+    assert rows["acme"].split()[1:4] == ["active", "fleet", "emergency_support"]
     assert rows["globex"].split()[1:4] == ["active,", "trial", "enterprise"]
     day = time.strftime("%Y-%m-%d", time.gmtime(until))
     assert f"core (as enterprise until {day})" in rows["initech"]
@@ -162,7 +162,7 @@ def test_tenant_reconcile(capsys: Capture, config: Path, acme: dict[str, str]) -
     export = config.parent / "export.csv"
     ends = time.strftime("%Y-%m-%d", time.gmtime(NOW + 30 * DAY))
     export.write_text(
-        f"tenant,tier,addons,ops_users,drivers,ends_at\nacme,fleet,sms_messaging,,,{ends}\n"
+        f"tenant,tier,addons,ops_users,drivers,ends_at\nacme,fleet,emergency_support,,,{ends}\n"
     )
     code, out, _ = run(
         capsys, "tenant", "reconcile", "--billing", str(export), "--config", str(config)
@@ -176,7 +176,7 @@ def test_tenant_reconcile(capsys: Capture, config: Path, acme: dict[str, str]) -
     )
     assert code == 1
     assert "acme: tier: billing enterprise, store fleet" in out
-    assert "acme: addons: billing -, store sms_messaging" in out
+    assert "acme: addons: billing -, store emergency_support" in out
     assert "globex: tenant: billing core (line 3), store absent" in out
     assert out.splitlines()[-1] == "2 billing rows, 1 store tenants: 5 differences in 2 tenants"
 

@@ -91,6 +91,9 @@ def reloads(text: str, result: str) -> float:
     return found[0] if found else 0.0
 
 
+ALL_ON = "operations=on,client_portal=on,driver_app=on"
+
+
 def config_info(text: str) -> list[dict[str, str]]:
     return [labels for labels, value in samples(text, "gateway_config_info") if value == 1]
 
@@ -197,7 +200,9 @@ async def test_reload_swaps_in_the_new_routes(
     assert reloads(before, "success") == 0
     assert reloads(after, "success") == 1
     assert reloads(after, "failure") == 0
-    assert config_info(after) == [{"routes_sha": sha(new_text), "matrix_sha": old_matrix}]
+    assert config_info(after) == [
+        {"routes_sha": sha(new_text), "matrix_sha": old_matrix, "enforce": ALL_ON}
+    ]
 
 
 @pytest.mark.parametrize(

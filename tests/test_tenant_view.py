@@ -63,7 +63,7 @@ def test_each_license_is_flagged_in_force_scheduled_superseded_expired_or_revoke
     make = lic
     old = make(jti="old", tier="core", serial=1, nbf=NOW - 90 * DAY, exp=NOW + 90 * DAY)
     ended = make(jti="ended", tier="fleet", serial=2, nbf=NOW - 90 * DAY, exp=NOW - DAY, trial=True)
-    current = make(jti="current", tier="fleet", serial=3, addons=("sms_messaging",))
+    current = make(jti="current", tier="fleet", serial=3, addons=("emergency_support",))
     cancelled = make(jti="cancelled", tier="enterprise", serial=4)
     later = make(jti="later", tier="core", serial=5, nbf=NOW + 30 * DAY, exp=NOW + 400 * DAY)
 
@@ -83,7 +83,7 @@ def test_each_license_is_flagged_in_force_scheduled_superseded_expired_or_revoke
         "active",
         "current",
         "fleet",
-        ("sms_messaging",),
+        ("emergency_support",),
     )
     assert view.revoked == ("cancelled",)
     assert [item.trial for item in view.licenses if item.license_id == "ended"] == [True]
