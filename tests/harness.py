@@ -234,6 +234,8 @@ def write_config(
         """
     )
     text += events + "\n" + extra
+    if "[access_log]" not in extra:  # into a file, never the test runner's stdout
+        text += '\n[access_log]\nsink = "file://access.jsonl"\n'
     path = folder / "gateway.toml"
     path.write_text(text)
     return path, listen, admin

@@ -365,17 +365,15 @@ class Downstream(asyncio.Protocol):
 
     def log_access(self, ex: Exchange, outcome: str | None, duration: float) -> None:
         """One access-log line for a finished exchange. Route, feature, tenant and tier
-        come from the verdict when it carries them."""
+        come from the verdict (none for a request refused before a verdict)."""
         assert self.access_log is not None
-        verdict = ex.verdict
+        verdict = ex.verdict or _NO_VERDICT
         if outcome is None:  # a RESPOND verdict: the enforcer counted its outcome itself
-            outcome = _outcome_of(verdict, ex.status)
+            outcome = _outcome_of(ex.verdict, ex.status)
         self.access_log.record(
-            self.enforcer.app, ex.head.method,
-            getattr(verdict, "route", None), getattr(verdict, "route_name", None),
-            getattr(verdict, "feature", None), outcome, ex.status, ex.upstream_status,
-            duration, ex.sent, ex.head.request_id,
-            getattr(verdict, "tenant", None), getattr(verdict, "tier", None),
+            self.enforcer.app, ex.head.method, verdict.route, verdict.route_name,
+            verdict.feature, outcome, ex.status, ex.upstream_status,
+            duration, ex.sent, ex.head.request_id, verdict.tenant, verdict.tier,
         )  # fmt: skip
 
     # ------------------------------------------------------------ writing
@@ -412,6 +410,9 @@ class Downstream(asyncio.Protocol):
         in-flight work, cut at the drain deadline (docs/operations.md)."""
         if self.active is None and self.parsing is None and self.tunnel is None:
             self.close()
+
+
+_NO_VERDICT = Verdict(RESPOND)  # a request refused while parsing: nothing decided
 
 
 def _outcome_of(verdict: Verdict | None, status: int) -> str:

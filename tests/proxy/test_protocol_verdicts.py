@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,21 +24,6 @@ from tests.proxy.fake import Wire, parse_requests
 from tests.proxy.test_protocol import get, ok, post
 
 JSON = b"application/json"
-
-
-class RoutedVerdict(Verdict):
-    """A verdict that names its route, feature, tenant and tier (the access log reads them
-    when a verdict has them)."""
-
-    __slots__ = ("route", "route_name", "feature", "tenant", "tier")
-
-    def __init__(self, kind: int, **fields: Any) -> None:
-        self.route = fields.pop("route", None)
-        self.route_name = fields.pop("route_name", None)
-        self.feature = fields.pop("feature", None)
-        self.tenant = fields.pop("tenant", None)
-        self.tier = fields.pop("tier", None)
-        super().__init__(kind, **fields)
 
 
 class Scripted(Enforcer):
@@ -218,7 +202,7 @@ async def test_each_finished_exchange_is_one_access_log_line(
     scripted: Scripted, tmp_path: Path
 ) -> None:
     access, path = _access_log(tmp_path)
-    scripted.verdicts[b"/api/v1/shipments/7"] = RoutedVerdict(
+    scripted.verdicts[b"/api/v1/shipments/7"] = Verdict(
         FORWARD,
         target=b"/api/v1/shipments/7",
         route="/api/v1/shipments/{id}",
