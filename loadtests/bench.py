@@ -183,6 +183,18 @@ def make_targets(keys: dict[str, str]) -> list[Target]:
             "): verified-key cache, decision, X-Entitlement-* headers added, relayed upstream.",
         ),
         Target(
+            "gw-allowed-logged",
+            "gateway: allowed, with the access log",
+            "gateway-logged",
+            ("gateway-logged",),
+            fleet,
+            200,
+            "fleet",
+            "gw-allowed with `[access_log]` on (every forwarded request one JSON line, to a "
+            "file): the access log's cost. Every other gateway row runs with it off, like "
+            "nginx's `access_log off`.",
+        ),
+        Target(
             "gw-blocked",
             "gateway: blocked at the edge",
             "gateway",
@@ -621,6 +633,12 @@ def gateway_toml(
         f'sink = "file://events-{name}.jsonl"',
         "",
     ]
+    if source == REPO:  # the baseline tree's gateway may not know [access_log]
+        # Off like nginx's (access_log off) for every row but gw-allowed-logged, the row
+        # that measures what the access log costs.
+        logged = name == "gateway-logged"
+        lines += ["[access_log]", f"enabled = {'true' if logged else 'false'}"]
+        lines += [f'sink = "file://access-{name}.jsonl"', ""]
     path = folder / f"{name}.toml"
     path.write_text("\n".join(lines))
     return path
@@ -839,7 +857,7 @@ def start_servers(bench: Bench) -> None:
         ]
         started.append(("aiohttp-proxy", procs.start("aiohttp-proxy", argv, UNDER_TEST_CPU)))
     configs: dict[str, Path] = {}
-    for name in ("gateway", "gateway-sqlite", "gateway-redis"):
+    for name in ("gateway", "gateway-sqlite", "gateway-redis", "gateway-logged"):
         if name not in needed and not (name == "gateway" and "auth-service" in needed):
             continue
         if name == "gateway-redis":
@@ -959,7 +977,7 @@ def run_matrix(
 def gateway_counters(bench: Bench) -> str:
     """The non-zero request/cache/error counters of every gateway process, from /metrics."""
     out = []
-    for name in ("gateway", "gateway-sqlite", "gateway-redis"):
+    for name in ("gateway", "gateway-sqlite", "gateway-redis", "gateway-logged"):
         port = bench.ports.get(f"{name}-admin")
         if port is None or name not in bench.procs.procs or name in bench.dead:
             continue
