@@ -18,6 +18,7 @@ import itertools
 import os
 import time
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import msgspec
 
@@ -51,16 +52,27 @@ def problem_fields(
     return body
 
 
-def problem_prefix(status: int, code: str, title: str, detail: str = "", **fields: Any) -> bytes:
-    """The encoded body up to the request id: ``{..., "request_id":`` (cache it)."""
-    return _json.encode(problem_fields(status, code, title, detail, **fields))[:-1] + (
-        b',"request_id":'
-    )
+def problem_prefix(
+    status: int, code: str, title: str, detail: str = "", *, last: str = "request_id", **fields: Any
+) -> bytes:
+    """The encoded body up to the request id: ``{..., "request_id":`` (cache it). With
+    ``last = "upgrade"`` it ends before an ``upgrade`` link that names the request
+    (``with_upgrade``)."""
+    encoded = _json.encode(problem_fields(status, code, title, detail, **fields))
+    return encoded[:-1] + b',"%s":' % last.encode()
 
 
 def with_request_id(prefix: bytes, rid: str) -> bytes:
     """A ``problem_prefix`` completed with the request id (JSON-escaped, whatever it is)."""
     return prefix + _json.encode(rid) + b"}"
+
+
+def with_upgrade(prefix: bytes, upgrade: str, rid: str, feature: str) -> bytes:
+    """A ``problem_prefix(..., last="upgrade")`` completed with the upgrade link of this
+    request (``<upgrade>?from=<request id>&feature=<feature>``, so the page can highlight
+    the feature and link the click to the block) and the request id."""
+    link = f"{upgrade}?{urlencode({'from': rid, 'feature': feature})}"
+    return prefix + _json.encode(link) + b',"request_id":' + _json.encode(rid) + b"}"
 
 
 def problem_body(
