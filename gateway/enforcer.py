@@ -131,6 +131,7 @@ class Enforcer:
         self.answers = Answers(app, shared)
         self.candidates = CandidateLog(app, shared)
         self.endpoints = TenantEndpoints(app, config, shared, self.answers)
+        self._prefix = self.endpoints.prefix  # one attribute on the hot path
         # The seat kind this listener counts ([seats] mode = "active_users"), else None.
         seat_mode = config.settings.seats.mode
         self.seat_kind = SEAT_KINDS.get(app) if seat_mode == "active_users" else None
@@ -144,9 +145,6 @@ class Enforcer:
         and call again with ``fetched=True``, which returns what ``prefetch`` decided."""
         if fetched and head.verdict is not None:
             return head.verdict
-        return self._check(head, fetched)
-
-    def _check(self, head: RequestHead, fetched: bool) -> Verdict:
         rules = self.shared.rules
         if head.bad_header is not None:
             return self.answers.refuse(
@@ -187,7 +185,7 @@ class Enforcer:
         assert found is not None
         route = found.route
         endpoint: str | None = None
-        if step.path.startswith(self.endpoints.prefix) and self.endpoints.under_prefix(step.path):
+        if step.path.startswith(self._prefix) and self.endpoints.under_prefix(step.path):
             # The tenant endpoints: answered here in every mode, never forwarded.
             routed = self.endpoints.route(head, step.path)
             if routed.__class__ is Verdict:
@@ -308,7 +306,7 @@ class Enforcer:
             if admission is not None and user is not None:
                 self.answers.admitted(head, verdict, admission, user, rules)
             assert lic is not None
-            client = client_id(head.client_id)
+            client = "" if head.client_id is None else client_id(head.client_id)
             self.shared.usage.count(lic.claims.sub, decision.feature, client, now)
             return verdict
         shadowed = plan is not None and plan.mode == "shadow"
@@ -396,7 +394,7 @@ class Enforcer:
                     tenant, self.seat_kind, user, matrix=self.shared.rules.matrix,
                     tier=decision.tier, seats=decision.seats, now=time.time(),
                 )  # fmt: skip
-            verdict = self._check(head, fetched=True)
+            verdict = self.check(head, fetched=True)  # head.verdict is still None here
             if verdict is not _NEED_TENANT_VERDICT:
                 head.verdict = verdict
                 return
