@@ -130,6 +130,7 @@ async def provision(request: web.Request) -> web.Response:
                 runtime.events,
                 shared.rules.revision,
                 AuditLog(runtime.config.resolve(audit_log)) if audit_log else None,
+                shared.attribution,
             )
         except StoreError as exc:
             runtime.metrics.store_errors.labels(op="provision").inc()

@@ -21,7 +21,7 @@ from gateway.errors import IdentityError, LicenseError
 from gateway.identity import TENANT_MISMATCH
 from gateway.license import License
 from gateway.matrix import AppName
-from gateway.problems import problem_prefix, request_id, with_request_id
+from gateway.problems import problem_prefix, request_id, with_request_id, with_upgrade
 from gateway.refusals import RefusalLog, decision_prefix
 from gateway.rollout import path_shape
 from gateway.routes import Route, RouteMatch
@@ -141,6 +141,8 @@ class Answers:
         if code == "feature_not_entitled":
             assert decision.feature is not None and decision.tier is not None
             m.feature_block(self.app, decision.feature, decision.tier).inc()
+            if tenant is not None:  # for upgrade_complete's attributed_blocks
+                self.shared.attribution.block(tenant, decision.feature, now)
         rid = head.request_id or request_id()
         lic = decision.license
         facts = self.refusals.facts(rules.policy, lic, now) if lic is not None else None
@@ -153,6 +155,10 @@ class Answers:
                 decision.status, decision.code, decision.title, decision.detail, **fields
             )
             body = with_request_id(prefix, rid)
+        elif code == "feature_not_entitled" and decision.upsell:
+            assert decision.feature is not None
+            prefix = self._prefix(decision, rules, facts, route)
+            body = with_upgrade(prefix, rules.policy.upgrade_url, rid, decision.feature)
         else:
             body = with_request_id(self._prefix(decision, rules, facts, route), rid)
         self._report(head, rid, decision, rules, role, user, tenant, route, now)

@@ -138,6 +138,8 @@ class AuditSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class EntitlementsApi(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefix: str = "/_entitlements"
+    # upgrade_complete's attributed_clicks / attributed_blocks look back this far
+    attribution_days: int = 14
 
 
 class SeatSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -393,6 +395,8 @@ def _check_settings(doc: TomlDocument, settings: Settings) -> None:
         doc.problem(
             "license", "grace_days and clock_skew_seconds must not be negative", header="[license]"
         )
+    if settings.entitlements.attribution_days < 1:
+        doc.problem("entitlements.attribution_days", "must be at least 1", header="[entitlements]")
     if not settings.entitlements.prefix.startswith("/") or settings.entitlements.prefix == "/":
         doc.problem(
             "entitlements.prefix", "must start with '/' and not be '/'", header="[entitlements]"

@@ -23,6 +23,7 @@ from typing import Final
 import msgspec
 
 from gateway.answers import Answers
+from gateway.attribution import Attribution
 from gateway.caches import (
     NO_TENANT,
     UNAVAILABLE,
@@ -33,8 +34,10 @@ from gateway.caches import (
 )
 from gateway.candidates import CandidateLog
 from gateway.classify import ASK_STORE, REJECTED, ROUTED, ClassicRules, classify
+from gateway.clicks import ClickLimiter
 from gateway.config import Config
 from gateway.decision import Policy, TenantRecord, decide
+from gateway.endpoints import TenantEndpoints
 from gateway.errors import IdentityError, LicenseError
 from gateway.events import EventLog
 from gateway.identity import NEED_KEYS, Identifier, Identity, NeedKeys
@@ -48,7 +51,7 @@ from gateway.problems import (
     request_id,
 )
 from gateway.rollout import PLAIN, Rollout, host_denial
-from gateway.routes import Match, RouteMatch, RouteTable
+from gateway.routes import NO_MATCH, Match, RouteMatch, RouteTable
 from gateway.seats import KNOWN, SEAT_KINDS, SeatBook
 from gateway.store import TenantStore
 from gateway.usage import UsageMeter, client_id
@@ -127,6 +130,8 @@ class Enforcer:
         self.metrics: AppMetrics = shared.metrics.for_app(app)
         self.answers = Answers(app, shared)
         self.candidates = CandidateLog(app, shared)
+        self.endpoints = TenantEndpoints(app, config, shared, self.answers)
+        self._prefix = self.endpoints.prefix  # one attribute on the hot path
         # The seat kind this listener counts ([seats] mode = "active_users"), else None.
         seat_mode = config.settings.seats.mode
         self.seat_kind = SEAT_KINDS.get(app) if seat_mode == "active_users" else None
@@ -140,9 +145,6 @@ class Enforcer:
         and call again with ``fetched=True``, which returns what ``prefetch`` decided."""
         if fetched and head.verdict is not None:
             return head.verdict
-        return self._check(head, fetched)
-
-    def _check(self, head: RequestHead, fetched: bool) -> Verdict:
         rules = self.shared.rules
         if head.bad_header is not None:
             return self.answers.refuse(
@@ -182,9 +184,16 @@ class Enforcer:
         found = step.found
         assert found is not None
         route = found.route
+        endpoint: str | None = None
+        if step.path.startswith(self._prefix) and self.endpoints.under_prefix(step.path):
+            # The tenant endpoints: answered here in every mode, never forwarded.
+            routed = self.endpoints.route(head, step.path)
+            if routed.__class__ is Verdict:
+                return routed
+            endpoint, found, route = routed, NO_MATCH, None  # type: ignore[assignment]
         rollout = rules.rollout
         plan = None if rollout.plain else rollout.apps.get(self.app)  # None: "on", no hosts
-        if plan is not None and plan.mode == "off":
+        if plan is not None and plan.mode == "off" and endpoint is None:
             return self.answers.unenforced(step.target, route)
         public = found.kind is Match.FULL and route is not None and route.public
         now = time.time()
@@ -255,6 +264,14 @@ class Enforcer:
                     )
                 cached = None  # a verified key decides on its own meanwhile (fail-static)
             record = cached  # type: ignore[assignment]
+        if endpoint is not None:
+            answered = self.endpoints.respond(
+                endpoint, head, presented, record, role, user, rules, now
+            )
+            if answered.__class__ is Verdict:
+                answered.strip = strip
+                return answered
+            return self.answers.deny(head, answered, rules, role, user, tenant_id, found, now)  # type: ignore[arg-type]
         decision = decide(rules.policy, found, app_routes.unmatched, presented, record, role, now)
         lic = decision.license
         if lic is not None and lic.claims.addons:
@@ -289,7 +306,7 @@ class Enforcer:
             if admission is not None and user is not None:
                 self.answers.admitted(head, verdict, admission, user, rules)
             assert lic is not None
-            client = client_id(head.client_id)
+            client = "" if head.client_id is None else client_id(head.client_id)
             self.shared.usage.count(lic.claims.sub, decision.feature, client, now)
             return verdict
         shadowed = plan is not None and plan.mode == "shadow"
@@ -350,6 +367,11 @@ class Enforcer:
             presented = head.presented = self.shared.licenses.resolve(token)
         return presented  # type: ignore[no-any-return]
 
+    def answer(self, head: RequestHead, body: bytes) -> Verdict:
+        """After ``COLLECT``: the answer to a tenant endpoint's request ``body`` (at most
+        ``verdict.max_body`` bytes, read by the relay)."""
+        return self.endpoints.answer(head, body)
+
     async def prefetch(self, head: RequestHead) -> None:
         """Load what ``check`` lacked (the tenant record of the request's tenant, a classic
         key's store entry, the identity provider's keys), then decide; ``check(head,
@@ -372,7 +394,7 @@ class Enforcer:
                     tenant, self.seat_kind, user, matrix=self.shared.rules.matrix,
                     tier=decision.tier, seats=decision.seats, now=time.time(),
                 )  # fmt: skip
-            verdict = self._check(head, fetched=True)
+            verdict = self.check(head, fetched=True)  # head.verdict is still None here
             if verdict is not _NEED_TENANT_VERDICT:
                 head.verdict = verdict
                 return
@@ -403,6 +425,10 @@ class Shared:
         # runs the usage flusher and follows the store's changes for both.
         self.seats = SeatBook(store, config.settings.seats, metrics)
         self.usage = UsageMeter(store, metrics)
+        # The tenant endpoints' click rate per tenant, and the funnel's recent blocks and
+        # clicks for upgrade_complete (README, Entitlements API and plan page).
+        self.clicks = ClickLimiter()
+        self.attribution = Attribution(config.settings.entitlements.attribution_days)
         metrics.config_loaded(config.routes.sha, config.matrix, config.rollout.describe())
 
     def swap_rules(

@@ -45,6 +45,13 @@ REFUSAL_EVENTS = (
     "tenant_mismatch",
     "bad_header",
     "store_unavailable",
+    # the tenant endpoints' (gateway.endpoints)
+    "not_found",
+    "method_not_allowed",
+    "bad_request",
+    "bad_event",
+    "unsupported_media_type",
+    "rate_limited",
 )
 
 

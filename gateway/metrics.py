@@ -55,6 +55,7 @@ OUTCOMES = (
     "shadow_blocked",  # enforce = "shadow": would have been refused, forwarded
     "unenforced",  # enforce = "off": forwarded undecided
     "unmatched_allowed",  # no route matched, unmatched = "allow": forwarded
+    "tenant_api",  # a tenant endpoint under [entitlements] prefix answered (200/202/304)
 )
 CANDIDATE_CHANGES = ("newly_blocked", "newly_allowed", "feature_changed")
 UPSTREAM_ERROR_KINDS = ("refused", "reset", "timeout", "bad_response", "overloaded")

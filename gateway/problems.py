@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from typing import Any, Final
+from urllib.parse import quote
 
 import msgspec
 
@@ -26,6 +28,7 @@ PROBLEM_JSON: Final = b"application/problem+json"
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 
 _json = msgspec.json.Encoder()
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+").fullmatch  # unreserved (RFC 3986): no quoting
 _request_ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -51,16 +54,31 @@ def problem_fields(
     return body
 
 
-def problem_prefix(status: int, code: str, title: str, detail: str = "", **fields: Any) -> bytes:
-    """The encoded body up to the request id: ``{..., "request_id":`` (cache it)."""
-    return _json.encode(problem_fields(status, code, title, detail, **fields))[:-1] + (
-        b',"request_id":'
-    )
+def problem_prefix(
+    status: int, code: str, title: str, detail: str = "", *, last: str = "request_id", **fields: Any
+) -> bytes:
+    """The encoded body up to the request id: ``{..., "request_id":`` (cache it). With
+    ``last = "upgrade"`` it ends before an ``upgrade`` link that names the request
+    (``with_upgrade``)."""
+    encoded = _json.encode(problem_fields(status, code, title, detail, **fields))
+    return encoded[:-1] + b',"%s":' % last.encode()
 
 
 def with_request_id(prefix: bytes, rid: str) -> bytes:
     """A ``problem_prefix`` completed with the request id (JSON-escaped, whatever it is)."""
     return prefix + _json.encode(rid) + b"}"
+
+
+def with_upgrade(prefix: bytes, upgrade: str, rid: str, feature: str) -> bytes:
+    """A ``problem_prefix(..., last="upgrade")`` completed with the upgrade link of this
+    request (``<upgrade>?from=<request id>&feature=<feature>``, so the page can highlight
+    the feature and link the click to the block) and the request id."""
+    # The common case (ids and feature names of plain characters) without urlencode's
+    # cost, which was most of a refusal's.
+    from_ = rid if _URL_SAFE(rid) else quote(rid, safe="")
+    name = feature if _URL_SAFE(feature) else quote(feature, safe="")
+    link = f"{upgrade}?from={from_}&feature={name}"
+    return prefix + _json.encode(link) + b',"request_id":' + _json.encode(rid) + b"}"
 
 
 def problem_body(

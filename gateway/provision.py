@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
+from gateway.attribution import Attribution
 from gateway.audit import AuditError, AuditLog, provision_record
 from gateway.decision import Policy, TenantRecord, current_license, expiry_state
 from gateway.errors import LicenseError
@@ -186,6 +187,7 @@ async def apply_event(
     events: EventLog,
     revision: str,
     audit: AuditLog | None = None,
+    attribution: Attribution | None = None,
 ) -> Outcome:
     """Apply once; an ``Outcome`` that says why when the call changed nothing (a repeated
     event id, an older serial, a change already made). Raises ``ProvisionError`` for a bad
@@ -194,7 +196,7 @@ async def apply_event(
     if not await store.claim_event(event.event_id):
         return Outcome(False, "duplicate_event")
     try:
-        outcome = await _apply(event, store, keyring, policy, events, revision)
+        outcome = await _apply(event, store, keyring, policy, events, revision, attribution)
         if audit is not None:
             await asyncio.to_thread(audit.append, provision_record(event, outcome.applied))
         return outcome
@@ -216,6 +218,7 @@ async def _apply(
     policy: Policy,
     events: EventLog,
     revision: str,
+    attribution: Attribution | None,
 ) -> Outcome:
     if event.action == "suspend":
         changed = await store.set_suspended(event.tenant, True)
@@ -244,15 +247,16 @@ async def _apply(
     stored = await store.put_license(event.key)
     if stored is None:
         return Outcome(False, "not_newer")
-    _maybe_upgrade(before, stored, policy, events, revision)
+    _maybe_upgrade(before, stored, policy, events, revision, attribution)
     return _APPLIED
 
 
 class Plan(NamedTuple):
-    """What a tenant is served: a tier and its add-ons."""
+    """What a tenant is served: a tier and its add-ons, and whether it is a trial."""
 
     tier: str
     addons: frozenset[str]
+    trial: bool = False
 
 
 def _plan_in_force(record: TenantRecord | None, policy: Policy, now: float) -> Plan | None:
@@ -265,9 +269,11 @@ def _plan_in_force(record: TenantRecord | None, policy: Policy, now: float) -> P
     state, _ = expiry_state(current.claims, now, policy.grace_seconds)
     if state == "expired":
         return None
+    claims = current.claims
     if state == "restricted":
-        return Plan(policy.matrix.lowest_tier.name, frozenset())
-    return Plan(current.claims.tier, frozenset(current.claims.addons))
+        return Plan(policy.matrix.lowest_tier.name, frozenset(), claims.trial)
+    usable = policy.matrix.usable_addons(claims.tier, claims.addons)
+    return Plan(claims.tier, frozenset(usable), claims.trial)
 
 
 def _maybe_upgrade(
@@ -276,25 +282,65 @@ def _maybe_upgrade(
     policy: Policy,
     events: EventLog,
     revision: str,
+    attribution: Attribution | None = None,
 ) -> None:
-    """``upgrade_complete`` when the new license raises the tier or adds add-ons."""
+    """A tenant's first license: ``license_provisioned``. Later: ``upgrade_complete`` when
+    the new license raises the tier, adds add-ons, or turns a trial into a paid license
+    (``trial_converted``), with the recent blocks and clicks it answers."""
     now = time.time()
     if new.claims.nbf > now + policy.clock_skew_seconds:
         return  # scheduled (a downgrade at the period's end, typically)
-    previous = _plan_in_force(before, policy, now)
-    ranks = {name: tier.rank for name, tier in policy.matrix.tiers.items()}
-    raised = previous is None or ranks.get(new.claims.tier, 0) > ranks.get(previous.tier, 0)
-    added = sorted(set(new.claims.addons) - (previous.addons if previous else frozenset()))
-    if not raised and not added:
+    claims = new.claims
+    if before is None or not any(lic.claims.sub == claims.sub for lic in before.licenses):
+        events.emit(
+            "license_provisioned",
+            tenant=claims.sub,
+            tier=claims.tier,
+            addons=list(claims.addons),
+            license_id=claims.jti,
+            trial=claims.trial,
+            request_id=None,
+            revision=revision,
+        )
         return
+    matrix = policy.matrix
+    previous = _plan_in_force(before, policy, now)
+    ranks = {name: tier.rank for name, tier in matrix.tiers.items()}
+    old_rank = ranks.get(previous.tier, 0) if previous is not None else 0
+    raised = previous is None or ranks.get(claims.tier, 0) > old_rank
+    usable = matrix.usable_addons(claims.tier, claims.addons)
+    added = sorted(set(usable) - (previous.addons if previous else frozenset()))
+    converted = previous is not None and previous.trial and not claims.trial
+    if not raised and not added and not converted:
+        return
+    fields: dict[str, object] = {}
+    if attribution is not None:
+        # What this purchase answers: the tiers now reached and the add-ons added; the
+        # features the tenant did not have before.
+        targets = {
+            f"tier:{name}"
+            for name, rank in ranks.items()
+            if old_rank < rank <= ranks.get(claims.tier, 0)
+        }
+        targets |= {f"addon:{name}" for name in added}
+        had = (
+            matrix.entitlement(previous.tier, tuple(sorted(previous.addons))).features
+            if previous is not None
+            else frozenset()
+        )
+        unlocked = matrix.entitlement(claims.tier, usable).features - had
+        clicks, blocks = attribution.attribute(claims.sub, targets, unlocked, now)
+        fields = {"attributed_clicks": clicks, "attributed_blocks": blocks}
     events.emit(
         "upgrade_complete",
-        tenant=new.claims.sub,
-        tier=new.claims.tier,
+        tenant=claims.sub,
+        tier=claims.tier,
         previous_tier=previous.tier if previous else None,
-        addons=list(new.claims.addons),
+        addons=list(claims.addons),
         addons_added=added,
-        license_id=new.claims.jti,
+        license_id=claims.jti,
+        trial_converted=converted,
         request_id=None,
         revision=revision,
+        **fields,
     )

@@ -76,7 +76,8 @@ def decision_prefix(
     facts: tuple[str, str] | None,
     route: Route | None,
 ) -> bytes:
-    """The problem body of a denial by ``decide``, up to the request id (cache it)."""
+    """The problem body of a denial by ``decide``, up to the request id (cache it) — or,
+    for a feature the caller may be sold, up to the ``upgrade`` link (``with_upgrade``)."""
     fields: dict[str, Any] = {}
     if decision.feature is not None:
         fields.update(feature=decision.feature, app=app, tier=decision.tier)
@@ -84,9 +85,14 @@ def decision_prefix(
         fields["allowed_roles"] = allowed_roles(route.roles)
     if facts is not None:
         fields.update(license_state=facts[0], expires_at=facts[1])
+    last = "request_id"
     if decision.code == "feature_not_entitled" and decision.upsell:
-        fields.update(required_tier=decision.required_tier, addon=decision.addon, upgrade=upgrade)
-    return problem_prefix(decision.status, decision.code, decision.title, decision.detail, **fields)
+        # the upgrade link names the request: it comes last, completed per request
+        fields.update(required_tier=decision.required_tier, addon=decision.addon)
+        last = "upgrade"
+    return problem_prefix(
+        decision.status, decision.code, decision.title, decision.detail, last=last, **fields
+    )
 
 
 class RefusalLog:

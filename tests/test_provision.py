@@ -190,9 +190,11 @@ async def test_provisioning_applies_once_and_upgrades_at_once(
         ) as response:
             assert (await response.json())["code"] == "license_revoked"
 
-        upgrades = [e for e in gateway.events() if e["event"] == "upgrade_complete"]
-        assert len(upgrades) == 1
-        assert upgrades[0]["tenant"] == "acme" and upgrades[0]["tier"] == "fleet"
+        # The tenant's first license is no upgrade: license_provisioned.
+        events = gateway.events()
+        assert not [e for e in events if e["event"] == "upgrade_complete"]
+        [first_license] = [e for e in events if e["event"] == "license_provisioned"]
+        assert first_license["tenant"] == "acme" and first_license["tier"] == "fleet"
 
 
 async def test_upgrade_complete_names_the_tier_the_decision_was_serving(
@@ -219,7 +221,7 @@ async def test_upgrade_complete_names_the_tier_the_decision_was_serving(
         for e in gateway.events()
         if e["event"] == "upgrade_complete"
     ]
-    assert upgrades == [(None, "core"), ("core", "fleet"), ("core", "fleet")]
+    assert upgrades == [("core", "fleet"), ("core", "fleet")]  # Core was the first license
 
 
 async def test_extra_seats_bought_through_billing(gateway: Gateway) -> None:

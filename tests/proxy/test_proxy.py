@@ -51,7 +51,8 @@ async def test_blocked_request_gets_problem_json_metric_and_event(
     assert body["feature"] == "ops.basic_shipment_optimization"
     assert body["required_tier"] == "fleet"
     assert body["addon"] == "advanced_shipment_optimization"
-    assert body["upgrade"] == "/_entitlements/ui"
+    feature = "ops.basic_shipment_optimization"
+    assert body["upgrade"] == f"/_entitlements/ui?from={body['request_id']}&feature={feature}"
     async with client.get(gateway.admin_url("/metrics")) as response:
         metrics = await response.text()
     assert (

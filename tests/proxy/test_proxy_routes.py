@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -152,6 +153,7 @@ async def test_every_gated_route_for_every_tier(
                 if problems:
                     mismatches.append(f"{label}: {'; '.join(problems)}")
                 continue
+            rid = body.get("request_id")
             expected = {
                 "status": 403,
                 "code": "feature_not_entitled",
@@ -159,7 +161,8 @@ async def test_every_gated_route_for_every_tier(
                 "app": route.app,
                 "tier": tier,
                 "required_tier": lowest_tier_with(matrix, route.feature),
-                "upgrade": UPGRADE_URL,
+                # the plan page, told which request and feature sent the tenant there
+                "upgrade": f"{UPGRADE_URL}?{urlencode({'from': rid, 'feature': route.feature})}",
             }
             actual = {name: body.get(name) for name in expected}
             actual["status"] = status

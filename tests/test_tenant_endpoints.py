@@ -1,0 +1,222 @@
+"""The tenant's endpoints, answered by the enforcer on every app listener (README, Entitlements
+API and plan page): the plan, the page, the clicks, and the funnel they link."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from gateway.config import Config, load_config
+from gateway.enforcer import COLLECT, RESPOND, Verdict
+from gateway.provision import ProvisionEvent, apply_event
+from tests.conftest import IssueKey
+from tests.enforcing import EnforcerWorld, WorldFactory, body
+
+OPTIMIZATION = "ops.basic_shipment_optimization"
+
+
+def configured(config_dir: Path, operations: str = "") -> Config:
+    path = config_dir / "gateway.toml"
+    text = path.read_text().replace("[apps.operations]\n", f"[apps.operations]\n{operations}\n")
+    path.write_text(text)
+    return load_config(path)
+
+
+def feature(answer: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(f for f in answer["features"] if f["name"] == name)
+    return found
+
+
+async def get(world: EnforcerWorld, app: Any, target: str, **fields: Any) -> Verdict:
+    return await world.decide(app, world.head("GET", target, **fields))
+
+
+# ------------------------------------------------------------------ GET {prefix}
+
+
+async def test_the_plan_of_a_core_key_hides_what_it_lacks_and_answers_304_to_its_etag(
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    world = make_world(config)
+    core = issue_key(sub="acme", tier="core")
+    verdict = await get(world, "operations", "/_entitlements", key=core)
+    assert (verdict.kind, verdict.status, verdict.content_type) == (
+        RESPOND,
+        200,
+        b"application/json",
+    )
+    answer = json.loads(verdict.body)
+    assert (answer["tenant"], answer["tier"]["name"]) == ("acme", "core")
+    assert feature(answer, OPTIMIZATION)["state"] == "hidden"
+    headers = dict(line.split(": ", 1) for line in verdict.response_headers.decode().splitlines())
+    assert headers["Cache-Control"].startswith("private") and "X-License-Key" in headers["Vary"]
+    again = await get(
+        world, "operations", "/_entitlements", key=core, if_none_match=headers["ETag"].encode()
+    )
+    assert (again.status, again.body) == (304, b"")
+
+
+async def test_upsell_tag_locks_features_with_the_tier_that_unlocks_them(
+    config_dir: Path, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    world = make_world(configured(config_dir, 'upsell = "tag"'))
+    core = issue_key(sub="acme", tier="core")
+    tagged = json.loads((await get(world, "operations", "/_entitlements", key=core)).body)
+    assert {k: feature(tagged, OPTIMIZATION)[k] for k in ("state", "required_tier", "tag")} == {
+        "state": "locked",
+        "required_tier": "fleet",
+        "tag": "Fleet",
+    }
+    dispatcher = await get(world, "operations", "/_entitlements", key=core, role="dispatch_only")
+    hidden = feature(json.loads(dispatcher.body), OPTIMIZATION)
+    assert hidden["state"] == "hidden" and "required_tier" not in hidden
+
+
+async def test_the_plan_needs_a_license_and_follows_the_stored_tenant(
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    world = make_world(config)
+    missing = await get(world, "operations", "/_entitlements", request_id="r0")
+    assert (missing.status, body(missing)["code"]) == (401, "license_missing")
+    assert [e["request_id"] for e in world.events("license_invalid")] == ["r0"]
+    await world.store.put_license(issue_key(sub="acme", tier="fleet"))
+    stored = await get(world, "driver_app", "/_entitlements?app=driver_app", tenant="acme")
+    answer = json.loads(stored.body)
+    assert answer["tier"]["name"] == "fleet"
+    assert {f["app"] for f in answer["features"]} == {"driver_app"}
+    bad = await get(world, "driver_app", "/_entitlements?app=nope", tenant="acme")
+    assert (bad.status, body(bad)["code"]) == (400, "bad_request")
+
+
+async def test_the_endpoints_are_answered_in_every_mode_and_nothing_else_under_the_prefix(
+    config_dir: Path, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    world = make_world(configured(config_dir, 'enforce = "off"'))
+    core = issue_key(sub="acme", tier="core")
+    assert (await get(world, "operations", "/_entitlements", key=core)).status == 200
+    unknown = await get(world, "operations", "/_entitlements/admin", key=core)
+    assert (unknown.kind, unknown.status, body(unknown)["code"]) == (RESPOND, 404, "not_found")
+    put = await world.decide("operations", world.head("PUT", "/_entitlements", key=core))
+    assert (put.status, put.response_headers) == (405, b"Allow: GET\r\n")
+    sneaky = await get(world, "operations", "/api/v1/../../_entitlements/x", key=core)
+    assert sneaky.status == 404  # canonicalised first: never forwarded
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("ui", b"text/html; charset=utf-8"),
+        ("ui.css", b"text/css; charset=utf-8"),
+        ("ui.js", b"text/javascript; charset=utf-8"),
+        ("openapi.json", b"application/json"),
+    ],
+)
+async def test_the_page_and_the_api_description_need_no_license(
+    config: Config, make_world: WorldFactory, name: str, content_type: bytes
+) -> None:
+    world = make_world(config)
+    verdict = await get(world, "client_portal", f"/_entitlements/{name}")
+    assert (verdict.status, verdict.content_type) == (200, content_type)
+    assert b"Content-Security-Policy: default-src 'none'" in verdict.response_headers
+    assert verdict.body
+
+
+# ------------------------------------------------------------------ POST {prefix}/events
+
+
+def click(world: EnforcerWorld, key: str, payload: bytes, **fields: Any) -> Verdict:
+    head = world.head(
+        "POST", "/_entitlements/events", key=key, content_type=b"application/json", **fields
+    )
+    enforcer = world.enforcer("operations")
+    collect = enforcer.check(head)
+    assert (collect.kind, collect.max_body) == (COLLECT, 4097)
+    return enforcer.answer(head, payload)
+
+
+async def test_an_upgrade_click_is_collected_stamped_and_emitted(
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    world = make_world(config)
+    core = issue_key(sub="acme", tier="core")
+    await get(world, "operations", "/_entitlements", key=core)  # acme cached
+    payload = json.dumps(
+        {"event": "upgrade_click", "feature": OPTIMIZATION, "target": "tier:fleet",
+         "source_request_id": "r-403"}
+    ).encode()  # fmt: skip
+    accepted = click(world, core, payload, user="u1", role="owner", request_id="r-click")
+    assert (accepted.kind, accepted.status) == (RESPOND, 202)
+    [event] = world.events("upgrade_click")
+    assert (event["tenant"], event["tier"], event["user"], event["source_request_id"]) == (
+        "acme",
+        "core",
+        "u1",
+        "r-403",
+    )
+    assert event["request_id"] == "r-click"
+    bad = click(world, core, b"{not json")
+    assert (bad.status, body(bad)["code"]) == (400, "bad_event")
+    dispatcher = click(world, core, payload, role="dispatch_only")
+    assert (dispatcher.status, body(dispatcher)["code"]) == (403, "role_forbidden")
+    for _ in range(12):
+        last = click(world, core, payload)
+    assert (last.status, last.response_headers[:13]) == (429, b"Retry-After: ")
+
+
+async def test_the_403_upgrade_link_names_the_blocked_request_and_feature(
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    world = make_world(config)
+    head = world.head(
+        "POST", "/api/v1/shipments/1/optimize", key=issue_key(tier="core"), request_id="b-17"
+    )
+    answer = body(await world.decide("operations", head))
+    link = urlsplit(answer["upgrade"])
+    assert link.path == "/_entitlements/ui"
+    assert parse_qs(link.query) == {"from": ["b-17"], "feature": [OPTIMIZATION]}
+    assert answer["request_id"] == "b-17"
+
+
+# ------------------------------------------------------------------ the funnel, linked
+
+
+def license_event(key: str) -> ProvisionEvent:
+    return ProvisionEvent(event_id=str(uuid.uuid4()), action="license", tenant="acme", key=key)
+
+
+async def test_a_first_license_is_provisioned_and_a_rise_is_attributed(
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    world = make_world(config)
+    shared = world.shared
+
+    async def provision(key: str) -> None:
+        assert await apply_event(
+            license_event(key), world.store, config.keyring, shared.rules.policy,
+            world.log, shared.rules.revision, None, shared.attribution,
+        )  # fmt: skip
+
+    trial = issue_key(sub="acme", tier="core", trial=True, serial=1)
+    await provision(trial)
+    [first] = world.events("license_provisioned")
+    assert (first["tier"], first["trial"]) == ("core", True)
+    blocked = world.head("POST", "/api/v1/shipments/1/optimize", tenant="acme")
+    assert (await world.decide("operations", blocked)).status == 403
+    payload = json.dumps(
+        {"event": "upgrade_click", "feature": OPTIMIZATION, "target": "tier:fleet"}
+    ).encode()
+    assert click(world, trial, payload, role="owner").status == 202
+    await provision(issue_key(sub="acme", tier="fleet", serial=2, exp=int(time.time()) + 86400))
+    [upgrade] = world.events("upgrade_complete")
+    assert (upgrade["previous_tier"], upgrade["tier"], upgrade["trial_converted"]) == (
+        "core",
+        "fleet",
+        True,
+    )
+    assert (upgrade["attributed_clicks"], upgrade["attributed_blocks"]) == (1, 1)
