@@ -307,6 +307,12 @@ def _check(args: argparse.Namespace) -> int:
         f"revision {config.matrix.sha}"
     )
     print(f"  public keys       {len(config.keyring.keys)} ({', '.join(config.keyring.keys)})")
+    rollout, candidate = config.rollout, config.settings.candidate
+    cohort = f"; {len(rollout.cohort)} tenants enforced on shadow apps" if rollout.cohort else ""
+    print(f"  enforce           {rollout.describe()}{cohort}")
+    if rollout.candidate is not None:
+        files = ", ".join(f for f in (candidate.routes, candidate.tier_matrix) if f is not None)
+        print(f"  candidate         {files}, revision {rollout.candidate.revision}")
     if config.settings.audit.log is None:
         print("  note: no [audit] log: provisioning calls are not recorded in an audit trail")
     for warning in warnings:

@@ -198,12 +198,14 @@ def write_config(
     upstream_ports: Mapping[str, int],
     *,
     extra: str = "",
-    app_extra: str = "",
+    app_extra: str | Mapping[str, str] = "",
     routes: Path | None = None,
     events: str = 'sink = "file://events.jsonl"',
 ) -> tuple[Path, dict[str, int], int]:
     """A gateway.toml in ``folder`` with free listener ports; returns (path, ports, admin).
-    ``events`` is the body of its ``[events]`` section."""
+    ``app_extra`` goes into every ``[apps.<name>]`` section, or, as a mapping, into the
+    section of each app it names; ``events`` is the body of its ``[events]`` section."""
+    per_app = dict.fromkeys(APP_NAMES, app_extra) if isinstance(app_extra, str) else app_extra
     shutil.copy(routes or REPO / "routes.toml", folder / "routes.toml")
     shutil.copy(REPO / "tier_matrix.toml", folder / "tier_matrix.toml")
     keys = folder / "keys"
@@ -223,7 +225,7 @@ def write_config(
                 classic_path_prefixes = ["/xdispatch/"]
                 """
             )
-            + app_extra
+            + per_app.get(app, "")
         )
     text = "\n".join(sections) + textwrap.dedent(
         f"""
@@ -239,6 +241,24 @@ def write_config(
     path = folder / "gateway.toml"
     path.write_text(text)
     return path, listen, admin
+
+
+def write_candidate_matrix(folder: Path, name: str = "tier_matrix.next.toml") -> Path:
+    """A candidate ``tier_matrix.toml`` for ``[candidate]``: the shipped one with Basic
+    Shipment Optimization moved down from Fleet into Core (a pricing change), so a Core
+    key's ``POST /api/v1/shipments/{id}/optimize`` is ``newly_allowed``."""
+    text = (REPO / "tier_matrix.toml").read_text()
+    core = 'features = ["ops.on_demand", "portal.on_demand", "driver.on_demand"]'
+    fleet = '    "ops.basic_shipment_optimization",\n'
+    assert core in text and fleet in text, "the shipped tier matrix changed: adapt this"
+    text = text.replace(fleet, "", 1).replace(
+        core,
+        'features = ["ops.on_demand", "ops.basic_shipment_optimization", '
+        '"portal.on_demand", "driver.on_demand"]',
+    )
+    path = folder / name
+    path.write_text(text)
+    return path
 
 
 class Gateway:

@@ -305,7 +305,15 @@ def anchors(path: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     "page",
-    ["support.md", "plans.md", "kb/plans-and-limits.md", "licensing.md", "../README.md"],
+    [
+        "support.md",
+        "plans.md",
+        "kb/plans-and-limits.md",
+        "licensing.md",
+        "../README.md",
+        "operations.md",
+        "design.md",
+    ],
 )
 def test_relative_links_lead_somewhere(page: str) -> None:
     path = (DOCS / page).resolve()

@@ -1,7 +1,10 @@
 """A real Prometheus scrapes a running gateway and evaluates every query of the Grafana
 dashboard and every alert rule through its HTTP API: a query error anywhere, or a dashboard
-panel query that returns no series, fails the test. Prometheus is the Debian package
-``prometheus`` (``make test`` installs it); missing, the test fails, it does not skip.
+panel query that returns no series, fails the test. The traffic is allowed, blocked,
+classic, public and unlicensed requests, and those of a rollout: an app in shadow mode, a
+request no route matched, and a candidate matrix decided alongside. Prometheus is the
+Debian package ``prometheus`` (``make test`` installs it); missing, the test fails, it does
+not skip.
 
 Grafana's variables are replaced as Grafana would: query variables by what their own
 ``label_values()`` query returns from this Prometheus (the first value, or the variable's
@@ -24,7 +27,13 @@ import pytest
 import yaml
 
 from tests.conftest import IssueKey
-from tests.harness import Gateway, free_port, running_gateway, stop_process
+from tests.harness import (
+    Gateway,
+    free_port,
+    running_gateway,
+    stop_process,
+    write_candidate_matrix,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "gateway-dashboard.json"
@@ -132,8 +141,18 @@ class Prometheus:
 async def scraped(
     tmp_path: Path, key_dir: Path, upstream_ports: dict[str, int]
 ) -> AsyncIterator[tuple[Gateway, Prometheus]]:
-    (tmp_path / "gateway").mkdir()
-    async with running_gateway(tmp_path / "gateway", key_dir, upstream_ports) as gateway:
+    folder = tmp_path / "gateway"
+    folder.mkdir()
+    # Rolling out, too: the Client Portal in shadow mode, and a candidate matrix (Basic
+    # Shipment Optimization in Core) decided alongside, so the rollout panels have traffic.
+    write_candidate_matrix(folder)
+    async with running_gateway(
+        folder,
+        key_dir,
+        upstream_ports,
+        app_extra={"client_portal": 'enforce = "shadow"\n'},
+        extra='[candidate]\ntier_matrix = "tier_matrix.next.toml"\n',
+    ) as gateway:
         prometheus = Prometheus(tmp_path, gateway.admin)
         try:
             yield gateway, prometheus
@@ -211,20 +230,25 @@ async def test_every_dashboard_and_alert_query_evaluates_on_a_scraped_gateway(
     core = {"X-License-Key": issue_key(tier="core", sub="tenant-core")}
     traffic = [
         ("operations", OPTIMIZE, fleet, 200),  # allowed
-        ("operations", OPTIMIZE, core, 403),  # blocked: a Fleet feature
+        ("operations", OPTIMIZE, core, 403),  # blocked: a Fleet feature; candidate: allowed
         ("operations", "/api/v1/shipments", core, 200),  # allowed, license from the cache
         ("operations", "/xdispatch/jobs", {}, 200),  # classic
         ("driver_app", "/xdispatch/jobs", {}, 200),
         ("client_portal", "/api/v1/health", {}, 200),  # public
         ("operations", "/api/v1/shipments", {}, 401),  # unlicensed
+        ("client_portal", "/api/v1/routes", core, 200),  # shadow_blocked: a Fleet feature
+        ("operations", "/api/v9/widgets/12345", core, 200),  # unmatched_allowed
     ]
     for app, path, headers, status in traffic * 3:
         method = "POST" if path == OPTIMIZE else "GET"
         async with client.request(method, gateway.url(app, path), headers=headers) as response:
             await response.read()
             assert response.status == status, (app, path)
-    for outcome in ("allowed", "blocked", "classic", "public", "unlicensed"):
+    outcomes = ["allowed", "blocked", "classic", "public", "unlicensed"]
+    for outcome in [*outcomes, "shadow_blocked", "unmatched_allowed"]:
         await prom.wait_for(client, f'rate(gateway_requests_total{{outcome="{outcome}"}}[30s]) > 0')
+    await prom.wait_for(client, "rate(gateway_candidate_diff_total[30s]) > 0")
+    await prom.wait_for(client, "rate(gateway_shadow_block_total[30s]) > 0")
 
     problems: list[str] = []
     values = await grafana_variables(client, prom)

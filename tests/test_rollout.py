@@ -10,13 +10,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.cli import main
 from gateway.config import Config, load_config
 from gateway.enforcer import FORWARD, RESPOND
 from gateway.errors import ConfigError
 from gateway.rollout import path_shape
-from tests.conftest import REPO, IssueKey
+from tests.conftest import IssueKey
 from tests.enforcing import WorldFactory, body
-from tests.harness import EchoUpstream, running_gateway
+from tests.harness import EchoUpstream, running_gateway, write_candidate_matrix
 
 OPTIMIZE = "/api/v1/shipments/7/optimize"  # ops.basic_shipment_optimization: Fleet and up
 
@@ -135,6 +136,25 @@ def test_gateway_check_reads_the_cohort_file_and_the_candidate(config_dir: Path)
     assert any("tier_matrix.next.toml" in p.file for p in caught.value.problems)
 
 
+def test_gateway_check_shows_the_modes_the_cohort_and_the_candidate(
+    config_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (config_dir / "cohort.txt").write_text("acme\nglobex\n")
+    write_candidate_matrix(config_dir)
+    extra = (
+        '\n[rollout]\nenforce_tenants_file = "cohort.txt"\n'
+        '[candidate]\ntier_matrix = "tier_matrix.next.toml"\n'
+    )
+    config = configured(config_dir, client_portal='enforce = "shadow"', extra=extra)
+    assert main(["check", "--config", str(config.path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  enforce           operations=on,client_portal=shadow,driver_app=on; "
+        "2 tenants enforced on shadow apps\n"
+    ) in out
+    assert f"  candidate         tier_matrix.next.toml, revision {config.routes.sha}/" in out
+
+
 # ------------------------------------------------------------------ a real gateway
 
 
@@ -180,16 +200,7 @@ async def test_a_tenant_listed_in_the_cohort_file_is_enforced_after_the_reload(
 async def test_a_candidate_matrix_is_decided_alongside_and_only_counted(
     config_dir: Path, make_world: WorldFactory, issue_key: IssueKey
 ) -> None:
-    candidate = config_dir / "tier_matrix.next.toml"
-    text = (REPO / "tier_matrix.toml").read_text()
-    # The candidate moves basic shipment optimization down into Core.
-    text = text.replace(
-        'features = ["ops.on_demand", "portal.on_demand", "driver.on_demand"]',
-        'features = ["ops.on_demand", "ops.basic_shipment_optimization", '
-        '"portal.on_demand", "driver.on_demand"]',
-    )
-    text = text.replace('    "ops.basic_shipment_optimization",\n', "", 1)
-    candidate.write_text(text)
+    write_candidate_matrix(config_dir)  # basic shipment optimization moves down into Core
     extra = '\n[candidate]\ntier_matrix = "tier_matrix.next.toml"\n'
     world = make_world(configured(config_dir, extra=extra))
     core = issue_key(sub="acme", tier="core")
