@@ -120,7 +120,7 @@ async def provision(request: web.Request) -> web.Response:
         )
         event = parse_event(body)
         shared = runtime.shared
-        audit_log = runtime.config.settings.audit.log
+        audit_log = runtime.config.audit_log
         try:
             outcome = await apply_event(
                 event,
@@ -129,7 +129,7 @@ async def provision(request: web.Request) -> web.Response:
                 shared.rules.policy,
                 runtime.events,
                 shared.rules.revision,
-                AuditLog(runtime.config.resolve(audit_log)) if audit_log else None,
+                AuditLog(audit_log) if audit_log is not None else None,
                 shared.attribution,
             )
         except StoreError as exc:

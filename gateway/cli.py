@@ -218,7 +218,7 @@ async def _tenant_verb(args: argparse.Namespace, config: Config, store: Any) -> 
             f"{result.keys_unchanged} already present, {len(result.problems)} problems"
         )
         return EXIT_INVALID if result.problems else EXIT_OK
-    audit_log = config.resolve(config.settings.audit.log) if config.settings.audit.log else None
+    audit_log = config.audit_log
     if verb in ("suspend", "reinstate"):
         changed = await store.set_suspended(args.tenant_id, verb == "suspend")
         if changed:

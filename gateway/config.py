@@ -254,6 +254,12 @@ class Config:
         return (self.path.parent / relative).resolve()
 
     @property
+    def audit_log(self) -> Path | None:
+        """``[audit] log``, resolved against the config file's folder; None: not configured."""
+        log = self.settings.audit.log
+        return self.resolve(log) if log else None
+
+    @property
     def store_url(self) -> str:
         """``store.url``; ``sqlite://relative.db`` is relative to the config file's folder."""
         url = self.settings.store.url

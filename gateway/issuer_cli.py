@@ -157,8 +157,8 @@ class _Sources:
         self.catalog = catalog_of(
             TomlDocument.read(config.resolve(config.settings.files.tier_matrix))
         )
-        if config.settings.audit.log:
-            self.audit = config.resolve(config.settings.audit.log)
+        if config.audit_log is not None:
+            self.audit = config.audit_log
 
 
 def _plan(args: argparse.Namespace, sources: _Sources) -> Plan:
@@ -310,7 +310,7 @@ def _export(args: argparse.Namespace) -> int:
     revoked = asyncio.run(collect())
     token = sign_list(key, kid, revoked, issuer="gateway-cli", now=time.time())
     count = sum(len(ids) for ids in revoked.values())
-    configured = config.resolve(config.settings.audit.log) if config.settings.audit.log else None
+    configured = config.audit_log
     record(args, configured, action="revocations_export", kid=kid,
            detail={"revoked": count, "tenants": len(revoked),
                    "out": str(args.out) if args.out else "stdout"})  # fmt: skip

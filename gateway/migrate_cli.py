@@ -100,9 +100,7 @@ class _Run:
         if args.issuer is not None:
             path = config.resolve(config.settings.files.tier_matrix)
             self.catalog = catalog_of(TomlDocument.read(path))
-        configured = (
-            config.resolve(config.settings.audit.log) if config.settings.audit.log else None
-        )
+        configured = config.audit_log
         self.audit = audit_log(args, configured)
         self.actor = args.actor or os_user()
 

@@ -19,6 +19,7 @@ from typing import Any, get_args
 
 import msgspec
 
+from gateway import audit_cli
 from gateway.cli import EXIT_OK, UsageError, _date, _iso, run_on_store
 from gateway.config import Config, load_config
 from gateway.decision import current_license, effective_plan
@@ -40,6 +41,7 @@ def add_parsers(
     seats.add_argument("--release", metavar="USER", help="free this user's seat")
     seats.add_argument("--json", action="store_true")
     seats.add_argument("--config", type=Path, default=Path("gateway.toml"))
+    audit_cli.add_options(seats)  # a --release is a seat change: audited
     seats.set_defaults(handler=tenant_seats)
 
     usage = commands.add_parser("usage", help="calls metered per tenant").add_subparsers(
@@ -61,19 +63,28 @@ def add_parsers(
 def tenant_seats(args: argparse.Namespace) -> int:
     kinds = (args.kind,) if args.kind else SEAT_KIND_NAMES
     if args.release is not None:
-        return run_on_store(load_config(args.config), lambda _, store: _release(store, args, kinds))
+        return run_on_store(
+            load_config(args.config), lambda config, store: _release(config, store, args, kinds)
+        )
     return run_on_store(
         load_config(args.config), lambda config, store: _list(config, store, args, kinds)
     )
 
 
 async def _release(
-    store: TenantStore, args: argparse.Namespace, kinds: tuple[SeatKind, ...]
+    config: Config, store: TenantStore, args: argparse.Namespace, kinds: tuple[SeatKind, ...]
 ) -> int:
     released = [
         kind for kind in kinds if await store.release_seat(args.tenant_id, kind, args.release)
     ]
     if released:
+        audit_cli.record(
+            args,
+            config.audit_log,
+            action="seat_change",
+            tenant=args.tenant_id,
+            detail={"released": args.release, "seats": released},
+        )
         print(f"{args.tenant_id}: released {args.release} ({', '.join(released)})")
     else:
         print(f"{args.tenant_id}: {args.release} holds no seat: no change")

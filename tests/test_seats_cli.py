@@ -118,6 +118,30 @@ def test_tenant_seats_release(
     assert out.splitlines()[1:] == ["ops_users: 0 in use (no license in the store)"]
 
 
+def test_a_released_seat_is_an_audited_seat_change(
+    config: Path, keyring: KeyRing, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    async def prepare(store: TenantStore) -> None:
+        await store.admit_seat("acme", "drivers", "alice", NOW, WINDOW, 10)
+
+    with_sqlite(config, keyring, prepare)
+    log = tmp_path / "audit.jsonl"
+    args = ["tenant", "seats", "acme", "--config", str(config), "--release", "alice"]
+    code, _, _ = cli(capsys, *args, "--audit-log", str(log), "--actor", "sam", "--reason", "T-9")
+    assert code == 0
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert (line["action"], line["tenant"], line["actor"], line["reason"]) == (
+        "seat_change",
+        "acme",
+        "sam",
+        "T-9",
+    )
+    assert line["detail"] == {"released": "alice", "seats": ["drivers"]}
+    # Nothing released: nothing recorded.
+    assert cli(capsys, *args, "--audit-log", str(log))[0] == 0
+    assert len(log.read_text().splitlines()) == 1
+
+
 # -- gateway usage report -------------------------------------------------------------------
 
 
