@@ -4,6 +4,10 @@ API and plan page).
 
 * ``GET {prefix}`` — the caller's plan (``gateway.entitlements``), with ``ETag`` and
   ``If-None-Match`` → 304; the caller is resolved like any request (401 without a license).
+  With ``[seats] mode = "active_users"`` its seats are the ones admission counts
+  (``gateway.seats.seats_view``): when the seat book holds no recent count of the tenant,
+  ``respond`` sets ``head.waiting = (WAIT_SEATS, tenant)`` and answers None; the enforcer
+  awaits ``SeatBook.count_held`` into ``head.state`` and asks again.
 * ``POST {prefix}/events`` — an ``upgrade_click``: ``COLLECT`` (the relay reads at most
   ``MAX_EVENT_BYTES + 1`` bytes of body), then ``Enforcer.answer`` validates it
   (``gateway.clicks``), emits the event and answers 202.
@@ -40,6 +44,7 @@ from gateway.license import License
 from gateway.matrix import AppName
 from gateway.page import PAGE_HEADERS, page_assets
 from gateway.problems import request_id
+from gateway.seats import HeldSeats, seats_view
 from gateway.verdict import COLLECT, RESPOND, RequestHead, Verdict
 
 if TYPE_CHECKING:
@@ -48,6 +53,7 @@ if TYPE_CHECKING:
 
 ENTITLEMENTS: Final = "entitlements"
 EVENTS: Final = "events"
+WAIT_SEATS: Final = "seats_held"  # head.waiting: count the tenant's seats held first
 JSON: Final = b"application/json"
 
 
@@ -72,6 +78,8 @@ class TenantEndpoints:
             vary.append(settings.identity.header)
         self.vary = tuple(vary)
         self.upsell = {name: app_settings.upsell for name, app_settings in settings.apps.items()}
+        # active_users mode: seats as the seat book counts them (else as recorded)
+        self.seat_book = shared.seats if settings.seats.mode == "active_users" else None
         page = _lines(PAGE_HEADERS)
         self._assets: dict[str, Verdict] = {}
         for name, (content_type, body) in page_assets(settings).items():
@@ -111,10 +119,10 @@ class TenantEndpoints:
         user: str | None,
         rules: Rules,
         now: float,
-    ) -> Verdict | Decision:
+    ) -> Verdict | Decision | None:
         """The answer of ``GET {prefix}``, or ``COLLECT`` for ``POST {prefix}/events``; a
         ``Decision`` when the caller has no valid license (the enforcer answers it as any
-        refusal)."""
+        refusal); None when the seats held are to be counted first (``head.waiting``)."""
         caller = identify(rules.policy, presented, record, role, user, now)
         if isinstance(caller, Decision):
             return caller
@@ -131,12 +139,19 @@ class TenantEndpoints:
             app = parse_query(query)
         except RequestError as exc:
             return self._error(head, exc)
+        usage = record.usage if record is not None else None
+        seats = None
+        book = self.seat_book
+        if book is not None:
+            tenant = caller.license.claims.sub
+            # Counted during this request's wait, or recently enough for a polling UI.
+            held = head.state if head.state.__class__ is HeldSeats else book.held(tenant, now)
+            if held is None:
+                head.waiting = (WAIT_SEATS, tenant)
+                return None
+            seats = seats_view(rules.matrix, book.settings, caller.plan, held, usage)
         body = build_entitlements(
-            rules.policy,
-            caller,
-            upsell=self.upsell,
-            app=app,
-            usage=record.usage if record is not None else None,
+            rules.policy, caller, upsell=self.upsell, app=app, usage=usage, seats=seats
         )
         encoded = encode_entitlements(body)
         headers = _lines(response_headers(encoded.etag, self.vary))

@@ -37,7 +37,7 @@ from gateway.classify import ASK_STORE, REJECTED, ROUTED, ClassicRules, classify
 from gateway.clicks import ClickLimiter
 from gateway.config import Config
 from gateway.decision import Policy, TenantRecord, decide
-from gateway.endpoints import TenantEndpoints
+from gateway.endpoints import WAIT_SEATS, TenantEndpoints
 from gateway.errors import IdentityError, LicenseError
 from gateway.events import EventLog
 from gateway.identity import NEED_KEYS, Identifier, Identity, NeedKeys
@@ -268,6 +268,8 @@ class Enforcer:
             answered = self.endpoints.respond(
                 endpoint, head, presented, record, role, user, rules, now
             )
+            if answered is None:  # the seats held are counted first (head.waiting)
+                return _NEED_TENANT_VERDICT
             if answered.__class__ is Verdict:
                 answered.strip = strip
                 return answered
@@ -394,6 +396,9 @@ class Enforcer:
                     tenant, self.seat_kind, user, matrix=self.shared.rules.matrix,
                     tier=decision.tier, seats=decision.seats, now=time.time(),
                 )  # fmt: skip
+            elif kind == WAIT_SEATS:  # GET {prefix} in active_users mode
+                assert isinstance(what, str)
+                head.state = await self.shared.seats.count_held(what, time.time())
             verdict = self.check(head, fetched=True)  # head.verdict is still None here
             if verdict is not _NEED_TENANT_VERDICT:
                 head.verdict = verdict

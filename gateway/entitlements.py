@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -89,8 +89,32 @@ class AvailableAddon(msgspec.Struct, frozen=True):
 
 
 class SeatCount(msgspec.Struct, frozen=True):
-    included: int
-    used: int
+    """Seats of one kind: Operations users or drivers."""
+
+    included: Annotated[
+        int,
+        msgspec.Meta(
+            description="the license's seats claim, else the tier's quota; in active_users "
+            "mode plus the extra seats bought"
+        ),
+    ]
+    used: Annotated[
+        int,
+        msgspec.Meta(
+            description="recorded mode: as `gateway tenant usage` recorded; active_users "
+            "mode: distinct users seen within [seats] window_days, across the fleet"
+        ),
+    ]
+    allowance: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                description="active_users mode only: the hard limit, floor(included x "
+                "overage); a new user beyond it is refused (429 seat_limit_exceeded)"
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class SeatsView(msgspec.Struct, frozen=True):
@@ -186,6 +210,7 @@ def build_entitlements(
     upsell: Mapping[AppName, UpsellMode],
     app: AppName | None = None,
     usage: Seats | None = None,
+    seats: SeatsView | None = None,
 ) -> Entitlements:
     """The body of ``GET {prefix}`` for ``caller``.
 
@@ -195,7 +220,10 @@ def build_entitlements(
     default), both with ``required_tier`` (the cheapest higher tier that includes it),
     ``addon`` (the add-on this tier can buy for it) and ``tag`` (that tier's title, else
     the add-on's). ``app`` keeps only that app's features and the add-ons that unlock
-    one of them."""
+    one of them.
+
+    ``seats``: as the gateway counts them (``[seats] mode = "active_users"``, built by
+    ``gateway.seats.seats_view``); None: the plan's included seats and ``usage`` (recorded)."""
     matrix = policy.matrix
     plan = caller.plan
     claims = caller.license.claims
@@ -221,7 +249,12 @@ def build_entitlements(
                 available.append(
                     AvailableAddon(addon.name, addon.title, addon.prices[plan.tier], unlocks)
                 )
-    used = usage or Seats(ops_users=0, drivers=0)
+    if seats is None:
+        used = usage or Seats(ops_users=0, drivers=0)
+        seats = SeatsView(
+            ops_users=SeatCount(plan.seats.ops_users, used.ops_users),
+            drivers=SeatCount(plan.seats.drivers, used.drivers),
+        )
     return Entitlements(
         tenant=claims.sub,
         tier=TierView(tier.name, tier.title, tier.rank),
@@ -238,10 +271,7 @@ def build_entitlements(
         ),
         features=features,
         available_addons=tuple(available),
-        seats=SeatsView(
-            ops_users=SeatCount(plan.seats.ops_users, used.ops_users),
-            drivers=SeatCount(plan.seats.drivers, used.drivers),
-        ),
+        seats=seats,
         terms=tier.terms,
         can_transact=caller.role in TRANSACTING_ROLES,
     )

@@ -20,6 +20,11 @@ costs a few dict look-ups (``check``); a new user, or a holder not confirmed for
 gateway sharing it. Fail-static: when the store cannot answer, ``admit`` allows the user and
 the user is counted at a request after the store is back.
 
+The entitlements API shows the same numbers (``seats_view``): the holders the store counts
+within the window (``held``, else ``await count_held``; a count is kept ``COUNT_TTL_SECONDS``
+per tenant, so a polling UI does not reach the store per request) and the included seats and
+allowance of ``seat_limits``, as admission uses them.
+
     book = SeatBook(store, config.settings.seats, metrics)
     kind = SEAT_KINDS.get(app)                     # None: this app has no seats
     if book.check(tenant, kind, user, now) is NEED_ADMISSION:
@@ -39,6 +44,8 @@ import msgspec
 
 from gateway.caches import bounded_put
 from gateway.config import SeatSettings
+from gateway.decision import Plan
+from gateway.entitlements import SeatCount, SeatsView
 from gateway.events import EventLog
 from gateway.license import Seats
 from gateway.matrix import AppName, TierMatrix
@@ -58,6 +65,10 @@ EXTRA_SEATS_TTL_SECONDS = 60.0  # extra seats bought, cached per tenant
 REFUSAL_TTL_SECONDS = 5.0  # a refused user's retries are answered from memory meanwhile
 OUTAGE_RETRY_SECONDS = 10.0  # after a store error, admit without asking it for this long
 MAX_HOLDERS = 200_000  # holders cached per process (the store keeps them all)
+# The seats held per tenant, for GET {prefix}: a UI polling it is answered from memory for
+# this long (a release or an admission of this process counts again at once).
+COUNT_TTL_SECONDS = 5.0
+MAX_COUNTED = 100_000  # tenants whose count is kept
 
 UPSELL_ROLES = frozenset({"owner", "admin"})  # who is shown how to get more seats
 
@@ -98,6 +109,29 @@ def seat_limits(
         allowance=_floor(included * overage),
         warn_at=max(1, math.ceil(round(included * settings.warning_ratio, 6))),
     )
+
+
+class HeldSeats(msgspec.Struct, frozen=True):
+    """One tenant's seats held within the window, as the store counted them
+    (``SeatBook.count_held``), and the extra seats bought, as last read."""
+
+    used: Seats | None  # None: never counted, the store is down (the recorded usage stands in)
+    extra: Seats | None
+
+
+def seats_view(
+    matrix: TierMatrix, settings: SeatSettings, plan: Plan, held: HeldSeats, recorded: Seats | None
+) -> SeatsView:
+    """``seats`` of ``GET {prefix}`` in ``active_users`` mode: ``used`` as counted (else what
+    ``gateway tenant usage`` recorded), ``included`` and ``allowance`` as admission has them.
+    ``plan.seats`` is the license's claim in force or the tier's quotas: the same limits."""
+    used = held.used or recorded or Seats(ops_users=0, drivers=0)
+
+    def count(kind: SeatKind) -> SeatCount:
+        limits = seat_limits(matrix, settings, plan.tier, kind, plan.seats, held.extra)
+        return SeatCount(limits.included, getattr(used, kind), limits.allowance)
+
+    return SeatsView(ops_users=count("ops_users"), drivers=count("drivers"))
 
 
 class Admission(msgspec.Struct, frozen=True):
@@ -213,6 +247,7 @@ class SeatBook:
         *,
         refresh_seconds: float = HOLDER_REFRESH_SECONDS,
         max_holders: int = MAX_HOLDERS,
+        count_seconds: float = COUNT_TTL_SECONDS,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -231,6 +266,13 @@ class SeatBook:
         self._pending: dict[tuple[str, SeatKind, str], asyncio.Task[Admission]] = {}
         self._down_until = 0.0
         self._errors = metrics.store_errors.labels(op="seats") if metrics is not None else None
+        self.count_seconds = count_seconds
+        # tenant -> (the seats held as last counted, until when that count stands)
+        self._counts: dict[str, tuple[HeldSeats, float]] = {}
+        self._counting: dict[str, asyncio.Task[HeldSeats]] = {}
+        # Counts under way when their tenant changed: their answer is not kept (held here
+        # until done, like every task of ours).
+        self._superseded: set[asyncio.Task[HeldSeats]] = set()
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -296,10 +338,7 @@ class SeatBook:
                 tenant, kind, user, now, self.window, wanted.allowance
             )
         except StoreError as exc:
-            if self._errors is not None:
-                self._errors.inc()
-            log.warning("tenant store: seat admission for %s failed: %s", tenant, exc)
-            self._down_until = now + OUTAGE_RETRY_SECONDS
+            self._store_failed("seat admission", tenant, exc, now)
             return self._fail_static(tenant, kind, user, limits(self._known_extra(tenant)), now)
         admission = judge(result, wanted)
         if not admission.allowed:
@@ -310,10 +349,18 @@ class SeatBook:
             bounded_put(refusals, (kind, user), (admission, now + REFUSAL_TTL_SECONDS), 1_000)
             return admission
         self._remember(tenant, kind, user, now + self.refresh_seconds)
+        if admission.new:
+            self._recount(tenant)
         if "seat_warning" in admission.events and not await self._first_warning(tenant, kind, now):
             kept = tuple(event for event in admission.events if event != "seat_warning")
             admission = msgspec.structs.replace(admission, events=kept)
         return admission
+
+    def _store_failed(self, what: str, tenant: str, exc: StoreError, now: float) -> None:
+        if self._errors is not None:
+            self._errors.inc()
+        log.warning("tenant store: %s for %s failed: %s", what, tenant, exc)
+        self._down_until = now + OUTAGE_RETRY_SECONDS
 
     def _fail_static(
         self, tenant: str, kind: SeatKind, user: str, limits: SeatLimits, now: float
@@ -349,6 +396,64 @@ class SeatBook:
         bounded_put(self._warned, (tenant, kind), window, 100_000)
         return first
 
+    # -- the seats held, for the entitlements API -----------------------------------------------
+
+    def held(self, tenant: str, now: float) -> HeldSeats | None:
+        """The tenant's seats held, counted within ``count_seconds`` (or, while the store is
+        known to be down, as last counted); None: ``await count_held`` first."""
+        counted = self._counts.get(tenant)
+        if counted is not None and counted[1] > now:
+            return counted[0]
+        if now < self._down_until:
+            return self._last_count(tenant)
+        return None
+
+    async def count_held(self, tenant: str, now: float) -> HeldSeats:
+        """Count the tenant's holders of each kind in the store (concurrent callers share
+        one count). Never raises: when the store cannot answer, the last count (fail-static;
+        ``used`` None if there was none)."""
+        task = self._counting.get(tenant)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._count_held(tenant, now))
+            self._counting[tenant] = task
+            task.add_done_callback(lambda done: self._count_done(tenant, done))
+        return await asyncio.shield(task)
+
+    async def _count_held(self, tenant: str, now: float) -> HeldSeats:
+        try:
+            extra = await self._extra_seats(tenant, now)
+            ops_users = await self.store.seat_holders(tenant, "ops_users", now, self.window)
+            drivers = await self.store.seat_holders(tenant, "drivers", now, self.window)
+        except StoreError as exc:
+            self._store_failed("seat count", tenant, exc, now)
+            return self._last_count(tenant)
+        held = HeldSeats(Seats(ops_users=len(ops_users), drivers=len(drivers)), extra)
+        task = asyncio.current_task()
+        if task not in self._superseded:  # else counted before a change: not to be kept
+            bounded_put(self._counts, tenant, (held, now + self.count_seconds), MAX_COUNTED)
+        return held
+
+    def _count_done(self, tenant: str, task: asyncio.Task[HeldSeats]) -> None:
+        self._superseded.discard(task)
+        if self._counting.get(tenant) is task:
+            del self._counting[tenant]
+
+    def _last_count(self, tenant: str) -> HeldSeats:
+        counted = self._counts.get(tenant)
+        return counted[0] if counted is not None else HeldSeats(None, self._known_extra(tenant))
+
+    def _recount(self, tenant: str) -> None:
+        """The seats held changed: the next ``held`` asks the store again (the last count
+        stays, for an outage), and a count under way is not kept."""
+        counted = self._counts.get(tenant)
+        if counted is not None:
+            self._counts[tenant] = (counted[0], 0.0)
+        task = self._counting.pop(tenant, None)
+        if task is not None:
+            self._superseded.add(task)
+
+    # -- the holder cache ----------------------------------------------------------------------
+
     def _remember(self, tenant: str, kind: SeatKind, user: str, until: float) -> None:
         tenants = self._holders[kind]
         users = tenants.get(tenant)
@@ -369,18 +474,22 @@ class SeatBook:
 
     def invalidate(self, tenant: str | None = None) -> None:
         """Forget what is cached of ``tenant`` (all tenants: None), e.g. when the store's
-        change feed names it after a release or a purchase of extra seats."""
+        change feed names it after a release or a purchase of extra seats; its seats held
+        are counted again (the last count is kept for an outage)."""
         if tenant is None:
             for tenants in self._holders.values():
                 tenants.clear()
             self._count = 0
             self._refused.clear()
             self._extra.clear()
+            for name in list(self._counts.keys() | self._counting.keys()):
+                self._recount(name)
             return
         for tenants in self._holders.values():
             self._count -= len(tenants.pop(tenant, {}))
         self._refused.pop(tenant, None)
         self._extra.pop(tenant, None)
+        self._recount(tenant)
 
     def __len__(self) -> int:
         return self._count

@@ -14,12 +14,13 @@ import pytest
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from gateway.config import Settings, load_settings
+from gateway.config import SeatSettings, Settings, load_settings
 from gateway.decision import Policy
 from gateway.entitlements import Caller, build_entitlements, encode_entitlements, identify
 from gateway.license import Seats
 from gateway.matrix import APP_NAMES, TierMatrix
 from gateway.openapi import encode_openapi, openapi_document
+from gateway.seats import HeldSeats, seats_view
 from tests.harness import Gateway
 from tests.test_decision import DAY, NOW, make_license
 
@@ -107,6 +108,24 @@ def test_entitlements_bodies_match_the_schema(
             usage=Seats(ops_users=2, drivers=9),
         )
         validator.validate(msgspec.json.decode(encode_entitlements(body).body))
+
+
+def test_seats_counted_by_the_gateway_match_the_schema(
+    document: dict[str, Any], matrix: TierMatrix
+) -> None:
+    """``[seats] mode = "active_users"``: each seat kind also has its ``allowance``."""
+    policy = Policy(matrix=matrix)
+    caller = identify(policy, make_license(tier="fleet"), None, "owner", None, NOW)
+    assert isinstance(caller, Caller)
+    held = HeldSeats(Seats(ops_users=3, drivers=0), Seats(ops_users=1, drivers=0))
+    seats = seats_view(matrix, SeatSettings(mode="active_users"), caller.plan, held, None)
+    body = build_entitlements(policy, caller, upsell={}, seats=seats)
+    decoded = msgspec.json.decode(encode_entitlements(body).body)
+    schema_of(document, "/_entitlements", "get", "200").validate(decoded)
+    assert decoded["seats"]["ops_users"] == {"included": 6, "used": 3, "allowance": 7}
+    described = document["components"]["schemas"]["SeatCount"]
+    assert described["required"] == ["included", "used"]
+    assert "hard limit" in described["properties"]["allowance"]["description"]
 
 
 def test_the_click_schema_accepts_what_the_page_sends(document: dict[str, Any]) -> None:
