@@ -52,6 +52,10 @@ REFUSAL_EVENTS = (
     "bad_event",
     "unsupported_media_type",
     "rate_limited",
+    # the relay's own answers (gateway.proxy): malformed or too large requests, upstreams
+    # that failed
+    "request_rejected",
+    "upstream_error",
 )
 
 

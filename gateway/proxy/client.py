@@ -16,7 +16,7 @@ from typing import cast
 import httptools
 
 from gateway.accesslog import AccessLog
-from gateway.enforcer import PROBLEM_JSON, RESPOND, Enforcer, Verdict, request_id
+from gateway.enforcer import PROBLEM_JSON, RESPOND, Enforcer, RequestHead, Verdict, request_id
 from gateway.proxy import framing
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.flow import FlowControl, Pause
@@ -324,6 +324,7 @@ class Downstream(asyncio.Protocol):
         detail = str(exc) if status == 400 else ""
         body = framing.problem_body(status, code, title, detail, rid)
         self.refusal = framing.answer(status, body, PROBLEM_JSON, b"", close=True, request_id=rid)
+        self.report("request_rejected", code, status, rid, broken.head if broken else None)
         if self.access_log is not None:
             method = broken.head.method if broken is not None else "-"
             self.access_log.record(
@@ -346,6 +347,26 @@ class Downstream(asyncio.Protocol):
                 return
         if self.active is None:
             self._refuse()
+
+    def report(
+        self, kind: str, code: str, status: int | None, rid: str, head: RequestHead | None
+    ) -> None:
+        """One sampled event for an answer the relay gives itself (the enforcer reports its
+        own refusals): support finds every answered status by the request id the client saw
+        in ``X-Request-Id``. ``status`` None: a response cut short (aborted)."""
+        shared = self.enforcer.shared
+        events = shared.events
+        if not events.admit(kind):
+            return
+        events.emit_admitted(
+            kind,
+            app=self.enforcer.app,
+            code=code,
+            status=status,
+            method=head.method if head is not None else None,
+            request_id=rid,
+            revision=shared.rules.revision,
+        )
 
     def _refuse(self) -> None:
         """Everything before the refused request is answered: the refusal, then close."""
