@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 
+from gateway.cli import main
 from gateway.config import Config, load_config
 from gateway.enforcer import COLLECT, RESPOND, Verdict
 from gateway.provision import ProvisionEvent, apply_event
-from tests.conftest import IssueKey
+from tests.conftest import GatewayFactory, IssueKey
 from tests.enforcing import EnforcerWorld, WorldFactory, body
+from tests.harness import Gateway
 
 OPTIMIZATION = "ops.basic_shipment_optimization"
 
@@ -40,42 +43,65 @@ async def get(world: EnforcerWorld, app: Any, target: str, **fields: Any) -> Ver
 # ------------------------------------------------------------------ GET {prefix}
 
 
-async def test_the_plan_of_a_core_key_hides_what_it_lacks_and_answers_304_to_its_etag(
-    config: Config, make_world: WorldFactory, issue_key: IssueKey
+async def test_a_core_key_through_running_gateways_with_the_shipped_config(
+    gateway_factory: GatewayFactory,
+    upstream_ports: dict[str, int],
+    issue_key: IssueKey,
+    client: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    world = make_world(config)
-    core = issue_key(sub="acme", tier="core")
-    verdict = await get(world, "operations", "/_entitlements", key=core)
-    assert (verdict.kind, verdict.status, verdict.content_type) == (
-        RESPOND,
-        200,
-        b"application/json",
+    """The issue's acceptance end to end: the plan hides, then (upsell "tag") locks and tags
+    what Core lacks, never upsells to dispatch_only, answers 304 to its ETag; a click lands
+    in the events file stamped with tenant and tier, and ``gateway report funnel`` counts it."""
+    hiding = await gateway_factory(upstream_ports, shipped=True)
+    tagging = await gateway_factory(
+        upstream_ports, shipped=True, app_extra={"operations": 'upsell = "tag"\n'}
     )
-    answer = json.loads(verdict.body)
-    assert (answer["tenant"], answer["tier"]["name"]) == ("acme", "core")
-    assert feature(answer, OPTIMIZATION)["state"] == "hidden"
-    headers = dict(line.split(": ", 1) for line in verdict.response_headers.decode().splitlines())
-    assert headers["Cache-Control"].startswith("private") and "X-License-Key" in headers["Vary"]
-    again = await get(
-        world, "operations", "/_entitlements", key=core, if_none_match=headers["ETag"].encode()
-    )
-    assert (again.status, again.body) == (304, b"")
+    core = {"X-License-Key": issue_key(sub="acme", tier="core")}
 
+    async def plan(gateway: Gateway, **headers: str) -> dict[str, Any]:
+        url = gateway.url("operations", "/_entitlements")
+        async with client.get(url, headers={**core, **headers}) as response:
+            assert (response.status, response.content_type) == (200, "application/json")
+            found: dict[str, Any] = await response.json()
+            assert response.headers["Cache-Control"].startswith("private, max-age=")
+            assert "X-License-Key" in response.headers["Vary"]
+            found["ETag"] = response.headers["ETag"]
+            return found
 
-async def test_upsell_tag_locks_features_with_the_tier_that_unlocks_them(
-    config_dir: Path, make_world: WorldFactory, issue_key: IssueKey
-) -> None:
-    world = make_world(configured(config_dir, 'upsell = "tag"'))
-    core = issue_key(sub="acme", tier="core")
-    tagged = json.loads((await get(world, "operations", "/_entitlements", key=core)).body)
-    assert {k: feature(tagged, OPTIMIZATION)[k] for k in ("state", "required_tier", "tag")} == {
+    hidden = await plan(hiding)
+    assert (hidden["tenant"], hidden["tier"]["name"]) == ("acme", "core")
+    assert feature(hidden, OPTIMIZATION)["state"] == "hidden"
+    again = {**core, "If-None-Match": hidden["ETag"]}
+    async with client.get(hiding.url("operations", "/_entitlements"), headers=again) as response:
+        assert (response.status, await response.read()) == (304, b"")
+        assert response.headers["ETag"] == hidden["ETag"]
+
+    tagged = feature(await plan(tagging), OPTIMIZATION)
+    assert {k: tagged[k] for k in ("state", "required_tier", "tag")} == {
         "state": "locked",
         "required_tier": "fleet",
         "tag": "Fleet",
     }
-    dispatcher = await get(world, "operations", "/_entitlements", key=core, role="dispatch_only")
-    hidden = feature(json.loads(dispatcher.body), OPTIMIZATION)
-    assert hidden["state"] == "hidden" and "required_tier" not in hidden
+    dispatcher = feature(await plan(tagging, **{"X-User-Role": "dispatch_only"}), OPTIMIZATION)
+    assert dispatcher["state"] == "hidden"
+    assert not {"required_tier", "addon", "tag"} & set(dispatcher)
+
+    payload = {"event": "upgrade_click", "feature": OPTIMIZATION, "target": "tier:fleet"}
+    url = hiding.url("operations", "/_entitlements/events")
+    async with client.post(url, json=payload, headers={**core, "X-User-Id": "u1"}) as response:
+        assert response.status == 202
+    [clicked] = [e for e in hiding.events() if e["event"] == "upgrade_click"]
+    assert (clicked["tenant"], clicked["tier"], clicked["user"], clicked["feature"]) == (
+        "acme",
+        "core",
+        "u1",
+        OPTIMIZATION,
+    )
+    events = str(hiding.folder / "events.jsonl")
+    assert main(["report", "funnel", "--events", events, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["features"]
+    assert (row["feature"], row["clicks"]) == (OPTIMIZATION, 1)
 
 
 async def test_the_plan_needs_a_license_and_follows_the_stored_tenant(
