@@ -4,6 +4,7 @@ API and plan page): the plan, the page, the clicks, and the funnel they link."""
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.cli import main
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, load_rules
 from gateway.enforcer import COLLECT, RESPOND, Verdict
 from gateway.provision import ProvisionEvent, apply_event
 from tests.conftest import GatewayFactory, IssueKey
@@ -151,6 +152,38 @@ async def test_the_page_and_the_api_description_need_no_license(
     assert (verdict.status, verdict.content_type) == (200, content_type)
     assert b"Content-Security-Policy: default-src 'none'" in verdict.response_headers
     assert verdict.body
+
+
+async def test_the_api_description_follows_a_reloaded_matrix(
+    config_dir: Path, make_world: WorldFactory
+) -> None:
+    """openapi.json lists the features a click may name: after a reload, the new matrix's."""
+    world = make_world(load_config(config_dir / "gateway.toml"))
+
+    async def features() -> list[str]:
+        verdict = await get(world, "operations", "/_entitlements/openapi.json")
+        schema = json.loads(verdict.body)["components"]["schemas"]["ClickBody"]
+        names: list[str] = schema["properties"]["feature"]["enum"]
+        return names
+
+    assert OPTIMIZATION in await features() and "ops.drone_dispatch" not in await features()
+    matrix = config_dir / "tier_matrix.toml"
+    added = textwrap.dedent(
+        """
+        [features."ops.drone_dispatch"]
+        app = "operations"
+        title = "Drone Dispatch"
+
+        [addons.drones]
+        title = "Drones"
+        features = ["ops.drone_dispatch"]
+        available_to = ["core"]
+        price = "contact sales"
+        """
+    )
+    matrix.write_text(matrix.read_text() + added)
+    world.shared.swap_rules(*load_rules(world.config))
+    assert "ops.drone_dispatch" in await features()
 
 
 # ------------------------------------------------------------------ POST {prefix}/events
