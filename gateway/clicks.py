@@ -12,7 +12,7 @@ problem+json to answer, anything else is the event to emit (then 202).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -32,12 +32,17 @@ CLICK_BURST = 10
 
 
 class ClickBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What a UI posts (the request schema of the OpenAPI document)."""
+    """What a UI posts (the request schema of the OpenAPI document). The constraints below
+    are documented only: ``upgrade_click`` checks them and answers a precise ``detail``."""
 
-    event: str
+    event: Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(EVENT_KINDS)})]
     feature: str
-    target: str  # "tier:<name>" | "addon:<name>"
-    source_request_id: str | None = None
+    target: Annotated[  # "tier:<name>" | "addon:<name>"
+        str, msgspec.Meta(extra_json_schema={"pattern": "^(tier|addon):"})
+    ]
+    source_request_id: (
+        Annotated[str, msgspec.Meta(extra_json_schema={"pattern": _REQUEST_ID.pattern})] | None
+    ) = None
 
 
 _decoder = msgspec.json.Decoder(ClickBody)

@@ -42,6 +42,7 @@ from gateway.entitlements import (
 from gateway.errors import LicenseError, RequestError
 from gateway.license import License
 from gateway.matrix import AppName
+from gateway.openapi import encode_openapi
 from gateway.page import PAGE_HEADERS, page_assets
 from gateway.problems import request_id
 from gateway.seats import HeldSeats, seats_view
@@ -55,10 +56,21 @@ ENTITLEMENTS: Final = "entitlements"
 EVENTS: Final = "events"
 WAIT_SEATS: Final = "seats_held"  # head.waiting: count the tenant's seats held first
 JSON: Final = b"application/json"
+OPENAPI: Final = "openapi.json"
 
 
 def _lines(headers: tuple[tuple[str, str], ...]) -> bytes:
     return b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers)
+
+
+_PAGE_HEADERS = _lines(PAGE_HEADERS)
+
+
+def _asset(content_type: str, body: bytes) -> Verdict:
+    verdict = Verdict(RESPOND, 200, body, b"", b"", _PAGE_HEADERS, "tenant_api")
+    verdict.content_type = content_type.encode()
+    verdict.code = "asset"
+    return verdict
 
 
 class TenantEndpoints:
@@ -80,13 +92,11 @@ class TenantEndpoints:
         self.upsell = {name: app_settings.upsell for name, app_settings in settings.apps.items()}
         # active_users mode: seats as the seat book counts them (else as recorded)
         self.seat_book = shared.seats if settings.seats.mode == "active_users" else None
-        page = _lines(PAGE_HEADERS)
+        self._settings = settings
         self._assets: dict[str, Verdict] = {}
-        for name, (content_type, body) in page_assets(settings).items():
-            verdict = Verdict(RESPOND, 200, body, b"", b"", page, "tenant_api")
-            verdict.content_type = content_type.encode()
-            verdict.code = "asset"
-            self._assets[name] = verdict
+        self._documented = config.matrix  # the matrix openapi.json lists the names of
+        for name, (content_type, body) in page_assets(settings, config.matrix).items():
+            self._assets[name] = _asset(content_type, body)
 
     def under_prefix(self, path: str) -> bool:
         """Is ``path`` (canonical) the prefix or below it?"""
@@ -103,6 +113,11 @@ class TenantEndpoints:
         if name == "events":
             return EVENTS if method == "POST" else self._not_allowed(head, "POST")
         asset = self._assets.get(name)
+        if name == OPENAPI and self.shared.rules.matrix is not self._documented:
+            # A reload swapped the matrix: the document lists the features clicks accept.
+            self._documented = matrix = self.shared.rules.matrix
+            body = encode_openapi(self._settings, matrix)
+            asset = self._assets[OPENAPI] = _asset(JSON.decode(), body)
         if asset is not None:
             return asset if method in ("GET", "HEAD") else self._not_allowed(head, "GET")
         return self._refuse(

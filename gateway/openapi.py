@@ -3,10 +3,11 @@
 The request and response schemas of the entitlements API and the provisioning hook are
 generated from the msgspec Structs that produce and parse those bodies
 (``Entitlements``, ``ClickBody``, ``ProvisionEvent``), so the document cannot drift from
-what the gateway sends; the prefix, header names and admin address come from the settings.
+what the gateway sends; the prefix, header names and admin address come from the settings,
+and, given the tier matrix, the feature names and targets a click may name come from it.
 
-    document = openapi_document(settings)      # a dict
-    body = encode_openapi(settings)            # bytes for GET {prefix}/openapi.json
+    document = openapi_document(settings, matrix)   # a dict
+    body = encode_openapi(settings, matrix)         # bytes for GET {prefix}/openapi.json
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from gateway import __version__
 from gateway.clicks import MAX_EVENT_BYTES, ClickBody
 from gateway.config import Settings
 from gateway.entitlements import Entitlements
-from gateway.matrix import APP_NAMES
+from gateway.matrix import APP_NAMES, TierMatrix
 from gateway.provision import NOT_APPLIED, ProvisionEvent
+from gateway.routes import ROLES
 
 _REF = "#/components/schemas/{name}"
 
@@ -65,14 +67,27 @@ def _admin_server(settings: Settings) -> list[dict[str, str]]:
     ]
 
 
-def openapi_document(settings: Settings) -> dict[str, Any]:
+def _click_names(click: dict[str, Any], matrix: TierMatrix) -> None:
+    """Narrow the click schema to what this matrix accepts: its features, and a tier or
+    add-on of it as the target (anything else is 400 ``bad_event``)."""
+    properties = click["properties"]
+    properties["feature"]["enum"] = list(matrix.features)
+    properties["target"]["enum"] = [
+        *(f"tier:{name}" for name in matrix.tiers),
+        *(f"addon:{name}" for name in matrix.addons),
+    ]
+
+
+def openapi_document(settings: Settings, matrix: TierMatrix | None = None) -> dict[str, Any]:
     """The document for these settings: ``{prefix}`` substituted, header names as
-    configured."""
+    configured; with ``matrix``, the names a click may carry listed."""
     prefix = settings.entitlements.prefix
     lic = settings.license
     _, components = msgspec.json.schema_components(
         (Entitlements, ClickBody, ProvisionEvent), ref_template=_REF
     )
+    if matrix is not None:
+        _click_names(components["ClickBody"], matrix)
     components["Problem"] = _problem_schema()
     identity = [
         {
@@ -93,11 +108,21 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "name": lic.role_header,
             "in": "header",
             "required": False,
-            "schema": {"type": "string", "enum": ["owner", "admin", "standard", "dispatch_only"]},
+            # Taken as sent (README, Headers): another value is no error, it only holds
+            # none of these roles' rights, like a standard user.
+            "schema": {"type": "string"},
+            "description": f"one of {', '.join(ROLES)}: owner and admin may buy, "
+            "dispatch_only sees no upsell; here any other value (or none) counts as standard",
         },
         {"name": lic.user_header, "in": "header", "required": False, "schema": {"type": "string"}},
     ]
     unlicensed = _problem("no license, or the license is not valid (license_* codes)")
+    # How the caller is resolved, as for any request (README, Answers and status codes).
+    mismatch = "tenant_mismatch: the license key is another tenant's than the tenant header"
+    unavailable = _problem(
+        "store_unavailable or license_check_busy: retry shortly",
+        {"Retry-After": {"schema": {"type": "integer"}}},
+    )
     tags = [
         {"name": "tenant", "description": "on every app listener, under [entitlements] prefix"},
         {"name": "admin", "description": "on the admin listener only"},
@@ -134,8 +159,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "headers": cache_headers,
                     },
                     "304": {"description": "not modified", "headers": cache_headers},
-                    "400": _problem("bad_request: unknown app in ?app="),
+                    "400": _problem("bad_request: unknown app in ?app=; bad_header"),
                     "401": unlicensed,
+                    "403": _problem(mismatch),
+                    "503": unavailable,
                 },
             }
         },
@@ -154,14 +181,19 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 },
                 "responses": {
                     "202": {"description": "accepted; emitted to the event sinks"},
-                    "400": _problem("bad_event: not JSON, too large, unknown kind/feature/target"),
+                    "400": _problem(
+                        "bad_event: not JSON, too large, unknown kind/feature/target; bad_header"
+                    ),
                     "401": unlicensed,
-                    "403": _problem("role_forbidden: dispatch_only users get no nudges"),
+                    "403": _problem(
+                        f"role_forbidden: dispatch_only users get no nudges; {mismatch}"
+                    ),
                     "415": _problem("unsupported_media_type: not application/json"),
                     "429": _problem(
                         "rate_limited: too many events for this tenant",
                         {"Retry-After": {"schema": {"type": "integer"}}},
                     ),
+                    "503": unavailable,
                 },
             }
         },
@@ -329,5 +361,5 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
 
 
-def encode_openapi(settings: Settings) -> bytes:
-    return msgspec.json.encode(openapi_document(settings))
+def encode_openapi(settings: Settings, matrix: TierMatrix | None = None) -> bytes:
+    return msgspec.json.encode(openapi_document(settings, matrix))

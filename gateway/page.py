@@ -5,7 +5,7 @@ no CDN) and fetches ``{prefix}`` itself. It lives at ``{prefix}/ui`` with its as
 siblings (``{prefix}/ui.css``, ``{prefix}/ui.js``), so its relative links work under any
 prefix. Load once at start-up; serving is a dictionary look-up.
 
-    assets = page_assets(settings)             # {"ui": (content_type, body), ...}
+    assets = page_assets(settings, matrix)     # {"ui": (content_type, body), ...}
     found = assets.get(path[len(prefix) + 1:]) # for GET {prefix}/<name>
     if found: answer 200 with found[0], found[1] and PAGE_HEADERS
 """
@@ -17,6 +17,7 @@ from importlib.resources import files
 from types import MappingProxyType
 
 from gateway.config import Settings
+from gateway.matrix import TierMatrix
 from gateway.openapi import encode_openapi
 
 # name under the prefix -> (file in gateway/static, Content-Type)
@@ -50,14 +51,16 @@ def page_asset(name: str) -> tuple[str, bytes] | None:
     return content_type, files("gateway").joinpath("static", filename).read_bytes()
 
 
-def page_assets(settings: Settings) -> Mapping[str, tuple[str, bytes]]:
+def page_assets(
+    settings: Settings, matrix: TierMatrix | None = None
+) -> Mapping[str, tuple[str, bytes]]:
     """Everything the gateway serves under its prefix besides ``{prefix}`` itself and
-    ``{prefix}/events``: the page, its assets and ``openapi.json``, read and encoded
-    once."""
+    ``{prefix}/events``: the page, its assets and ``openapi.json`` (for ``matrix``), read
+    and encoded once."""
     assets: dict[str, tuple[str, bytes]] = {}
     for name in _STATIC:
         asset = page_asset(name)
         assert asset is not None
         assets[name] = asset
-    assets["openapi.json"] = ("application/json", encode_openapi(settings))
+    assets["openapi.json"] = ("application/json", encode_openapi(settings, matrix))
     return MappingProxyType(assets)

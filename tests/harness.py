@@ -4,14 +4,17 @@ runtime configured to sit in front of them. Nothing here mocks a gateway compone
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import shutil
 import socket
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -201,10 +204,12 @@ def write_config(
     app_extra: str | Mapping[str, str] = "",
     routes: Path | None = None,
     events: str = 'sink = "file://events.jsonl"',
+    shipped: bool = False,
 ) -> tuple[Path, dict[str, int], int]:
     """A gateway.toml in ``folder`` with free listener ports; returns (path, ports, admin).
     ``app_extra`` goes into every ``[apps.<name>]`` section, or, as a mapping, into the
-    section of each app it names; ``events`` is the body of its ``[events]`` section."""
+    section of each app it names; ``events`` is the body of its ``[events]`` section. With
+    ``shipped``, the file is the repository's gateway.toml with only those changed."""
     per_app = dict.fromkeys(APP_NAMES, app_extra) if isinstance(app_extra, str) else app_extra
     shutil.copy(routes or REPO / "routes.toml", folder / "routes.toml")
     shutil.copy(REPO / "tier_matrix.toml", folder / "tier_matrix.toml")
@@ -214,33 +219,63 @@ def write_config(
         shutil.copy(pub, keys / pub.name)
     listen: dict[str, int] = {app: free_port() for app in APP_NAMES}
     admin = free_port()
-    sections = []
-    for app in APP_NAMES:
-        sections.append(
-            textwrap.dedent(
-                f"""
-                [apps.{app}]
-                listen = "127.0.0.1:{listen[app]}"
-                upstream = "http://127.0.0.1:{upstream_ports[app]}"
-                classic_path_prefixes = ["/xdispatch/"]
-                """
+    if shipped:
+        text = (REPO / "gateway.toml").read_text()
+        for app in APP_NAMES:
+            text = _edit_section(
+                text,
+                f"apps.{app}",
+                {"listen": f'"127.0.0.1:{listen[app]}"',
+                 "upstream": f'"http://127.0.0.1:{upstream_ports[app]}"'},
+                per_app.get(app, ""),
+            )  # fmt: skip
+        text = _edit_section(text, "admin", {"listen": f'"127.0.0.1:{admin}"'})
+        text = _edit_section(text, "events", {"sink": events.removeprefix("sink = ")})
+    else:
+        sections = []
+        for app in APP_NAMES:
+            sections.append(
+                textwrap.dedent(
+                    f"""
+                    [apps.{app}]
+                    listen = "127.0.0.1:{listen[app]}"
+                    upstream = "http://127.0.0.1:{upstream_ports[app]}"
+                    classic_path_prefixes = ["/xdispatch/"]
+                    """
+                )
+                + per_app.get(app, "")
             )
-            + per_app.get(app, "")
-        )
-    text = "\n".join(sections) + textwrap.dedent(
-        f"""
-        [admin]
-        listen = "127.0.0.1:{admin}"
+        text = "\n".join(sections) + textwrap.dedent(
+            f"""
+            [admin]
+            listen = "127.0.0.1:{admin}"
 
-        [events]
-        """
-    )
-    text += events + "\n" + extra
-    if "[access_log]" not in extra:  # into a file, never the test runner's stdout
+            [events]
+            """
+        )
+        text += events
+    text += "\n" + extra
+    if "[access_log]" not in text:  # into a file, never the test runner's stdout
         text += '\n[access_log]\nsink = "file://access.jsonl"\n'
     path = folder / "gateway.toml"
     path.write_text(text)
     return path, listen, admin
+
+
+def _edit_section(text: str, name: str, values: Mapping[str, str], append: str = "") -> str:
+    """``text`` (TOML) with the keys of section ``[name]`` set to ``values`` (TOML values)
+    and ``append`` added at the section's end; every key must be there already."""
+    header = f"[{name}]\n"
+    start = text.index(header) + len(header)
+    found = re.search(r"^\[", text[start:], re.M)
+    end = start + found.start() if found else len(text)
+    body = text[start:end]
+    for key, value in values.items():
+        body, count = re.subn(rf"^{re.escape(key)} = .*$", f"{key} = {value}", body, flags=re.M)
+        assert count == 1, f"the shipped gateway.toml has no {key} in [{name}]: adapt this"
+    if append:
+        body = body.rstrip("\n") + "\n" + append.rstrip("\n") + "\n\n"
+    return text[:start] + body + text[end:]
 
 
 def write_candidate_matrix(folder: Path, name: str = "tier_matrix.next.toml") -> Path:
@@ -277,8 +312,6 @@ class Gateway:
         return f"http://127.0.0.1:{self.admin}{path}"
 
     def events(self) -> list[dict[str, Any]]:
-        import json
-
         self.runtime.events.flush_now()
         path = self.folder / "events.jsonl"
         if not path.exists():
@@ -315,6 +348,61 @@ async def two_gateways(
         running_gateway(folder / "b", key_dir, upstream_ports, **config) as b,
     ):
         yield a, b
+
+
+T = TypeVar("T")
+
+
+class GatewayThread:
+    """A gateway (``running_gateway``) in front of echo upstreams, all on an event loop in a
+    thread of their own: for synchronous clients, which block the thread they run in (the
+    Playwright browser tests, schemathesis). ``run`` executes a coroutine there."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gateway: Gateway) -> None:
+        self.loop = loop
+        self.gateway = gateway
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        async def wrapped() -> T:
+            return await coroutine
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(timeout=30)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The events written so far (flushed on the gateway's loop, which owns the queue)."""
+
+        async def flushed() -> list[dict[str, Any]]:
+            return self.gateway.events()
+
+        found = self.run(flushed())
+        return [event for event in found if kind is None or event["event"] == kind]
+
+
+@contextmanager
+def gateway_in_thread(folder: Path, key_dir: Path, **config: Any) -> Iterator[GatewayThread]:
+    """``running_gateway(folder, key_dir, <echo upstreams>, **config)`` on a loop in another
+    thread, stopped (gateway, upstreams, loop) on leaving."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="gateway", daemon=True)
+    thread.start()
+    stack = AsyncExitStack()
+
+    async def start() -> Gateway:
+        upstreams = {app: EchoUpstream(app) for app in APP_NAMES}
+        for upstream in upstreams.values():
+            await upstream.start()
+            stack.push_async_callback(upstream.stop)
+        ports: dict[str, int] = {app: upstream.port for app, upstream in upstreams.items()}
+        return await stack.enter_async_context(running_gateway(folder, key_dir, ports, **config))
+
+    try:
+        gateway = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+        yield GatewayThread(loop, gateway)
+    finally:
+        asyncio.run_coroutine_threadsafe(stack.aclose(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
 
 
 Factory = Callable[..., Any]

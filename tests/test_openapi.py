@@ -14,9 +14,11 @@ import pytest
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
+from gateway.clicks import upgrade_click
 from gateway.config import SeatSettings, Settings, load_settings
 from gateway.decision import Policy
 from gateway.entitlements import Caller, build_entitlements, encode_entitlements, identify
+from gateway.errors import RequestError
 from gateway.license import Seats
 from gateway.matrix import APP_NAMES, TierMatrix
 from gateway.openapi import encode_openapi, openapi_document
@@ -33,8 +35,8 @@ def shipped() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def document(shipped: Settings) -> dict[str, Any]:
-    return openapi_document(shipped)
+def document(shipped: Settings, matrix: TierMatrix) -> dict[str, Any]:
+    return openapi_document(shipped, matrix)
 
 
 def schema_of(
@@ -137,6 +139,50 @@ def test_the_click_schema_accepts_what_the_page_sends(document: dict[str, Any]) 
     )
     assert not click.is_valid({"event": "upgrade_click", "feature": "x"})
     assert not click.is_valid({"event": "upgrade_click", "feature": "x", "target": "y", "z": 1})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"event": "", "feature": "ops.sms_messaging", "target": "tier:fleet"},
+                     id="event-kind"),
+        pytest.param({"event": "upgrade_click", "feature": "ops.nope", "target": "tier:fleet"},
+                     id="feature"),
+        pytest.param({"event": "upgrade_click", "feature": "ops.sms_messaging",
+                      "target": "tier:gold"}, id="tier"),
+        pytest.param({"event": "upgrade_click", "feature": "ops.sms_messaging",
+                      "target": "fleet"}, id="target-kind"),
+        pytest.param({"event": "upgrade_click", "feature": "ops.sms_messaging",
+                      "target": "tier:fleet", "source_request_id": "a b"}, id="request-id"),
+    ],
+)  # fmt: skip
+def test_the_click_schema_rejects_what_the_gateway_answers_400(
+    document: dict[str, Any], matrix: TierMatrix, body: dict[str, Any]
+) -> None:
+    """A body the schema allows must not get 400 ``bad_event``: the kinds, the matrix's
+    features and targets, the request id's shape are in the schema."""
+    click = Draft202012Validator(
+        {"$ref": "#/components/schemas/ClickBody", "components": document["components"]}
+    )
+    assert not click.is_valid(body)
+    caller = identify(Policy(matrix=matrix), make_license(), None, "owner", None, NOW)
+    assert isinstance(caller, Caller)
+    with pytest.raises(RequestError) as refused:
+        upgrade_click(msgspec.json.encode(body), "application/json", matrix, caller, "operations")
+    assert refused.value.code == "bad_event"
+
+
+def test_the_tenant_endpoints_document_how_the_caller_is_refused(
+    document: dict[str, Any],
+) -> None:
+    """Resolving the caller can answer a key of another tenant (403) and an unreachable
+    store (503) on both tenant endpoints; the role header is any string (taken as sent)."""
+    for path, method in (("/_entitlements", "get"), ("/_entitlements/events", "post")):
+        operation = document["paths"][path][method]
+        assert {"400", "401", "403", "503"} <= set(operation["responses"]), path
+        assert "tenant_mismatch" in operation["responses"]["403"]["description"]
+        role = next(p for p in operation["parameters"] if p["name"] == "X-User-Role")
+        assert role["schema"] == {"type": "string"}
 
 
 async def test_admin_answers_match_the_schema(

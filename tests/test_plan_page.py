@@ -1,8 +1,8 @@
-"""The plan page in a real browser: Debian's Chromium driven by Playwright, one browser
-for the module. The page is served by ``tests.page_harness.PlanPageServer`` (our page
-assets, entitlements body and click validation behind a loopback aiohttp server) until
-the proxy serves it. The browser context sends the identity headers on every request, as
-the front layer does in a tenant's session.
+"""The plan page in a real browser against a real gateway: Debian's Chromium driven by
+Playwright, one browser and one running gateway (echo upstreams, a store seeded with the
+tenants below) for the module. The browser context sends the identity headers on every
+request, as the front layer does in a tenant's session; each page is opened from a real
+403's ``upgrade`` link, and the clicks it sends are read back from the gateway's events file.
 
 ``pytest tests/test_plan_page.py --screenshots`` also writes docs/screenshots/*.png.
 """
@@ -10,21 +10,15 @@ the front layer does in a tenant's session.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
-from gateway.config import Settings, load_settings
-from gateway.decision import Policy
-from gateway.entitlements import UpsellMode
-from gateway.license import License, Seats
-from gateway.matrix import AppName, TierMatrix
-from tests.page_harness import PlanPageServer
-from tests.test_decision import make_license
+from tests.conftest import IssueKey
+from tests.harness import GatewayThread, gateway_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (scripts/system-deps)
@@ -38,26 +32,11 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 DAY = 86400
+PREFIX = "/_entitlements"
 BLOCKED = "ops.basic_shipment_optimization"
-FROM = "1a2b-6b0256c6-1f"
-UPSELL: dict[AppName, UpsellMode] = {
-    "operations": "tag",
-    "client_portal": "tag",
-    "driver_app": "hide",
-}
-
-
-def license_for(tenant: str, **claims: Any) -> License:
-    """A license valid for 30 more days of real time (the page server decides at now)."""
-    now = int(time.time())
-    fields: dict[str, Any] = {"iat": now - DAY, "nbf": now - DAY, "exp": now + 30 * DAY}
-    return make_license(sub=tenant, jti=f"lic-{tenant}", **{**fields, **claims})
-
-
-LICENSES = {
-    "acme": license_for("acme", trial=True, expiry="restrict", addons=("sms_messaging",)),
-    "lapsed": license_for("lapsed", tier="fleet", exp=int(time.time()) - 2 * DAY),
-}
+BLOCKED_CALL = "/api/v1/shipments/1/optimize"  # a Core key gets a 403 for BLOCKED
+# Operations and the client portal tag what the plan lacks; the driver app hides it.
+UPSELL = {"operations": 'upsell = "tag"\n', "client_portal": 'upsell = "tag"\n'}
 
 
 @pytest.fixture(scope="module")
@@ -74,36 +53,39 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-def start_server(matrix: TierMatrix, prefix: str) -> Iterator[PlanPageServer]:
-    shipped: Settings = load_settings(REPO / "gateway.toml")
-    settings = msgspec.structs.replace(
-        shipped, entitlements=msgspec.structs.replace(shipped.entitlements, prefix=prefix)
-    )
-    server = PlanPageServer(
-        settings, Policy(matrix=matrix), LICENSES, UPSELL, usage=Seats(ops_users=1, drivers=3)
-    )
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
-def server(matrix: TierMatrix) -> Iterator[PlanPageServer]:
-    yield from start_server(matrix, "/_entitlements")
-
-
-@pytest.fixture(scope="module")
-def mounted_server(matrix: TierMatrix) -> Iterator[PlanPageServer]:
-    """The same, under a prefix a front layer might add in front of the gateway's."""
-    yield from start_server(matrix, "/tenant/gw/_entitlements")
+def plan_gateway(
+    tmp_path_factory: pytest.TempPathFactory, key_dir: Path, issue_key: IssueKey
+) -> Iterator[GatewayThread]:
+    """A gateway whose store holds acme (a Core trial with SMS Messaging, 1 ops user and 3
+    drivers in use) and lapsed (Fleet, expired two days ago: in its grace period)."""
+    now = int(time.time())
+    acme = issue_key(
+        sub="acme", jti="lic-acme", trial=True, expiry="restrict", addons=("sms_messaging",),
+        iat=now - DAY, nbf=now - DAY, exp=now + 30 * DAY,
+    )  # fmt: skip
+    lapsed = issue_key(
+        sub="lapsed", jti="lic-lapsed", tier="fleet",
+        iat=now - 30 * DAY, nbf=now - 30 * DAY, exp=now - 2 * DAY,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("plan-page")
+    (folder / "tenants.toml").write_text(
+        f'[[tenants]]\nid = "acme"\nkeys = ["{acme}"]\n\n'
+        f'[[tenants]]\nid = "lapsed"\nkeys = ["{lapsed}"]\n'
+    )
+    seeded = '[store]\nseed = "tenants.toml"\n'
+    with gateway_in_thread(folder, key_dir, app_extra=UPSELL, extra=seeded) as running:
+        running.run(running.gateway.runtime.store.set_usage("acme", ops_users=1, drivers=3))
+        yield running
 
 
 class Visit:
-    """One page load as one user; console errors (a CSP violation, a script error) are
-    collected so every test can check there were none."""
+    """One page load as one user: the page, the 403 that linked to it, and the console
+    errors (a CSP violation, a script error) that every test checks there were none of."""
 
-    def __init__(self, page: Page) -> None:
+    def __init__(self, page: Page, refusal: dict[str, Any]) -> None:
         self.page = page
+        self.refusal = refusal
         self.errors: list[str] = []
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
@@ -113,26 +95,39 @@ class Visit:
             self.errors.append(message.text)
 
 
+Visitor = Callable[..., Visit]
+
+
 @pytest.fixture
-def visit(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Any]:
+def visit(browser: Browser, plan_gateway: GatewayThread) -> Iterator[Visitor]:
+    """``visit(role, tenant="acme")``: the user calls the blocked route, gets a real 403
+    and opens the page from its ``upgrade`` link (``after_403=False``: opens the page), with
+    the identity headers the front layer would set on every request."""
     contexts = []
 
-    def open_page(
-        server: PlanPageServer, role: str | None, tenant: str = "acme", query: str = ""
-    ) -> Visit:
+    def open_page(role: str | None, tenant: str = "acme", *, after_403: bool = True) -> Visit:
         headers = {"X-Tenant-Id": tenant, "X-User-Id": f"{role}-1"}
         if role is not None:
             headers["X-User-Role"] = role
         context = browser.new_context(
+            base_url=plan_gateway.gateway.url("operations", ""),
             extra_http_headers=headers,
             locale="en-US",
             viewport={"width": 1100, "height": 900},
         )
         contexts.append(context)
+        refusal: dict[str, Any] = {}
+        link = f"{PREFIX}/ui"
+        if after_403:
+            refused = context.request.post(BLOCKED_CALL)
+            assert refused.status == 403
+            refusal = refused.json()
+            # dispatch_only's 403 has no upgrade link: open the page as if one were shared.
+            link = refusal.get("upgrade", f"{link}?from={refusal['request_id']}&feature={BLOCKED}")
         page = context.new_page()
         page.set_default_timeout(10_000)
-        seen = Visit(page)
-        page.goto(f"{server.base}/ui{query}")
+        seen = Visit(page, refusal)
+        page.goto(link)
         page.locator("#features").wait_for(state="visible")
         return seen
 
@@ -152,11 +147,23 @@ def modal_has_focus(page: Page) -> bool:
     return bool(page.evaluate("document.getElementById('modal').contains(document.activeElement)"))
 
 
+def clicks_of(gateway: GatewayThread, user: str) -> list[tuple[Any, ...]]:
+    """The ``upgrade_click`` events of ``user`` in the events file, as (tenant, tier, role,
+    feature, target, source_request_id)."""
+    return [
+        (e["tenant"], e["tier"], e["role"], e["feature"], e["target"], e["source_request_id"])
+        for e in gateway.events("upgrade_click")
+        if e["user"] == user
+    ]
+
+
 def test_owner_sees_the_plan_and_upgrades_the_blocked_feature(
-    server: PlanPageServer, visit: Any, request: pytest.FixtureRequest
+    plan_gateway: GatewayThread, visit: Visitor, request: pytest.FixtureRequest
 ) -> None:
-    seen = visit(server, "owner", query=f"?from={FROM}&feature={BLOCKED}")
+    seen = visit("owner")
     page = seen.page
+    source = seen.refusal["request_id"]
+    assert seen.refusal["upgrade"] == f"{PREFIX}/ui?from={source}&feature={BLOCKED}"
     assert page.locator("#plan-badge").inner_text() == "Core"
     assert "trial of Core" in page.locator("#banners").inner_text()
     assert page.locator("#seat-ops_users").get_attribute("value") == "1"
@@ -181,18 +188,11 @@ def test_owner_sees_the_plan_and_upgrades_the_blocked_feature(
     screenshot(request, page, "owner")
 
     # Keyboard only: focus the callout's upgrade button, Enter, the dialog takes focus.
-    upgrade = page.locator("#blocked-actions button", has_text="Upgrade to Fleet")
-    upgrade.focus()
-    with page.expect_response(f"{server.base}/events") as answered:
+    events_url = plan_gateway.gateway.url("operations", f"{PREFIX}/events")
+    page.locator("#blocked-actions button", has_text="Upgrade to Fleet").focus()
+    with page.expect_response(events_url) as answered:
         page.keyboard.press("Enter")
     assert answered.value.status == 202
-    posted = answered.value.request.post_data_json
-    assert posted == {
-        "event": "upgrade_click",
-        "feature": BLOCKED,
-        "target": "tier:fleet",
-        "source_request_id": FROM,
-    }
     dialog = page.get_by_role("dialog", name="Upgrade to the Fleet plan")
     assert dialog.is_visible()
     assert "Basic Shipment Optimization" in dialog.inner_text()
@@ -204,22 +204,21 @@ def test_owner_sees_the_plan_and_upgrades_the_blocked_feature(
     page.keyboard.press("Escape")
     assert not dialog.is_visible()
     assert page.evaluate("document.activeElement.textContent") == "Upgrade to Fleet"
-    # An add-on card buys the add-on; the server stamped both clicks with the caller.
-    with page.expect_response(f"{server.base}/events"):
+    # An add-on card buys the add-on; the gateway stamped both clicks with the caller.
+    with page.expect_response(events_url):
         page.locator("#addon-cards").get_by_role("button", name="Add Route & Distribution").click()
     page.keyboard.press("Escape")
-    stamped = server.events[-2:]
-    assert [(e["tenant"], e["tier"], e["role"], e["user"]) for e in stamped] == [
-        ("acme", "core", "owner", "owner-1")
-    ] * 2
-    assert [e["target"] for e in stamped] == ["tier:fleet", "addon:route_distribution"]
+    assert clicks_of(plan_gateway, "owner-1") == [
+        ("acme", "core", "owner", BLOCKED, "tier:fleet", source),
+        ("acme", "core", "owner", "ops.route_distribution", "addon:route_distribution", source),
+    ]
     assert seen.errors == []
 
 
 def test_standard_user_gets_a_nudge_to_ask_the_admin(
-    mounted_server: PlanPageServer, visit: Any, request: pytest.FixtureRequest
+    plan_gateway: GatewayThread, visit: Visitor, request: pytest.FixtureRequest
 ) -> None:
-    seen = visit(mounted_server, "standard", query=f"?feature={BLOCKED}")
+    seen = visit("standard")
     page = seen.page
     assert page.get_by_role("button", name="Upgrade to Fleet").count() == 0
     assert page.locator("button", has_text="Add ").count() == 0
@@ -235,29 +234,28 @@ def test_standard_user_gets_a_nudge_to_ask_the_admin(
     page.keyboard.press("Escape")  # dismisses the tooltip (WCAG 1.4.13)
     assert not tip.is_visible()
 
-    with page.expect_response(f"{mounted_server.base}/events") as answered:
+    events_url = plan_gateway.gateway.url("operations", f"{PREFIX}/events")
+    with page.expect_response(events_url) as answered:
         page.keyboard.press("Enter")
     assert answered.value.status == 202
-    assert answered.value.request.post_data_json == {
-        "event": "upgrade_click",
-        "feature": BLOCKED,
-        "target": "tier:fleet",
-    }
     dialog = page.get_by_role("dialog", name="Ask your admin")
     assert dialog.is_visible()
     assert "Only an owner or admin of your account can change the plan" in dialog.inner_text()
     assert modal_has_focus(page)
     page.keyboard.press("Escape")
     assert not dialog.is_visible()
-    assert mounted_server.events[-1]["role"] == "standard"
+    source = seen.refusal["request_id"]
+    assert clicks_of(plan_gateway, "standard-1") == [
+        ("acme", "core", "standard", BLOCKED, "tier:fleet", source)
+    ]
     assert seen.errors == []
 
 
 def test_dispatch_only_sees_no_upsell_at_all(
-    server: PlanPageServer, visit: Any, request: pytest.FixtureRequest
+    plan_gateway: GatewayThread, visit: Visitor, request: pytest.FixtureRequest
 ) -> None:
-    before = len(server.events)
-    seen = visit(server, "dispatch_only", query=f"?from={FROM}&feature={BLOCKED}")
+    seen = visit("dispatch_only")
+    assert "upgrade" not in seen.refusal  # no nudge in the 403 either
     page = seen.page
     assert page.locator("#plan-badge").inner_text() == "Core"
     states = page.locator(".feature").evaluate_all("rows => rows.map(r => r.dataset.state)")
@@ -267,23 +265,23 @@ def test_dispatch_only_sees_no_upsell_at_all(
     assert page.locator("#blocked").is_hidden()
     assert "Fleet" not in page.locator("main").inner_text()
     screenshot(request, page, "dispatch_only")
-    assert len(server.events) == before
+    assert clicks_of(plan_gateway, "dispatch_only-1") == []
     assert seen.errors == []
 
 
-def test_a_lapsed_license_shows_the_grace_banner(server: PlanPageServer, visit: Any) -> None:
-    seen = visit(server, "admin", tenant="lapsed")
+def test_a_lapsed_license_shows_the_grace_banner(visit: Visitor) -> None:
+    seen = visit("admin", tenant="lapsed", after_403=False)
     banner = seen.page.locator("#banners").inner_text()
     assert "Your license expired on" in banner and "grace period" in banner
     assert seen.page.locator("#renewal-label").inner_text() == "Expired"
     assert seen.errors == []
 
 
-def test_without_a_license_the_page_says_why(server: PlanPageServer, browser: Browser) -> None:
+def test_without_a_license_the_page_says_why(plan_gateway: GatewayThread, browser: Browser) -> None:
     context = browser.new_context()
     try:
         page = context.new_page()
-        page.goto(f"{server.base}/ui")
+        page.goto(plan_gateway.gateway.url("operations", f"{PREFIX}/ui"))
         alert = page.get_by_role("alert")
         alert.wait_for()
         assert "could not be loaded (401)" in alert.inner_text()

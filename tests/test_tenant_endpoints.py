@@ -4,19 +4,23 @@ API and plan page): the plan, the page, the clicks, and the funnel they link."""
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 
-from gateway.config import Config, load_config
+from gateway.cli import main
+from gateway.config import Config, load_config, load_rules
 from gateway.enforcer import COLLECT, RESPOND, Verdict
 from gateway.provision import ProvisionEvent, apply_event
-from tests.conftest import IssueKey
+from tests.conftest import GatewayFactory, IssueKey
 from tests.enforcing import EnforcerWorld, WorldFactory, body
+from tests.harness import Gateway
 
 OPTIMIZATION = "ops.basic_shipment_optimization"
 
@@ -40,42 +44,65 @@ async def get(world: EnforcerWorld, app: Any, target: str, **fields: Any) -> Ver
 # ------------------------------------------------------------------ GET {prefix}
 
 
-async def test_the_plan_of_a_core_key_hides_what_it_lacks_and_answers_304_to_its_etag(
-    config: Config, make_world: WorldFactory, issue_key: IssueKey
+async def test_a_core_key_through_running_gateways_with_the_shipped_config(
+    gateway_factory: GatewayFactory,
+    upstream_ports: dict[str, int],
+    issue_key: IssueKey,
+    client: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    world = make_world(config)
-    core = issue_key(sub="acme", tier="core")
-    verdict = await get(world, "operations", "/_entitlements", key=core)
-    assert (verdict.kind, verdict.status, verdict.content_type) == (
-        RESPOND,
-        200,
-        b"application/json",
+    """The issue's acceptance end to end: the plan hides, then (upsell "tag") locks and tags
+    what Core lacks, never upsells to dispatch_only, answers 304 to its ETag; a click lands
+    in the events file stamped with tenant and tier, and ``gateway report funnel`` counts it."""
+    hiding = await gateway_factory(upstream_ports, shipped=True)
+    tagging = await gateway_factory(
+        upstream_ports, shipped=True, app_extra={"operations": 'upsell = "tag"\n'}
     )
-    answer = json.loads(verdict.body)
-    assert (answer["tenant"], answer["tier"]["name"]) == ("acme", "core")
-    assert feature(answer, OPTIMIZATION)["state"] == "hidden"
-    headers = dict(line.split(": ", 1) for line in verdict.response_headers.decode().splitlines())
-    assert headers["Cache-Control"].startswith("private") and "X-License-Key" in headers["Vary"]
-    again = await get(
-        world, "operations", "/_entitlements", key=core, if_none_match=headers["ETag"].encode()
-    )
-    assert (again.status, again.body) == (304, b"")
+    core = {"X-License-Key": issue_key(sub="acme", tier="core")}
 
+    async def plan(gateway: Gateway, **headers: str) -> dict[str, Any]:
+        url = gateway.url("operations", "/_entitlements")
+        async with client.get(url, headers={**core, **headers}) as response:
+            assert (response.status, response.content_type) == (200, "application/json")
+            found: dict[str, Any] = await response.json()
+            assert response.headers["Cache-Control"].startswith("private, max-age=")
+            assert "X-License-Key" in response.headers["Vary"]
+            found["ETag"] = response.headers["ETag"]
+            return found
 
-async def test_upsell_tag_locks_features_with_the_tier_that_unlocks_them(
-    config_dir: Path, make_world: WorldFactory, issue_key: IssueKey
-) -> None:
-    world = make_world(configured(config_dir, 'upsell = "tag"'))
-    core = issue_key(sub="acme", tier="core")
-    tagged = json.loads((await get(world, "operations", "/_entitlements", key=core)).body)
-    assert {k: feature(tagged, OPTIMIZATION)[k] for k in ("state", "required_tier", "tag")} == {
+    hidden = await plan(hiding)
+    assert (hidden["tenant"], hidden["tier"]["name"]) == ("acme", "core")
+    assert feature(hidden, OPTIMIZATION)["state"] == "hidden"
+    again = {**core, "If-None-Match": hidden["ETag"]}
+    async with client.get(hiding.url("operations", "/_entitlements"), headers=again) as response:
+        assert (response.status, await response.read()) == (304, b"")
+        assert response.headers["ETag"] == hidden["ETag"]
+
+    tagged = feature(await plan(tagging), OPTIMIZATION)
+    assert {k: tagged[k] for k in ("state", "required_tier", "tag")} == {
         "state": "locked",
         "required_tier": "fleet",
         "tag": "Fleet",
     }
-    dispatcher = await get(world, "operations", "/_entitlements", key=core, role="dispatch_only")
-    hidden = feature(json.loads(dispatcher.body), OPTIMIZATION)
-    assert hidden["state"] == "hidden" and "required_tier" not in hidden
+    dispatcher = feature(await plan(tagging, **{"X-User-Role": "dispatch_only"}), OPTIMIZATION)
+    assert dispatcher["state"] == "hidden"
+    assert not {"required_tier", "addon", "tag"} & set(dispatcher)
+
+    payload = {"event": "upgrade_click", "feature": OPTIMIZATION, "target": "tier:fleet"}
+    url = hiding.url("operations", "/_entitlements/events")
+    async with client.post(url, json=payload, headers={**core, "X-User-Id": "u1"}) as response:
+        assert response.status == 202
+    [clicked] = [e for e in hiding.events() if e["event"] == "upgrade_click"]
+    assert (clicked["tenant"], clicked["tier"], clicked["user"], clicked["feature"]) == (
+        "acme",
+        "core",
+        "u1",
+        OPTIMIZATION,
+    )
+    events = str(hiding.folder / "events.jsonl")
+    assert main(["report", "funnel", "--events", events, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["features"]
+    assert (row["feature"], row["clicks"]) == (OPTIMIZATION, 1)
 
 
 async def test_the_plan_needs_a_license_and_follows_the_stored_tenant(
@@ -125,6 +152,38 @@ async def test_the_page_and_the_api_description_need_no_license(
     assert (verdict.status, verdict.content_type) == (200, content_type)
     assert b"Content-Security-Policy: default-src 'none'" in verdict.response_headers
     assert verdict.body
+
+
+async def test_the_api_description_follows_a_reloaded_matrix(
+    config_dir: Path, make_world: WorldFactory
+) -> None:
+    """openapi.json lists the features a click may name: after a reload, the new matrix's."""
+    world = make_world(load_config(config_dir / "gateway.toml"))
+
+    async def features() -> list[str]:
+        verdict = await get(world, "operations", "/_entitlements/openapi.json")
+        schema = json.loads(verdict.body)["components"]["schemas"]["ClickBody"]
+        names: list[str] = schema["properties"]["feature"]["enum"]
+        return names
+
+    assert OPTIMIZATION in await features() and "ops.drone_dispatch" not in await features()
+    matrix = config_dir / "tier_matrix.toml"
+    added = textwrap.dedent(
+        """
+        [features."ops.drone_dispatch"]
+        app = "operations"
+        title = "Drone Dispatch"
+
+        [addons.drones]
+        title = "Drones"
+        features = ["ops.drone_dispatch"]
+        available_to = ["core"]
+        price = "contact sales"
+        """
+    )
+    matrix.write_text(matrix.read_text() + added)
+    world.shared.swap_rules(*load_rules(world.config))
+    assert "ops.drone_dispatch" in await features()
 
 
 # ------------------------------------------------------------------ POST {prefix}/events
