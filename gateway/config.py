@@ -4,6 +4,9 @@ Every key but an app's ``listen`` and ``upstream`` has a default; unknown keys a
 relative paths are relative to the file's own folder (docs/design.md §3). ``load_config`` checks
 all files and raises one ``ConfigError`` listing every problem it found in any of them.
 
+Longer than ~500 lines on purpose: each ``gateway.toml`` section's struct sits next to the
+check that validates it, so one file answers "which keys exist, and what refuses them".
+
     config = load_config(Path("gateway.toml"))
     config.routes.apps["operations"].match("GET", "/api/v1/health")
 """

@@ -1,5 +1,8 @@
 """Redis tenant store: fleets of sidecars sharing one Redis (docs/design.md §7).
 
+(Longer than ~500 lines: the whole ``TenantStore`` interface over one key layout, each method
+next to its Lua script, plus the change subscription those scripts publish to.)
+
 ``redis://host:port/db`` (``rediss://`` for TLS, credentials in the URL as usual), with the
 ``redis`` package's asyncio client. Key layout, under a prefix (default ``gw:``):
 

@@ -1,5 +1,8 @@
 """SQLite tenant store: the embedded default, one file that survives restarts (docs/design.md §7).
 
+(Longer than ~500 lines: the whole ``TenantStore`` interface over one schema, each method next
+to its SQL; split by method, one table's invariants would be spread over several files.)
+
 ``sqlite:///var/lib/gateway/tenants.db`` (an absolute path), ``sqlite://tenants.db``
 (relative to the working directory) or ``sqlite:///:memory:`` (one connection, gone on
 ``close()``). The standard-library ``sqlite3`` runs on one worker thread owned by the store,
