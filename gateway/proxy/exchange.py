@@ -394,18 +394,17 @@ class Exchange:
             return
         down = self.downstream
         down.metrics.upstream_errors[kind].inc()
-        code = f"upstream_{kind}"
         if state is RELAYING:
             # Part of the response is already out: the only honest signal is an abort.
-            down.report("upstream_error", code, None, self.head.request_id, self.head)
+            down.report("upstream_error", f"upstream_{kind}", None, self.head.request_id, self.head)
             self.to(DONE)
             down.metrics.outcome["upstream_error"].inc()
             self._finished("upstream_error")
             down.abort()
             return
         detail = detail or f"app {down.enforcer.app}"
-        body = framing.problem_body(status, code, title, detail, self.head.request_id)
-        down.report("upstream_error", code, status, self.head.request_id, self.head)
+        body = framing.problem_body(status, f"upstream_{kind}", title, detail, self.head.request_id)
+        down.report("upstream_error", f"upstream_{kind}", status, self.head.request_id, self.head)
         self.answer(status, body, extra, outcome="upstream_error")
 
     # ------------------------------------------------------------ answering here
