@@ -313,7 +313,8 @@ class Exchange:
         )
         self.status = self.upstream_status = status
         self.to(RELAYING)
-        self.write(head)
+        self.sent += len(head)  # self.write, inline (as in relay_body): per response
+        down.write(head)
         if self.head.method == "HEAD":
             # httptools cannot be told a HEAD response has no body: finish here and do not
             # reuse the connection, whose parser would wait for that body.
@@ -321,7 +322,10 @@ class Exchange:
             self._complete(verdict.outcome)
 
     def relay_body(self, body: bytes) -> None:
-        self.write(framing.chunk(body) if self.chunked_out else body)
+        if self.chunked_out:
+            body = framing.chunk(body)
+        self.sent += len(body)
+        self.downstream.write(body)
 
     def relay_end(self, reusable: bool) -> None:
         if self.chunked_out:

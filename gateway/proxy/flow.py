@@ -86,4 +86,5 @@ class FlowControl:
         peer, self.peer = self.peer, None
         if peer is not None and self.write_paused and not peer.is_closing():
             peer.resume_reading()
-        self.resume_reading(Pause.UPSTREAM_FULL)
+        if self.paused & Pause.UPSTREAM_FULL:  # rarely: no call on every response
+            self.resume_reading(Pause.UPSTREAM_FULL)

@@ -83,7 +83,7 @@ def upstream_head(
     head: RequestHead,
     verdict: Verdict,
     *,
-    drop: list[bytes],
+    drop: tuple[bytes, ...],
     upgrade: bool,
     host: bytes | None,
 ) -> bytes:

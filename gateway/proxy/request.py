@@ -64,7 +64,7 @@ class RequestFraming:
         # Header names this request's Connection header lists: by the time the request is
         # dispatched (queued behind a pipelined one, or after a tenant look-up) the parser
         # may be on the next request.
-        self.drop: list[bytes] = []
+        self.drop: tuple[bytes, ...] = ()  # a tuple: most requests name none, and share it
         self.switching = False  # any Upgrade or CONNECT head: its upstream line is never reused
         self.upgrade = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
 
@@ -125,7 +125,7 @@ def read_head(
             for token in value.split(b","):
                 token = token.strip().lower()
                 if token and token not in PROTECTED:
-                    framing.drop.append(token)
+                    framing.drop += (token,)
         elif kind == H_UPGRADE:  # several are one list: "h2c, websocket" is not WebSocket
             value = value.strip().lower()
             upgrade_to = upgrade_to + b", " + value if upgrade_to else value
