@@ -186,6 +186,9 @@ class Answers:
         """The refusal event of a denial by ``decide``."""
         code = decision.code
         kind = _EVENT_OF.get(code, code)
+        feature = decision.feature if kind == "feature_block" else None
+        if not self.refusals.admit(kind, tenant, feature, decision.tier):
+            return
         fields: dict[str, Any] = {}
         if kind == "feature_block":
             fields = {"feature": decision.feature, "role": role, "user": user}
@@ -211,7 +214,7 @@ class Answers:
                 )
         elif code == "route_unmatched":
             fields = {"method": head.method}
-        self.refusals.emit(
+        self.refusals.write(
             kind, head, rid, rules.revision, code=code, route=route, tenant=tenant,
             license=decision.license, policy=rules.policy, now=now, tier=decision.tier,
             **fields, **more,

@@ -14,8 +14,8 @@ hit is one C-level ``dict.get``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+from hashlib import blake2b
 from itertools import islice
 from random import random
 from time import monotonic
@@ -73,10 +73,6 @@ def bounded_put(mapping: dict[Any, Any], key: Any, value: Any, size: int) -> Non
     mapping[key] = value
 
 
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
 class LicenseCache:
     """Verified keys by digest; refused keys, briefly; and a budget of signature checks per
     second, so a flood of never-seen keys cannot eat the core.
@@ -116,7 +112,7 @@ class LicenseCache:
             # Cheaper than remembering it: not cached, counted as a miss.
             self._metrics.cache_miss.inc()
             return self._failed(_TOO_LONG if len(token) > MAX_KEY_BYTES else _NOT_A_JWS)
-        digest = _digest(token)
+        digest = blake2b(token, digest_size=16).digest()
         found = self._valid.get(digest)
         if found is not None:
             self._metrics.cache_hit.inc()

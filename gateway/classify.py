@@ -115,10 +115,6 @@ def classify(
     if prefixes and path.startswith(prefixes):
         if canonical != target:
             return _NOT_CANONICAL_CLASSIC
-        return Classified(CLASSIC_PATH, path=path)
-    return Classified(
-        ROUTED,
-        path=path,
-        target=canonical + query if query else canonical,
-        found=routes.match(method, path),
-    )
+        return Classified(CLASSIC_PATH, path)
+    target = canonical + query if query else canonical
+    return Classified(ROUTED, path, target, routes.match(method, path))  # positional: per request

@@ -96,6 +96,7 @@ _WAIT_TENANT: Final = "tenant"
 _WAIT_KEYS: Final = "identity_keys"
 _WAIT_SEAT: Final = "seat"
 _NOTHING: Final[frozenset[bytes]] = frozenset()
+_FULL: Final = Match.FULL  # a module global: an Enum class attribute costs a Python-level look-up
 _MAX_WAITS: Final = 3  # prefetch rounds: a tenant record, then what the record leads to
 REFUSAL_TARGETS = 4096  # request targets remembered as "a refused key gets 401 here"
 
@@ -195,7 +196,7 @@ class Enforcer:
         plan = None if rollout.plain else rollout.apps.get(self.app)  # None: "on", no hosts
         if plan is not None and plan.mode == "off" and endpoint is None:
             return self.answers.unenforced(step.target, route)
-        public = found.kind is Match.FULL and route is not None and route.public
+        public = found.kind is _FULL and route is not None and route.public
         now = time.time()
 
         # Who is asking: the identity headers as sent, or as [identity] allows.
@@ -222,7 +223,11 @@ class Enforcer:
         presented: License | LicenseError | None = None
         tenant_id: str | None = None
         if token is not None:
-            presented = self._resolve(head, token)
+            # The key's verdict, looked up once per request (and counted once), across the
+            # waits of NEED_TENANT.
+            presented = head.presented
+            if presented is UNRESOLVED:
+                presented = head.presented = self.shared.licenses.resolve(token)
             if presented.__class__ is License:
                 tenant_id = presented.claims.sub
                 # An upstream that scopes data by the tenant header must not see it next to
@@ -361,13 +366,6 @@ class Enforcer:
             head.token, has_license=True, now=time.time(),
         )  # fmt: skip
         return found.__class__ is Identity
-
-    def _resolve(self, head: RequestHead, token: bytes) -> License | LicenseError:
-        """The key's verdict, looked up once per request (and counted once)."""
-        presented = head.presented
-        if presented is UNRESOLVED:
-            presented = head.presented = self.shared.licenses.resolve(token)
-        return presented  # type: ignore[no-any-return]
 
     def answer(self, head: RequestHead, body: bytes) -> Verdict:
         """After ``COLLECT``: the answer to a tenant endpoint's request ``body`` (at most

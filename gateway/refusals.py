@@ -124,15 +124,16 @@ class RefusalLog:
     def emit(self, kind: str, head: RequestHead, rid: str, revision: str, **fields: Any) -> None:
         """Queue one refusal event (sampled per kind; ``feature_block`` summarised); the
         fields are ``write``'s."""
-        events = self.events
-        if kind == "feature_block":
-            admitted = events.admit_block(
-                fields.get("tenant"), fields.get("feature"), self.app, fields.get("tier")
-            )
-        else:
-            admitted = events.admit(kind)
-        if admitted:
+        if self.admit(kind, fields.get("tenant"), fields.get("feature"), fields.get("tier")):
             self.write(kind, head, rid, revision, **fields)
+
+    def admit(self, kind: str, tenant: str | None, feature: str | None, tier: str | None) -> bool:
+        """Is this refusal to be written (``write``)? Sampled per kind; a ``feature_block``
+        not written is counted into its summary. Asked before the event's fields are built:
+        most blocks of a busy tenant are only counted."""
+        if kind == "feature_block":
+            return self.events.admit_block(tenant, feature, self.app, tier)
+        return self.events.admit(kind)
 
     def write(
         self,

@@ -188,7 +188,8 @@ class Downstream(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.headers_done = True
         self.last_body = self.loop.time()
-        if self.closing:
+        transport = self.transport
+        if transport is None or transport.is_closing():  # self.closing, without a call
             return  # answered and closing: nothing after that is served
         parser = self.parser
         head, request = read_head(

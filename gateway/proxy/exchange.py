@@ -300,7 +300,7 @@ class Exchange:
             self.close_after = True  # the parser is in upgrade mode: this line cannot go on
         verdict = self.verdict
         assert verdict is not None
-        out = framing.client_head(
+        head, self.chunked_out, upstream.until_close, self.close_after = framing.client_head(
             status,
             reason,
             headers,
@@ -311,12 +311,10 @@ class Exchange:
             close=self.close_after or down.tracker.closing,
             request_id=None if verdict.kind == CLASSIC else self.head.request_id.encode(),
         )
-        self.close_after = out.close
-        self.chunked_out = out.chunked
         self.status = self.upstream_status = status
-        upstream.until_close = out.until_close
         self.to(RELAYING)
-        self.write(out.head)
+        self.sent += len(head)  # self.write, inline (as in relay_body): per response
+        down.write(head)
         if self.head.method == "HEAD":
             # httptools cannot be told a HEAD response has no body: finish here and do not
             # reuse the connection, whose parser would wait for that body.
@@ -324,7 +322,10 @@ class Exchange:
             self._complete(verdict.outcome)
 
     def relay_body(self, body: bytes) -> None:
-        self.write(framing.chunk(body) if self.chunked_out else body)
+        if self.chunked_out:
+            body = framing.chunk(body)
+        self.sent += len(body)
+        self.downstream.write(body)
 
     def relay_end(self, reusable: bool) -> None:
         if self.chunked_out:

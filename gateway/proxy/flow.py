@@ -19,20 +19,21 @@ read, and an upstream joined later starts out paused.
 from __future__ import annotations
 
 import asyncio
-import enum
+from typing import Final
 
 
-class Pause(enum.IntFlag):
-    """Why reading from the client is paused."""
+class Pause:
+    """Why reading from the client is paused: bits that combine. Plain ints rather than an
+    ``enum.IntFlag``, whose operators run in Python (~0.6 µs each, on every request)."""
 
-    UPSTREAM_FULL = 1  # the joined upstream's write buffer is over its high-water mark
-    BUFFER_FULL = 2  # a request body held for an upstream not yet ready is over max_buffer
-    PIPELINE = 4  # more pipelined requests queued than MAX_PIPELINE
-    UPGRADE = 8  # bytes after an upgrade head, held until the 101, over UPGRADE_HIGH_WATER
-    REFUSED = 16  # a malformed request was read: nothing after it is (never lifted)
+    UPSTREAM_FULL: Final = 1  # the joined upstream's write buffer is over its high-water mark
+    BUFFER_FULL: Final = 2  # a request body held for an upstream not yet ready is over max_buffer
+    PIPELINE: Final = 4  # more pipelined requests queued than MAX_PIPELINE
+    UPGRADE: Final = 8  # bytes after an upgrade head, held until the 101, over UPGRADE_HIGH_WATER
+    REFUSED: Final = 16  # a malformed request was read: nothing after it is (never lifted)
 
 
-NOT_PAUSED = Pause(0)
+NOT_PAUSED: Final = 0
 
 
 class FlowControl:
@@ -42,16 +43,16 @@ class FlowControl:
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.paused = NOT_PAUSED  # the reasons reading is paused for
+        self.paused = NOT_PAUSED  # the reasons (Pause bits) reading is paused for
         self.write_paused = False
         self.peer: asyncio.Transport | None = None  # the joined upstream's transport
 
-    def pause_reading(self, reason: Pause) -> None:
+    def pause_reading(self, reason: int) -> None:
         if not self.paused and not self.transport.is_closing():
             self.transport.pause_reading()
         self.paused |= reason
 
-    def resume_reading(self, reason: Pause) -> None:
+    def resume_reading(self, reason: int) -> None:
         if not self.paused & reason:
             return
         self.paused &= ~reason
@@ -85,4 +86,5 @@ class FlowControl:
         peer, self.peer = self.peer, None
         if peer is not None and self.write_paused and not peer.is_closing():
             peer.resume_reading()
-        self.resume_reading(Pause.UPSTREAM_FULL)
+        if self.paused & Pause.UPSTREAM_FULL:  # rarely: no call on every response
+            self.resume_reading(Pause.UPSTREAM_FULL)

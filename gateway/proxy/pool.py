@@ -233,10 +233,7 @@ class Upstream(asyncio.Protocol):
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex
         ex.upstream = self
-        self._join(ex.downstream)
-
-    def _join(self, client: Downstream) -> None:
-        self.client = client
+        client = self.client = ex.downstream
         if self.transport is not None:
             client.flow.join(self.transport, self.write_paused)
 

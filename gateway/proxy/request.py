@@ -64,7 +64,7 @@ class RequestFraming:
         # Header names this request's Connection header lists: by the time the request is
         # dispatched (queued behind a pipelined one, or after a tenant look-up) the parser
         # may be on the next request.
-        self.drop: list[bytes] = []
+        self.drop: tuple[bytes, ...] = ()  # a tuple: most requests name none, and share it
         self.switching = False  # any Upgrade or CONNECT head: its upstream line is never reused
         self.upgrade = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
 
@@ -88,37 +88,44 @@ def read_head(
     hosts = 0
     te: bytes | None = None
     upgrade_to = b""
-    inbound_ids: list[bytes] = []
+    inbound_ids: list[bytes] | None = None
     for _, value, lname in headers:
         kind = watch.get(lname)
         if kind is None:
             continue
-        if kind == H_LICENSE:
+        # The headers nearly every request has come first: each comparison is paid by
+        # every header after it.
+        if kind == H_HOST:
+            hosts += 1
+            if head.host is None:
+                head.host = value
+        elif kind == H_LICENSE:
             head.license_count += 1
             if head.license_count > 1:
                 head.bad_header = "more than one license key header"
             head.license_key = value.strip()
             if not value.isascii():
                 head.bad_header = "license key header is not ASCII"
+        elif kind == H_CL:
+            if int(value) > settings.max_body_bytes:  # llhttp checked it is a number
+                raise Reject(413, "body_too_large", "Request body too large")
         elif kind in ONCE:
             attribute, twice = ONCE[kind]
             if getattr(head, attribute) is not None:
                 head.bad_header = twice
             setattr(head, attribute, value.strip())
-        elif kind == H_HOST:
-            hosts += 1
-            if head.host is None:
-                head.host = value
         elif kind == H_XFF:  # several lines are one list, in order
             xff = head.forwarded_for
             head.forwarded_for = b"%s, %s" % (xff, value) if xff else value
         elif kind == H_REQUEST_ID:
+            if inbound_ids is None:
+                inbound_ids = []
             inbound_ids.append(value.strip())
         elif kind == H_CONNECTION:
             for token in value.split(b","):
                 token = token.strip().lower()
                 if token and token not in PROTECTED:
-                    framing.drop.append(token)
+                    framing.drop += (token,)
         elif kind == H_UPGRADE:  # several are one list: "h2c, websocket" is not WebSocket
             value = value.strip().lower()
             upgrade_to = upgrade_to + b", " + value if upgrade_to else value
@@ -128,10 +135,7 @@ def read_head(
             if value.strip().lower() != b"chunked" or te is not None:
                 head.bad_header = "unsupported Transfer-Encoding"
             te = value
-        elif kind == H_CL:
-            if int(value) > settings.max_body_bytes:  # llhttp checked it is a number
-                raise Reject(413, "body_too_large", "Request body too large")
-    if len(inbound_ids) == 1 and REQUEST_ID.fullmatch(inbound_ids[0]):
+    if inbound_ids is not None and len(inbound_ids) == 1 and REQUEST_ID.fullmatch(inbound_ids[0]):
         head.request_id = inbound_ids[0].decode("ascii")
     else:
         head.request_id = request_id()

@@ -30,6 +30,10 @@ class State(enum.Enum):
     DONE = "done"
     TUNNEL = "tunnel"  # 101: the connection is a byte tunnel now
 
+    # Members are singletons: hash by identity in C, not Enum's Python-level hash of the
+    # name (several set and dict look-ups per request).
+    __hash__ = object.__hash__
+
 
 QUEUED, DECIDING, AWAIT_TENANT, COLLECTING, AWAIT_UPSTREAM = (
     State.QUEUED,

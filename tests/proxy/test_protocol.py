@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.proxy.flow import Pause
+from gateway.proxy.flow import NOT_PAUSED, Pause
 from gateway.proxy.settings import MAX_PIPELINE, UPGRADE_HIGH_WATER
 from gateway.proxy.state import State
 from tests.proxy.fake import Wire, parse_requests
@@ -80,7 +80,7 @@ async def test_too_many_pipelined_requests_pause_reading_until_the_queue_shrinks
     assert not wire.transport.reading
     wire.upstream(0).feed(ok())
     await wire.settle()
-    assert wire.client.flow.paused == Pause(0)
+    assert wire.client.flow.paused == NOT_PAUSED
     assert wire.transport.reading
 
 
@@ -149,7 +149,7 @@ async def test_a_body_held_behind_an_in_flight_request_pauses_reading_until_it_i
     assert parse_requests(first.sent())[0].target == "/xdispatch/first"
     first.feed(ok())
     await wire.settle()
-    assert wire.client.flow.paused == Pause(0)
+    assert wire.client.flow.paused == NOT_PAUSED
     (upload,) = [seen for up in wire.upstreams for seen in parse_requests(up.sent())]
     assert upload.body == held
 
@@ -185,7 +185,7 @@ async def test_bytes_before_the_101_are_bounded(wire: Wire) -> None:
     wire.send(b"z" * (UPGRADE_HIGH_WATER + 1))
     assert wire.client.flow.paused == Pause.UPGRADE
     wire.upstream(0).feed(SWITCHED)
-    assert wire.client.flow.paused == Pause(0)
+    assert wire.client.flow.paused == NOT_PAUSED
 
 
 async def test_a_tunnel_is_flow_controlled_both_ways(wire: Wire) -> None:
