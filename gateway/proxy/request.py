@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import msgspec
+
 from gateway.enforcer import RequestHead, request_id
 from gateway.proxy.framing import PROTECTED, declares_body
 from gateway.proxy.settings import (
@@ -52,21 +54,19 @@ class Reject(Exception):
         super().__init__(title)
 
 
-class RequestFraming:
-    """How one request message is framed: facts fixed once its head is parsed."""
+class RequestFraming(msgspec.Struct):
+    """How one request message is framed: facts fixed once its head is parsed (a msgspec
+    Struct, like ``RequestHead``: one per request, its defaults set in C)."""
 
-    __slots__ = ("version", "chunked", "expect_continue", "drop", "switching", "upgrade")
-
-    def __init__(self, version: str) -> None:
-        self.version = version
-        self.chunked = False  # Transfer-Encoding: chunked
-        self.expect_continue = False
-        # Header names this request's Connection header lists: by the time the request is
-        # dispatched (queued behind a pipelined one, or after a tenant look-up) the parser
-        # may be on the next request.
-        self.drop: tuple[bytes, ...] = ()  # a tuple: most requests name none, and share it
-        self.switching = False  # any Upgrade or CONNECT head: its upstream line is never reused
-        self.upgrade = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
+    version: str
+    chunked: bool = False  # Transfer-Encoding: chunked
+    expect_continue: bool = False
+    # Header names this request's Connection header lists: by the time the request is
+    # dispatched (queued behind a pipelined one, or after a tenant look-up) the parser may
+    # be on the next request. A tuple: most requests name none, and share the empty one.
+    drop: tuple[bytes, ...] = ()
+    switching: bool = False  # any Upgrade or CONNECT head: its upstream line is never reused
+    upgrade: bool = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
 
 
 def read_head(
