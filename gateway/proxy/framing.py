@@ -37,6 +37,9 @@ WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 # Framing and routing headers a client cannot have dropped by naming them in Connection
 # (dropping Content-Length but forwarding the body would smuggle a second request).
 PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# Connection tokens not worth remembering: protected, or hop-by-hop (dropped anyway). The
+# usual "Connection: keep-alive" then leaves nothing to test every other header against.
+NOT_DROPPED = PROTECTED | HOP_BY_HOP
 # Request headers the gateway writes itself on forwarded (non-classic) requests.
 REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"})
 

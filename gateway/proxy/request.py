@@ -12,7 +12,7 @@ import re
 import msgspec
 
 from gateway.enforcer import RequestHead, request_id
-from gateway.proxy.framing import PROTECTED, declares_body
+from gateway.proxy.framing import NOT_DROPPED, declares_body
 from gateway.proxy.settings import (
     H_CL,
     H_CLIENT,
@@ -124,7 +124,7 @@ def read_head(
         elif kind == H_CONNECTION:
             for token in value.split(b","):
                 token = token.strip().lower()
-                if token and token not in PROTECTED:
+                if token and token not in NOT_DROPPED:
                     framing.drop += (token,)
         elif kind == H_UPGRADE:  # several are one list: "h2c, websocket" is not WebSocket
             value = value.strip().lower()
