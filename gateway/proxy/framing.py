@@ -26,8 +26,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 NO_BODY_STATUS = frozenset({204, 304})
-ENTITLEMENT_PREFIX = b"x-entitlement-"
-# ... and its spellings with '_' (one C-level startswith per header, no slicing or copy)
+# X-Entitlement-* and its spellings with '_' (one C-level startswith per header name)
 ENTITLEMENT_PREFIXES = tuple(
     b"x%sentitlement%s" % (a, b) for a in (b"-", b"_") for b in (b"-", b"_")
 )
