@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+import msgspec
+
 from gateway.license import ClassicKeys
 from gateway.paths import PathRejected, canonical_path
 from gateway.routes import AppRoutes, RouteMatch
@@ -51,24 +53,15 @@ class ClassicRules:
         return cls(config.classic, config.settings.license.classic_keys == "store", prefixes)
 
 
-class Classified:
-    """The answer of ``classify``; the classic and store answers are shared constants."""
+class Classified(msgspec.Struct):
+    """The answer of ``classify``; the classic and store answers are shared constants (a
+    msgspec Struct: most requests get one of their own)."""
 
-    __slots__ = ("kind", "path", "target", "found", "reason")
-
-    def __init__(
-        self,
-        kind: int,
-        path: str = "",
-        target: bytes = b"",
-        found: RouteMatch | None = None,
-        reason: str = "",
-    ) -> None:
-        self.kind = kind
-        self.path = path  # the canonical path ("" when classified by key or refused)
-        self.target = target  # what the upstream receives: canonical path + query
-        self.found = found  # ROUTED: the route look-up
-        self.reason = reason  # REJECTED: why
+    kind: int
+    path: str = ""  # the canonical path ("" when classified by key or refused)
+    target: bytes = b""  # what the upstream receives: canonical path + query
+    found: RouteMatch | None = None  # ROUTED: the route look-up
+    reason: str = ""  # REJECTED: why
 
     def __repr__(self) -> str:
         return f"Classified(kind={self.kind}, path={self.path!r}, reason={self.reason!r})"

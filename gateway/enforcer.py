@@ -306,8 +306,7 @@ class Enforcer:
             elif not admission.allowed:
                 decision = self.answers.seat_decision(admission, decision, role, rules)
         if decision.allowed:
-            verdict = self.answers.allow(decision, step.target, found, identity_lines)
-            verdict.strip = strip
+            verdict = self.answers.allow(decision, step.target, found, identity_lines, strip)
             if route is None:  # no route matched (unmatched = "allow")
                 self.answers.unmatched_allowed(head, verdict, step.path, tenant_id, rules)
             if admission is not None and user is not None:

@@ -217,8 +217,8 @@ class Exchange:
     def attach(self, conn: Upstream) -> None:
         """Send the head and whatever body arrived meanwhile; the rest streams."""
         conn.attach(self)
-        chunks = self.take_body()
-        if chunks:
+        if self.body:  # (most requests: nothing held, no take_body call)
+            chunks = self.take_body()
             if self.framing.chunked:
                 payload = b"".join(framing.chunk(c) for c in chunks)
             else:
@@ -273,7 +273,7 @@ class Exchange:
             self.downstream.finished(self)
         elif state is COLLECTING:
             self._collected()
-        elif self.upstream is not None and state in UPSTREAM_OWES and self.framing.chunked:
+        elif self.framing.chunked and self.upstream is not None and state in UPSTREAM_OWES:
             self.upstream.send(framing.LAST_CHUNK)
 
     # ------------------------------------------------------------ upstream → client

@@ -26,13 +26,19 @@ HOP_BY_HOP = frozenset(
     }
 )
 NO_BODY_STATUS = frozenset({204, 304})
-ENTITLEMENT_PREFIX = b"x-entitlement-"
+# X-Entitlement-* and its spellings with '_' (one C-level startswith per header name)
+ENTITLEMENT_PREFIXES = tuple(
+    b"x%sentitlement%s" % (a, b) for a in (b"-", b"_") for b in (b"-", b"_")
+)
 # What a WebSocket upgrade sends upstream in place of the client's Connection and Upgrade
 # headers, whose extra tokens could make a further hop drop the X-Entitlement-* headers.
 WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 # Framing and routing headers a client cannot have dropped by naming them in Connection
 # (dropping Content-Length but forwarding the body would smuggle a second request).
 PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+# Connection tokens not worth remembering: protected, or hop-by-hop (dropped anyway). The
+# usual "Connection: keep-alive" then leaves nothing to test every other header against.
+NOT_DROPPED = PROTECTED | HOP_BY_HOP
 # Request headers the gateway writes itself on forwarded (non-classic) requests.
 REPLACED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"})
 
@@ -59,7 +65,7 @@ STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 def is_entitlement_header(lname: bytes) -> bool:
     """X-Entitlement-*, also spelled with '_' (CGI/WSGI upstreams map both to the same
     HTTP_X_ENTITLEMENT_* variable)."""
-    return lname[:1] == b"x" and lname[:14].replace(b"_", b"-") == ENTITLEMENT_PREFIX
+    return lname.startswith(ENTITLEMENT_PREFIXES)
 
 
 def tokens(value: bytes) -> list[bytes]:
@@ -103,7 +109,7 @@ def upstream_head(
             if lname == b"transfer-encoding":
                 lines.append(b"%s: %s\r\n" % (name, value))  # we re-chunk: still true
             continue
-        if is_entitlement_header(lname) or (drop and lname in drop):
+        if lname.startswith(ENTITLEMENT_PREFIXES) or (drop and lname in drop):
             continue
         if not classic:
             if lname in REPLACED or (strip and lname in strip):

@@ -19,7 +19,7 @@ import httptools
 
 from gateway.metrics import AppMetrics
 from gateway.proxy.flow import Pause
-from gateway.proxy.framing import PROTECTED, tokens
+from gateway.proxy.framing import NOT_DROPPED, tokens
 from gateway.proxy.settings import ProxySettings
 
 if TYPE_CHECKING:
@@ -337,8 +337,9 @@ class Upstream(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
         self._headers.append((name, value, lname))
-        if lname == b"connection":  # the headers it names are hop-by-hop too
-            self._dropped.extend(t for t in tokens(value) if t not in PROTECTED)
+        # The headers Connection names are hop-by-hop too (nginx's usual keep-alive: none).
+        if lname == b"connection" and value.lower() != b"keep-alive":
+            self._dropped.extend(t for t in tokens(value) if t not in NOT_DROPPED)
 
     def on_headers_complete(self) -> None:
         ex = self.exchange

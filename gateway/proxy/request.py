@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 
+import msgspec
+
 from gateway.enforcer import RequestHead, request_id
-from gateway.proxy.framing import PROTECTED, declares_body
+from gateway.proxy.framing import NOT_DROPPED, declares_body
 from gateway.proxy.settings import (
     H_CL,
     H_CLIENT,
@@ -52,21 +54,19 @@ class Reject(Exception):
         super().__init__(title)
 
 
-class RequestFraming:
-    """How one request message is framed: facts fixed once its head is parsed."""
+class RequestFraming(msgspec.Struct):
+    """How one request message is framed: facts fixed once its head is parsed (a msgspec
+    Struct, like ``RequestHead``: one per request, its defaults set in C)."""
 
-    __slots__ = ("version", "chunked", "expect_continue", "drop", "switching", "upgrade")
-
-    def __init__(self, version: str) -> None:
-        self.version = version
-        self.chunked = False  # Transfer-Encoding: chunked
-        self.expect_continue = False
-        # Header names this request's Connection header lists: by the time the request is
-        # dispatched (queued behind a pipelined one, or after a tenant look-up) the parser
-        # may be on the next request.
-        self.drop: tuple[bytes, ...] = ()  # a tuple: most requests name none, and share it
-        self.switching = False  # any Upgrade or CONNECT head: its upstream line is never reused
-        self.upgrade = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
+    version: str
+    chunked: bool = False  # Transfer-Encoding: chunked
+    expect_continue: bool = False
+    # Header names this request's Connection header lists: by the time the request is
+    # dispatched (queued behind a pipelined one, or after a tenant look-up) the parser may
+    # be on the next request. A tuple: most requests name none, and share the empty one.
+    drop: tuple[bytes, ...] = ()
+    switching: bool = False  # any Upgrade or CONNECT head: its upstream line is never reused
+    upgrade: bool = False  # a WebSocket upgrade: tunnelled if the upstream answers 101
 
 
 def read_head(
@@ -124,7 +124,7 @@ def read_head(
         elif kind == H_CONNECTION:
             for token in value.split(b","):
                 token = token.strip().lower()
-                if token and token not in PROTECTED:
+                if token and token not in NOT_DROPPED:
                     framing.drop += (token,)
         elif kind == H_UPGRADE:  # several are one list: "h2c, websocket" is not WebSocket
             value = value.strip().lower()
