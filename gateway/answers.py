@@ -21,7 +21,13 @@ from gateway.errors import IdentityError, LicenseError
 from gateway.identity import TENANT_MISMATCH
 from gateway.license import License
 from gateway.matrix import AppName
-from gateway.problems import problem_prefix, request_id, with_request_id, with_upgrade
+from gateway.problems import (
+    PROBLEM_JSON,
+    problem_prefix,
+    request_id,
+    with_request_id,
+    with_upgrade,
+)
 from gateway.refusals import RefusalLog, decision_prefix
 from gateway.rollout import path_shape
 from gateway.routes import Route, RouteMatch
@@ -30,6 +36,12 @@ from gateway.verdict import FORWARD, RESPOND, RequestHead, Verdict
 
 if TYPE_CHECKING:
     from gateway.enforcer import Rules, Shared
+    from gateway.metrics import Tally
+
+_encode: Final = msgspec.json.encode
+_KEEP_ALL: Final[frozenset[bytes]] = frozenset()  # request headers not to forward: none
+# Body prefix, status, extra headers, outcome, and the outcome's and the key result's tallies
+_FastAnswer = tuple[bytes, int, bytes, str, "Tally", "Tally"]
 
 # The event a decision's refusal code is reported as (the others: the code itself).
 _EVENT_OF: Final = {
@@ -48,7 +60,10 @@ class Answers:
         self.metrics = shared.metrics.for_app(app)
         self.refusals = RefusalLog(shared.events, app)
         self._bodies: dict[tuple[Any, ...], bytes] = {}
-        self._refusals: dict[tuple[str, str], bytes] = {}  # (reason, detail) -> body prefix
+        # What a fast_refusal answers with, by error object and by (reason, detail)
+        self._fast: dict[LicenseError | tuple[str, str], _FastAnswer] = {}
+        self._admit_invalid = shared.events.admit
+        self._cache_miss = shared.metrics.cache_miss
 
     def public(self, target: bytes, route: Route | None, strip: frozenset[bytes]) -> Verdict:
         return Verdict(
@@ -332,32 +347,60 @@ class Answers:
         return cached
 
     def fast_refusal(
-        self, head: RequestHead, error: LicenseError, found: RouteMatch, rules: Rules
+        self,
+        head: RequestHead,
+        error: LicenseError,
+        found: RouteMatch,
+        rules: Rules,
+        quick: bool = False,
     ) -> Verdict:
         """401 for a refused key at a target where every refused key gets that answer: the
-        same body, metric and (sampled) event as the full path, without the path work."""
-        key = (error.reason, error.detail)
-        prefix = self._refusals.get(key)
-        if prefix is None:
-            status = STATUS[error.reason]
-            decision = Decision(
-                allowed=False, status=status, code=error.reason, detail=error.detail
-            )
-            prefix = self._prefix(decision, rules, None, None)
-            bounded_put(self._refusals, key, prefix, 1024)
-        status = 503 if error.reason == "license_check_busy" else 401
-        outcome = "rejected" if status == 503 else "unlicensed"
-        self.metrics.outcome[outcome].inc()
+        same body, metrics and (sampled) event as the full path, without the path work.
+        ``quick``: the error is a ``LicenseCache.quick_refusal``, counted here with the
+        answer. What does not change from one refusal to the next is looked up once per
+        distinct refusal, and the verdict built with all its fields at once: a flood pays
+        this for every key."""
+        fast = self._fast.get(error) or self._fast_answer(error, rules, quick)
+        prefix, status, extra, outcome, tally, result = fast
+        tally.n += 1  # Tally.inc, inlined
+        if quick:
+            result.n += 1
+            self._cache_miss.n += 1
         rid = head.request_id or request_id()
         route = found.route
-        if self.shared.events.admit("license_invalid"):
+        if self._admit_invalid("license_invalid"):
             self.refusals.write(
                 "license_invalid", head, rid, rules.revision, code=error.reason, route=route,
                 tenant=None, license=None, policy=rules.policy, now=time.time(),
                 reason=error.reason, detail=error.detail,
             )  # fmt: skip
-        extra = b"Retry-After: 1\r\n" if status == 503 else b""
-        return respond(status, with_request_id(prefix, rid), extra, outcome, route, error.reason)
+        path, name = (None, None) if route is None else (route.path, route.name)
+        # Every field in order: positional is the cheapest way to build a Struct.
+        return Verdict(
+            RESPOND, status, prefix + _encode(rid) + b"}", b"", b"", extra, outcome,
+            PROBLEM_JSON, _KEEP_ALL, False, 0, path, name, None, None, None, error.reason,
+        )  # fmt: skip
+
+    def _fast_answer(self, error: LicenseError, rules: Rules, shared: bool) -> _FastAnswer:
+        """What every ``fast_refusal`` with this error shares, by reason and detail; and by
+        the error object when it is ``shared`` (a quick refusal's error is one object)."""
+        fast = self._fast.get((error.reason, error.detail))
+        if fast is None:
+            status = STATUS[error.reason]
+            decision = Decision(
+                allowed=False, status=status, code=error.reason, detail=error.detail
+            )
+            prefix = self._prefix(decision, rules, None, None)
+            status = 503 if error.reason == "license_check_busy" else 401
+            outcome = "rejected" if status == 503 else "unlicensed"
+            extra = b"Retry-After: 1\r\n" if status == 503 else b""
+            results = self.shared.metrics.license_result
+            tallies = (self.metrics.outcome[outcome], results[error.reason])
+            fast = (prefix, status, extra, outcome, *tallies)
+            bounded_put(self._fast, (error.reason, error.detail), fast, 1024)
+        if shared:
+            bounded_put(self._fast, error, fast, 1024)
+        return fast
 
     def identity_refusal(
         self, head: RequestHead, error: IdentityError, found: RouteMatch, rules: Rules, now: float

@@ -19,7 +19,7 @@ from hashlib import blake2b
 from itertools import islice
 from random import random
 from time import monotonic
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import cachetools
 
@@ -58,6 +58,7 @@ _TOO_LONG: Final = LicenseError("license_malformed", f"key longer than {MAX_KEY_
 # signature from the issuer, and base64url is read canonically only, so a known signing
 # input with other signature bytes is a forgery, refused without a signature check.
 _RESIGNED: Final = LicenseError("license_bad_signature", "signature does not verify")
+_TAG_BITS: Final = 0xFF  # a verified key's tag: small ints are shared objects in CPython
 
 
 def bounded_put(mapping: dict[Any, Any], key: Any, value: Any, size: int) -> None:
@@ -103,7 +104,8 @@ class LicenseCache:
         self._refused_size = refused_size
         self._valid: dict[bytes, License] = {}
         self._refused: dict[bytes, tuple[LicenseError, float]] = {}
-        self._signed: dict[int, bytes] = {}  # hash of a signing input -> verified key digest
+        # Hash of a signing input -> the verified key's tag (see ``quick_refusal``).
+        self._signed: dict[int, int] = {}
         self._metrics = metrics
         self._budget = TokenBucket(verifications_per_second)
 
@@ -124,9 +126,11 @@ class LicenseCache:
         self._metrics.cache_miss.inc()
         # Python's keyed hash, not a digest: a collision could only refuse a key wrongly
         # (never admit one), and it is a third of the price.
-        signing_input = hash(token[: token.rindex(b".")])
-        verified = self._signed.get(signing_input)
-        if verified is not None and verified != digest:
+        cut = token.rindex(b".")
+        signing_input = hash(token[:cut])
+        if signing_input in self._signed:
+            # Not the key verified with these claims (that one is in _valid: the two dicts
+            # are filled and emptied together), so a forgery.
             return self._failed(_RESIGNED)  # as cheap to find again as to remember
         try:
             parsed = self.keyring.parse(token.decode("ascii"))
@@ -145,8 +149,34 @@ class LicenseCache:
             return self._refuse(digest, LicenseError(exc.reason, exc.detail))
         self._metrics.license_result["valid"].inc()
         bounded_put(self._valid, digest, lic, self._size)
-        bounded_put(self._signed, signing_input, digest, self._size)
+        bounded_put(self._signed, signing_input, hash(token[cut:]) & _TAG_BITS, self._size)
         return lic
+
+    def quick_refusal(self, token: bytes) -> LicenseError | Literal[True] | None:
+        """For a flood: a refusal found without a digest — a key too long or with no dot,
+        or other signature bytes on a signing input verified before — or True (the key
+        verified before, most likely), or None (``resolve`` decides). A refusal is not
+        counted: the caller counts it (``count_refusal``) once it knows the key is not
+        classic (a classic key has no dot either).
+
+        A signing input's entry holds a tag of the verified key (8 bits of Python's keyed
+        hash of its signature: a small int, a shared object, so tags cost no memory). Another tag
+        proves another key, refused as a forgery; the same tag (the verified key, or one
+        forgery in 256 by chance, unpredictably) is left to ``resolve``'s digest."""
+        if len(token) > MAX_KEY_BYTES:
+            return _TOO_LONG
+        cut = token.rfind(b".")
+        if cut < 0:
+            return _NOT_A_JWS
+        tag = self._signed.get(hash(token[:cut]))
+        if tag is None:
+            return None
+        return True if tag == hash(token[cut:]) & _TAG_BITS else _RESIGNED
+
+    def count_refusal(self, error: LicenseError) -> LicenseError:
+        """Count a ``quick_refusal`` as ``resolve`` counts the same refusal."""
+        self._metrics.cache_miss.inc()
+        return self._failed(error)
 
     def _refuse(self, digest: bytes, error: LicenseError) -> LicenseError:
         bounded_put(

@@ -84,7 +84,7 @@ def classify(
     """Classify one request (module docstring). ``key`` is the license key header as
     sent; ``store_answer`` whether the store imported it as a classic key (only asked for
     with ``classic_keys = "store"``, after ``ASK_STORE``)."""
-    if key is not None and rules.keys.is_classic(key.decode("latin-1")):
+    if key is not None and rules.keys.matches(key):
         if not rules.from_store:
             return CLASSIC_BY_KEY
         if store_answer is None:

@@ -127,7 +127,7 @@ class Enforcer:
         self.app = app
         self.shared = shared
         self.classic = ClassicRules.for_app(config, app)
-        self._is_classic = self.classic.keys.is_classic
+        self._is_classic = self.classic.keys.matches
         self.metrics: AppMetrics = shared.metrics.for_app(app)
         self.answers = Answers(app, shared)
         self.candidates = CandidateLog(app, shared)
@@ -156,11 +156,24 @@ class Enforcer:
         if token is not None and rules.refusals:
             # A flood of bad keys at one target: answered before the path is looked at.
             found = rules.refusals.get((self.app, head.method, head.target))
-            if found is not None and not self._is_classic(token.decode("latin-1")):
-                refused = head.presented = self.shared.licenses.resolve(token)
-                if refused.__class__ is LicenseError and self._identity_passes(head):
-                    return self.answers.fast_refusal(head, refused, found, rules)
-                classify_key = None  # known not to be classic: classify need not ask again
+            if found is not None:
+                # Most flood keys are refused here without a digest; the key verified
+                # before (its signing input's tag matches) takes the usual path.
+                licenses = self.shared.licenses
+                quick = licenses.quick_refusal(token)
+                if quick is not True and not self._is_classic(token):
+                    unidentified = self.shared.identifier.mode == "unconfigured"
+                    if quick is not None:
+                        if unidentified or self._identity_passes(head):
+                            return self.answers.fast_refusal(head, quick, found, rules, True)
+                        head.presented = licenses.count_refusal(quick)
+                    else:
+                        refused = head.presented = licenses.resolve(token)
+                        if refused.__class__ is LicenseError and (
+                            unidentified or self._identity_passes(head)
+                        ):
+                            return self.answers.fast_refusal(head, refused, found, rules)
+                    classify_key = None  # known not to be classic: classify need not ask again
         app_routes = rules.routes.apps[self.app]
         step = classify(self.classic, app_routes, head.method, head.target, classify_key)
         if step.kind != ROUTED:
@@ -355,11 +368,9 @@ class Enforcer:
         )
 
     def _identity_passes(self, head: RequestHead) -> bool:
-        """For the flood path: would identification let this request through to the
-        license check (as the long path would find)?"""
+        """For the flood path, with ``[identity]`` configured: would identification let
+        this request through to the license check (as the long path would find)?"""
         identifier = self.shared.identifier
-        if identifier.mode == "unconfigured":
-            return True
         found = identifier.identify(
             head.peer, head.forwarded_for or None, head.tenant, head.user, head.role,
             head.token, has_license=True, now=time.time(),

@@ -15,10 +15,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib
+import math
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -300,12 +302,91 @@ def decode_unverified(token: str) -> tuple[dict[str, object], dict[str, object]]
 
 
 class ClassicKeys:
-    """Recognises classic X Dispatch keys by the configured pattern (compiled once)."""
+    """Recognises classic X Dispatch keys by the configured pattern (compiled once).
 
-    __slots__ = ("_match",)
+    Every request with a key asks, so ``matches`` tells most signed and malformed keys
+    apart without running the pattern, from what the parsed pattern says it can match:
+    no key with a dot (``dotless``, the default pattern's case: a signed key has two),
+    and keys of ``lengths`` characters only (29 for the default pattern)."""
+
+    __slots__ = ("_match", "dotless", "lengths")
 
     def __init__(self, pattern: str = DEFAULT_CLASSIC_PATTERN) -> None:
         self._match = re.compile(pattern).fullmatch
+        self.dotless, self.lengths = _pattern_shape(pattern)
 
     def is_classic(self, key: str) -> bool:
         return self._match(key) is not None
+
+    def matches(self, key: bytes) -> bool:
+        """``is_classic`` for a header value as sent (bytes read as latin-1)."""
+        if self.dotless and b"." in key:
+            return False
+        low, high = self.lengths
+        if not low <= len(key) <= high:
+            return False
+        return self._match(key.decode("latin-1")) is not None
+
+
+def _pattern_shape(pattern: str) -> tuple[bool, tuple[int, float]]:
+    """(no match can contain a dot, (shortest, longest) match) read from the parsed
+    pattern; (False, (0, inf)) — nothing known — if Python's parser is not what we
+    read."""
+    try:
+        parser = importlib.import_module("re._parser")
+        parsed = parser.parse(pattern)
+        low, high = parsed.getwidth()
+        dotless = not _may_match(ord("."), parsed.data)
+    except Exception:  # another Python's internals: assume nothing
+        return False, (0, math.inf)
+    return dotless, (low, math.inf if high >= parser.MAXWIDTH else high)
+
+
+def _may_match(char: int, parsed: Any) -> bool:
+    """Could a match of the parsed pattern contain ``char``? Some part that consumes
+    characters must be able to consume it. Anything not recognised here counts as
+    "could" (the answer is only ever used to skip a match)."""
+    c: Any = importlib.import_module("re._constants")
+
+    def in_set(items: list[tuple[Any, Any]]) -> bool:
+        found, negate = False, False
+        for op, av in items:
+            if op is c.NEGATE:
+                negate = True
+            elif op is c.LITERAL:
+                found = found or av == char
+            elif op is c.RANGE:
+                found = found or av[0] <= char <= av[1]
+            elif op is c.CATEGORY and av in (c.CATEGORY_DIGIT, c.CATEGORY_SPACE, c.CATEGORY_WORD):
+                found = found or chr(char).isalnum() or chr(char) in "_ \t\n\r\f\v"
+            else:
+                return True
+        return found != negate
+
+    def walk(items: Any) -> bool:
+        for op, av in items:
+            if op is c.LITERAL:
+                hit = av == char
+            elif op is c.NOT_LITERAL or op is c.ANY:
+                hit = op is c.ANY or av != char
+            elif op is c.IN:
+                hit = in_set(av)
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+                hit = walk(av[2])
+            elif op is c.SUBPATTERN:
+                hit = walk(av[3])
+            elif op is c.ATOMIC_GROUP:
+                hit = walk(av)
+            elif op is c.BRANCH:
+                hit = any(walk(branch) for branch in av[1])
+            elif op is c.GROUPREF_EXISTS:
+                hit = walk(av[1]) or (av[2] is not None and walk(av[2]))
+            elif op in (c.AT, c.GROUPREF, c.ASSERT, c.ASSERT_NOT):
+                hit = False  # consume nothing, or only what a group consumed
+            else:
+                return True
+            if hit:
+                return True
+        return False
+
+    return walk(parsed)

@@ -19,21 +19,25 @@ from cachetools import LRUCache
 
 
 class TokenBucket:
-    __slots__ = ("rate", "burst", "_tokens", "_refilled")
+    __slots__ = ("rate", "burst", "_tokens", "_refilled", "_empty_until")
 
     def __init__(self, rate: float, burst: float | None = None, now: float | None = None) -> None:
         self.rate = rate  # <= 0: unlimited
         self.burst = rate if burst is None else burst
         self._tokens = self.burst
         self._refilled = monotonic() if now is None else now
+        self._empty_until = -math.inf  # no token before then (take refused one)
 
     def take(self, now: float | None = None) -> bool:
         """Take one token if there is one. ``now`` (monotonic seconds) is for tests.
-        (``wait`` inlined: this runs for every refusal a flood causes.)"""
-        if self.rate <= 0:
-            return True
+        (``wait`` inlined: this runs for every refusal a flood causes, and while the
+        bucket is empty it is one comparison.)"""
         if now is None:
             now = monotonic()
+        if now < self._empty_until:
+            return False
+        if self.rate <= 0:
+            return True
         tokens = self._tokens + (now - self._refilled) * self.rate
         if tokens > self.burst:
             tokens = self.burst
@@ -42,6 +46,7 @@ class TokenBucket:
             self._tokens = tokens - 1
             return True
         self._tokens = tokens
+        self._empty_until = now + (1 - tokens) / self.rate
         return False
 
     def wait(self, now: float | None = None) -> float:

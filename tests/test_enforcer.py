@@ -7,6 +7,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
 
 from gateway.caches import OUTAGE_RETRY_SECONDS, bounded_put
 from gateway.config import Config
@@ -16,6 +19,7 @@ from gateway.events import EventLog
 from gateway.license import KeyRing, License
 from gateway.metrics import Metrics
 from gateway.store import open_store
+from gateway.verdict import Verdict
 from tests.conftest import IssueKey
 from tests.enforcing import EnforcerWorld, WorldFactory, body
 from tests.redis_server import RedisServer
@@ -251,6 +255,107 @@ async def test_a_refused_key_gets_the_same_answer_whether_or_not_the_target_was_
     assert health.outcome == "public"
     classic = world.head("GET", "/xdispatch/orders", key="bad")
     assert (await world.decide("operations", classic)).kind == CLASSIC
+
+
+def _answer(verdict: Verdict) -> tuple[Any, ...]:
+    """Every field of a verdict, the body without its request id."""
+    fields = msgspec.structs.asdict(verdict)
+    fields["body"] = {**body(verdict), "request_id": None}
+    return tuple(sorted(fields.items()))
+
+
+def _counts(world: EnforcerWorld) -> tuple[float, ...]:
+    return tuple(
+        world.sample(name, **labels)
+        for name, labels in [
+            ("gateway_license_cache_total", {"result": "hit"}),
+            ("gateway_license_cache_total", {"result": "miss"}),
+            ("gateway_license_checks_total", {"result": "license_malformed"}),
+            ("gateway_license_checks_total", {"result": "license_bad_signature"}),
+            ("gateway_requests_total", {"app": "operations", "outcome": "unlicensed"}),
+        ]
+    )
+
+
+async def test_a_flood_key_gets_the_long_paths_answer_counts_and_event(
+    config: Config, make_world: WorldFactory, issue_key: IssueKey
+) -> None:
+    """Keys refused at a target already known to refuse them (the flood path) get the
+    verdict, metrics and license_invalid event the long path gives the same key."""
+    valid = issue_key()
+    signing_input, _, _ = valid.rpartition(".")
+    kinds = {
+        "forged on verified claims": f"{signing_input}.{'A' * 86}",
+        "no dot": "Z" * 40,
+        "too long": "a.b." + "c" * 5000,
+        "not base64": "a.b.c",
+    }
+    target = "/api/v1/shipments?x=1"
+    for kind, key in kinds.items():
+        long_way, flood = make_world(config), make_world(config)
+        for world in (long_way, flood):
+            allowed = await world.decide("operations", world.head("GET", target, key=valid))
+            assert allowed.kind == FORWARD
+        # The flood world has seen a refused key at this target: the next one is a flood key.
+        seen = flood.head("GET", target, key="not-a-key", request_id="r0")
+        await flood.decide("operations", seen)
+        assert flood.shared.rules.refusals, kind
+        before = [_counts(long_way), _counts(flood)]
+        answers = [
+            await world.decide("operations", world.head("GET", target, key=key, request_id="r1"))
+            for world in (long_way, flood)
+        ]
+        assert _answer(answers[0]) == _answer(answers[1]), kind
+        assert answers[0].status == 401
+        deltas = [
+            tuple(a - b for a, b in zip(_counts(world), then, strict=True))
+            for world, then in zip((long_way, flood), before, strict=True)
+        ]
+        assert deltas[0] == deltas[1], kind
+        events = [
+            [
+                {k: v for k, v in e.items() if k not in ("ts", "time")}
+                for e in world.events("license_invalid")
+                if e["request_id"] == "r1"
+            ]
+            for world in (long_way, flood)
+        ]
+        assert events[0] == events[1] and len(events[0]) == 1, kind
+
+
+def test_a_forgery_whose_tag_matches_is_still_refused_without_a_signature_check(
+    keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    """One forged signature in 256 carries the verified key's 8-bit tag: the flood path
+    leaves it to resolve, which refuses it by its signing input, with no Ed25519 check."""
+    cache = LicenseCache(keyring, Metrics(), verifications_per_second=1)
+    valid = issue_key().encode()
+    assert isinstance(cache.resolve(valid), License)  # the one check of the budget
+    assert cache.quick_refusal(valid) is True
+    cut = valid.rindex(b".")
+    tag = hash(valid[cut:]) & 0xFF
+    candidates = (valid[:cut] + b"." + f"{n:086d}".encode() for n in range(100_000))
+    forged = next(c for c in candidates if hash(c[cut:]) & 0xFF == tag and c != valid)
+    assert cache.quick_refusal(forged) is True  # looks like the verified key to the flood path
+    assert cache.resolve(forged).reason == "license_bad_signature"  # type: ignore[union-attr]
+    other = valid[:cut] + b"." + b"B" * 86
+    if hash(other[cut:]) & 0xFF != tag:
+        assert cache.quick_refusal(other).reason == "license_bad_signature"  # type: ignore[union-attr]
+
+
+def test_a_verified_key_dropped_from_a_full_cache_verifies_again(
+    keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    """The verified keys and their signing inputs leave the cache together: a key pushed
+    out is checked again, never taken for a forgery of itself."""
+    cache = LicenseCache(keyring, Metrics(), size=8, verifications_per_second=1000)
+    keys = [issue_key(serial=n).encode() for n in range(20)]
+    for key in keys:
+        assert isinstance(cache.resolve(key), License)
+    assert len(cache) <= 8
+    assert cache.quick_refusal(keys[0]) is None  # forgotten: resolve decides
+    assert isinstance(cache.resolve(keys[0]), License)
+    assert isinstance(cache.resolve(keys[-1]), License)
 
 
 def test_bounded_put_keeps_the_newest_entries_within_the_bound() -> None:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import stat
 import time
 from collections.abc import Callable
@@ -853,6 +854,57 @@ def test_decode_unverified_rejects_non_jws(token: str) -> None:
 def test_classic_default_pattern(key: str, classic: bool) -> None:
     assert ClassicKeys().is_classic(key) is classic
     assert ClassicKeys(DEFAULT_CLASSIC_PATTERN).is_classic(key) is classic
+    assert ClassicKeys().matches(key.encode("latin-1", "replace")) is classic
+
+
+@pytest.mark.parametrize(
+    ("pattern", "dotless", "lengths"),
+    [
+        pytest.param(DEFAULT_CLASSIC_PATTERN, True, (29, 29), id="default"),
+        pytest.param(r"XD-[0-9]{8}", True, (11, 11), id="custom"),
+        pytest.param(r"[A-Z]+\.[0-9]+", False, (3, math.inf), id="a-dot"),
+        pytest.param(r"a.c", False, (3, 3), id="any-character"),
+        pytest.param(r"[^-]{4,6}", False, (4, 6), id="negated-set"),
+        pytest.param(r"\w+|\d{2}", True, (1, math.inf), id="categories"),
+        pytest.param(r"(?i)(x)[a-z]\1", True, (3, 3), id="group-reference"),
+        pytest.param(r"[+-/]", False, (1, 1), id="a-range-over-the-dot"),
+        pytest.param(r"\S+", False, (1, math.inf), id="not-space"),
+    ],
+)
+def test_classic_pattern_shape_read_from_the_pattern(
+    pattern: str, dotless: bool, lengths: tuple[int, float]
+) -> None:
+    keys = ClassicKeys(pattern)
+    assert (keys.dotless, keys.lengths) == (dotless, lengths)
+
+
+_PATTERNS = [
+    DEFAULT_CLASSIC_PATTERN,
+    r"XD-[0-9]{8}",
+    r"[A-Z]+\.[0-9]+",
+    r"[^-]{4,6}",
+    r"(?i)(x)[a-z]\1",
+    r"\w{3}(?=.)..?",
+    r"[a-c.]{1,3}(-[0-9])?",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pattern=st.sampled_from(_PATTERNS),
+    key=st.one_of(
+        st.text(alphabet="ABX0129-._ \nxaä", max_size=32),
+        st.from_regex(r"[A-Z0-9]{5}(-[A-Z0-9]{5}){4}", fullmatch=True),
+        st.from_regex(r"XD-[0-9]{8}", fullmatch=True),
+        st.from_regex(r"[a-c.]{1,3}(-[0-9])?", fullmatch=True),
+    ),
+)
+def test_a_key_as_bytes_matches_exactly_when_the_pattern_does(pattern: str, key: str) -> None:
+    """The shortcuts (dot, length) never change an answer."""
+    keys = ClassicKeys(pattern)
+    assert keys.matches(key.encode("latin-1", "replace")) is keys.is_classic(
+        key.encode("latin-1", "replace").decode("latin-1")
+    )
 
 
 def test_a_signed_license_is_not_classic(issue_key: IssueKey) -> None:

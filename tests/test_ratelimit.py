@@ -15,6 +15,18 @@ def test_a_bucket_allows_its_burst_then_refills_at_its_rate() -> None:
     assert [bucket.take(now=10.0) for _ in range(5)] == [True, True, True, True, False]
 
 
+def test_an_empty_bucket_refuses_until_its_next_token_then_gives_exactly_one() -> None:
+    """While empty, ``take`` answers from the time its next token is due (one comparison,
+    for a flood's refusals); the tokens given over time are the same as without it."""
+    bucket = TokenBucket(rate=4, burst=1, now=0.0)
+    assert bucket.take(now=0.0) and not bucket.take(now=0.0)
+    assert [bucket.take(now=t / 100) for t in range(1, 25)] == [False] * 24
+    assert bucket.take(now=0.25)
+    assert not bucket.take(now=0.26)
+    given = sum(bucket.take(now=0.25 + t / 1000) for t in range(1, 2001))
+    assert given == 8  # two seconds at four a second
+
+
 def test_the_burst_defaults_to_the_rate() -> None:
     bucket = TokenBucket(rate=3, now=0.0)
     assert sum(bucket.take(now=0.0) for _ in range(10)) == 3
