@@ -754,8 +754,10 @@ def render(results: dict[str, Any]) -> str:
         f"| speed-up of a hit | {ed['verify_cold']['median'] / ed['cache_hit']['median']:.0f}× |",
         "",
         "**Invalid-key flood** — valid requests mixed 1:1 with never-seen invalid keys through "
-        "`Enforcer.check` (single core, so the valid rate is what is left once the invalid ones "
-        "are handled):",
+        "`Enforcer.check` at one target (single core, so the valid rate is what is left once the "
+        "invalid ones are handled; a request head per request, as the relay makes them). *Bad "
+        "signature*: other signature bytes on the valid key's claims; *malformed*: random "
+        "base32, no dot:",
         "",
         "| invalid keys | valid checks/s alone | valid checks/s in the flood | valid throughput "
         "lost | cost per invalid key |",
