@@ -69,6 +69,7 @@ class Exchange:
         "verdict",
         "upstream",
         "upstream_head",
+        "request_id_line",
         "body",
         "held",
         "body_bytes",
@@ -100,6 +101,8 @@ class Exchange:
         self.verdict: Verdict | None = None
         self.upstream: Upstream | None = None
         self.upstream_head = b""
+        # The X-Request-Id line sent upstream and back to the client (empty: classic)
+        self.request_id_line = b""
         self.body: list[bytes] = []  # request body received before the upstream is ready
         self.held = 0  # bytes in ``body``
         self.body_bytes = 0  # request body bytes received in all
@@ -166,12 +169,16 @@ class Exchange:
         if kind == COLLECT:
             self._collect()
             return
+        head = self.head
+        if kind != CLASSIC:
+            self.request_id_line = b"X-Request-Id: %s\r\n" % head.request_id.encode()
         self.upstream_head = framing.upstream_head(
-            self.head,
+            head,
             verdict,
             drop=self.framing.drop,
             upgrade=self.framing.upgrade,
             host=down.settings.host_header,
+            request_id_line=self.request_id_line,
         )
         self.state = AWAIT_UPSTREAM
         down.pool.provide(self)
@@ -305,7 +312,7 @@ class Exchange:
             method=self.head.method,
             extra=verdict.response_headers,
             close=self.close_after or down.tracker.closing,
-            request_id=None if verdict.kind == CLASSIC else self.head.request_id.encode(),
+            request_id_line=self.request_id_line,
         )
         self.status = self.upstream_status = status
         self.state = RELAYING
