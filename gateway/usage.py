@@ -1,6 +1,7 @@
 """Usage metering: allowed calls per tenant, feature and API client, in per-minute buckets.
 
-The request path only adds one to a bucket in memory (``UsageMeter.count``); a background
+The request path only adds one to a bucket of the current minute in memory
+(``UsageMeter.count``: one tuple and one dict update); a background
 task (``run``, held by the runtime) hands the buckets to the store in one batch every
 ``flush_interval`` seconds (``TenantStore.add_usage``), so there is never a store write per
 request and no tenant id in a Prometheus label. When the store cannot take a batch, the
@@ -62,24 +63,66 @@ class UsageMeter:
         self.store = store
         self.flush_interval = flush_interval
         self.max_buckets = max_buckets
+        # Buckets of past minutes, (tenant, feature, client, minute) -> calls, and those of
+        # the current minute, [_start, _end), keyed without the minute: the
+        # request path then neither works out the minute nor hashes it, only compares the
+        # time. Another minute moves the current buckets over (``_roll``).
         self._counts: dict[tuple[str, str, str, int], int] = {}
+        self._minute: dict[tuple[str, str | None, str], int] = {}
+        self._start = 0.0
+        self._end = 0.0  # nothing counted yet: the first call rolls
         self.dropped = 0  # calls not counted because the buckets were full
         self._errors = metrics.store_errors.labels(op="usage") if metrics is not None else None
 
     def count(self, tenant: str, feature: str | None, client: str, now: float) -> None:
-        """One allowed call (the hot path: one tuple and one dict update)."""
-        counts = self._counts
-        key = (tenant, feature or "", client, int(now) // 60 * 60)
-        calls = counts.get(key)
-        if calls is not None:
-            counts[key] = calls + 1
-        elif len(counts) < self.max_buckets:
-            counts[key] = 1
+        """One allowed call (the hot path: a time comparison, one tuple, one dict update)."""
+        if self._start <= now < self._end:
+            minute = self._minute
         else:
-            self.dropped += 1
+            minute = self._roll(now)
+        key = (tenant, feature, client)
+        calls = minute.get(key)
+        if calls is not None:
+            minute[key] = calls + 1
+        else:
+            self._new_bucket(key)
+
+    def _new_bucket(self, key: tuple[str, str | None, str]) -> None:
+        """A first call in a bucket of the current minute: counted while under
+        ``max_buckets`` (in all, or when that bucket is pending from before the clock went
+        back), else dropped."""
+        if len(self._counts) + len(self._minute) >= self.max_buckets:
+            tenant, feature, client = key
+            if (tenant, feature or "", client, int(self._start)) not in self._counts:
+                self.dropped += 1
+                return
+        self._minute[key] = 1
+
+    def _roll(self, now: float) -> dict[tuple[str, str | None, str], int]:
+        """``now`` is in another minute (the next one, or an earlier one if the clock went
+        back): the current minute's buckets join the past ones."""
+        self._fold()
+        start = int(now) // 60 * 60
+        self._start = float(start)
+        self._end = float(start + 60)
+        return self._minute
+
+    def _fold(self) -> None:
+        """Move the current minute's buckets to the past ones (``_minute`` stays the same
+        dict: the request path may hold it)."""
+        minute = self._minute
+        if not minute:
+            return
+        start = int(self._start)
+        counts = self._counts
+        for (tenant, feature, client), calls in minute.items():
+            key = (tenant, feature or "", client, start)
+            counts[key] = counts.get(key, 0) + calls
+        minute.clear()
 
     def pending(self) -> int:
         """Buckets not yet handed to the store."""
+        self._fold()
         return len(self._counts)
 
     async def flush(self) -> bool:
@@ -90,6 +133,7 @@ class UsageMeter:
                 "usage: %d calls not counted (over %d buckets)", self.dropped, self.max_buckets
             )
             self.dropped = 0
+        self._fold()
         if not self._counts:
             return True
         counts, self._counts = self._counts, {}

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.config import Config, load_config
 from gateway.license import KeyRing, LicenseClaims, generate_keypair, load_signing_key, sign_license
 from gateway.matrix import APP_NAMES, TierMatrix, load_matrix
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.state import check_transitions
 from gateway.routes import RouteTable, load_routes
 from gateway.store import TenantStore
 from tests.enforcing import EnforcerWorld
@@ -27,6 +29,12 @@ from tests.redis_server import RedisServer, start_redis
 from tests.stores import Backend, make_backend
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The request path stores an exchange's state unchecked; here every store is checked
+    # against the legal transitions, so a test that reaches an illegal one fails.
+    check_transitions(Exchange)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -88,6 +88,22 @@ async def test_buckets_are_bounded(memory: MemoryStore) -> None:
     assert [(c.feature, c.calls) for c in await memory.usage("acme", M0)] == [("a", 2), ("b", 1)]
 
 
+async def test_buckets_are_bounded_across_minutes_and_a_clock_going_back(
+    memory: MemoryStore,
+) -> None:
+    meter = UsageMeter(memory, max_buckets=2)
+    meter.count("acme", "a", "", M0)
+    meter.count("acme", "a", "", M0 + 60)  # the next minute: a second bucket
+    meter.count("acme", "b", "", M0 + 1)  # the clock went back: a third, not counted
+    meter.count("acme", "a", "", M0 + 2)  # a bucket of that minute still is
+    assert (meter.pending(), meter.dropped) == (2, 1)
+    assert await meter.flush()
+    assert [(c.minute, c.calls) for c in await memory.usage("acme", M0)] == [
+        (M0, 2),
+        (M0 + 60, 1),
+    ]
+
+
 async def test_the_background_task_flushes_and_close_sends_the_rest(memory: MemoryStore) -> None:
     meter = UsageMeter(memory, flush_interval=0.01)
     meter.count("acme", "ops.on_demand", "", M0)

@@ -1,8 +1,10 @@
 """One request/response pair on a client connection: decided by the enforcer, then
 answered here or relayed to an upstream connection, and finished. Where it stands is its
-``State`` (``state.py``, with the diagram); ``to`` is the only place that changes it. The
-other attributes are facts about the two messages' framing and progress (how much body was
-held or sent, how much response written), never "where are we" flags.
+``State`` (``state.py``, with the diagram), changed by a plain store to ``state``: the test
+suite checks every store against the legal transitions (``state.check_transitions``), the
+request path pays nothing for it. The other attributes are facts about the two messages'
+framing and progress (how much body was held or sent, how much response written), never
+"where are we" flags.
 """
 
 from __future__ import annotations
@@ -31,14 +33,12 @@ from gateway.proxy.state import (
     DECIDING,
     DONE,
     DRAINING,
-    NEXT,
     QUEUED,
     RELAYING,
     RESPONDED,
     TUNNEL,
     UPSTREAM_OWES,
     WAITING,
-    State,
 )
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class Exchange:
         "verdict",
         "upstream",
         "upstream_head",
+        "request_id_line",
         "body",
         "held",
         "body_bytes",
@@ -100,6 +101,8 @@ class Exchange:
         self.verdict: Verdict | None = None
         self.upstream: Upstream | None = None
         self.upstream_head = b""
+        # The X-Request-Id line sent upstream and back to the client (empty: classic)
+        self.request_id_line = b""
         self.body: list[bytes] = []  # request body received before the upstream is ready
         self.held = 0  # bytes in ``body``
         self.body_bytes = 0  # request body bytes received in all
@@ -115,10 +118,6 @@ class Exchange:
         self.status = 0  # of the final response, once known
         self.upstream_status: int | None = None  # None: answered here
 
-    def to(self, state: State) -> None:
-        assert state in NEXT[self.state], f"{self.state} -> {state}"
-        self.state = state
-
     @property
     def response_started(self) -> bool:
         return self.state in RESPONDED
@@ -130,13 +129,13 @@ class Exchange:
 
     # ------------------------------------------------------------ deciding
     def begin(self) -> None:
-        self.to(DECIDING)
+        self.state = DECIDING
         down = self.downstream
         started = perf_counter()
         verdict = down.enforcer.check(self.head)
         down.decision_duration.observe(perf_counter() - started)
         if verdict.kind == NEED_TENANT:
-            self.to(AWAIT_TENANT)
+            self.state = AWAIT_TENANT
             self.task = self.loop.create_task(self._after_lookup())
             return
         self.dispatch(verdict)
@@ -148,7 +147,7 @@ class Exchange:
             self.task = None
             if not down.serving(self):
                 return
-            self.to(DECIDING)
+            self.state = DECIDING
             self.dispatch(down.enforcer.check(self.head, fetched=True))
         except Exception:  # a bug of ours or an unexpected store error: answer, never hang
             log.exception("tenant look-up failed")
@@ -170,21 +169,25 @@ class Exchange:
         if kind == COLLECT:
             self._collect()
             return
+        head = self.head
+        if kind != CLASSIC:
+            self.request_id_line = b"X-Request-Id: %s\r\n" % head.request_id.encode()
         self.upstream_head = framing.upstream_head(
-            self.head,
+            head,
             verdict,
             drop=self.framing.drop,
             upgrade=self.framing.upgrade,
             host=down.settings.host_header,
+            request_id_line=self.request_id_line,
         )
-        self.to(AWAIT_UPSTREAM)
+        self.state = AWAIT_UPSTREAM
         down.pool.provide(self)
 
     # ------------------------------------------------------------ answered from the body
     def _collect(self) -> None:
         verdict = self.verdict
         assert verdict is not None
-        self.to(COLLECTING)
+        self.state = COLLECTING
         if self.held > self.downstream.settings.max_buffer:
             # Held while deciding; the verdict's max_body bounds it from here on.
             self.downstream.flow.resume_reading(Pause.BUFFER_FULL)
@@ -230,7 +233,7 @@ class Exchange:
         if self.body_done and self.framing.chunked:
             conn.send(framing.LAST_CHUNK)
         self.last_activity = self.loop.time()
-        self.to(WAITING)
+        self.state = WAITING
 
     def take_body(self) -> list[bytes]:
         """The body held so far (sent or dropped by the caller); reading resumes if holding
@@ -269,7 +272,7 @@ class Exchange:
         self.body_done = True
         state = self.state
         if state is DRAINING:
-            self.to(DONE)
+            self.state = DONE
             self.downstream.finished(self)
         elif state is COLLECTING:
             self._collected()
@@ -309,10 +312,10 @@ class Exchange:
             method=self.head.method,
             extra=verdict.response_headers,
             close=self.close_after or down.tracker.closing,
-            request_id=None if verdict.kind == CLASSIC else self.head.request_id.encode(),
+            request_id_line=self.request_id_line,
         )
         self.status = self.upstream_status = status
-        self.to(RELAYING)
+        self.state = RELAYING
         self.sent += len(head)  # self.write, inline (as in relay_body): per response
         down.write(head)
         if self.head.method == "HEAD":
@@ -348,7 +351,7 @@ class Exchange:
         if not down.serving(self):
             conn.detach()
             return
-        self.to(TUNNEL)
+        self.state = TUNNEL
         self.upstream = None
         conn.open_tunnel()
         assert self.verdict is not None
@@ -372,7 +375,7 @@ class Exchange:
             # A pooled connection the upstream had closed: retry once on a fresh one.
             self.retried = True
             conn.detach()
-            self.to(AWAIT_UPSTREAM)
+            self.state = AWAIT_UPSTREAM
             self.downstream.pool.open_for(self)
             return
         if conn is not None:
@@ -398,7 +401,7 @@ class Exchange:
         if state is RELAYING:
             # Part of the response is already out: the only honest signal is an abort.
             down.report("upstream_error", f"upstream_{kind}", None, self.head.request_id, self.head)
-            self.to(DONE)
+            self.state = DONE
             down.metrics.outcome["upstream_error"].inc()
             self._finished("upstream_error")
             down.abort()
@@ -454,13 +457,13 @@ class Exchange:
         self._finished(outcome)
         down = self.downstream
         if self.close_after or (not self.body_done and not answered):
-            self.to(DONE)
+            self.state = DONE
             down.close()
             return
         if not self.body_done:
-            self.to(DRAINING)  # the rest of the request body is read and dropped
+            self.state = DRAINING  # the rest of the request body is read and dropped
             return
-        self.to(DONE)
+        self.state = DONE
         down.finished(self)
 
     def _finished(self, outcome: str | None) -> None:

@@ -1,7 +1,7 @@
 """Pure framing: the bytes of the upstream request head, of the client response head and of
 the answers the gateway writes itself. No I/O, no state: each function is its inputs.
 
-    upstream_head(head, verdict, drop=[], upgrade=False, host=None)
+    upstream_head(head, verdict, drop=(), upgrade=False, host=None, request_id_line=b"...")
     client_head(200, b"OK", headers, [], version="1.1", method="GET", ...)
     answer(403, body, b"application/problem+json", b"", close=False)
 """
@@ -92,12 +92,14 @@ def upstream_head(
     drop: tuple[bytes, ...],
     upgrade: bool,
     host: bytes | None,
+    request_id_line: bytes,
 ) -> bytes:
     """The request head the upstream receives. Classic requests keep every byte except
     X-Entitlement-* and hop-by-hop headers; the others get the canonical target, the
     ``host`` rewrite (None: the client's Host), one X-Forwarded-For ending in the peer,
-    the request id, and the verdict's X-Entitlement-* lines, without the headers the
-    verdict strips."""
+    the request id (``request_id_line``, the ``X-Request-Id`` line that also goes back to
+    the client: encoded once for both), and the verdict's X-Entitlement-* lines, without
+    the headers the verdict strips."""
     classic = verdict.kind == CLASSIC
     lines = [
         b"%s %s HTTP/1.1\r\n" % (head.method.encode(), head.target if classic else verdict.target)
@@ -123,8 +125,8 @@ def upstream_head(
     if not classic:
         xff = head.forwarded_for
         lines.append(
-            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %s\r\n"
-            % (b"%s, %s" % (xff, head.peer) if xff else head.peer, head.request_id.encode())
+            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n%s"
+            % (b"%s, %s" % (xff, head.peer) if xff else head.peer, request_id_line)
         )
         lines.append(verdict.upstream_headers)
     lines.append(b"\r\n")
@@ -150,12 +152,13 @@ def client_head(
     method: str,
     extra: bytes,
     close: bool,
-    request_id: bytes | None,
+    request_id_line: bytes,
 ) -> ClientHead:
     """The head of a relayed final response: hop-by-hop headers and those the upstream's
     Connection names dropped, ``extra`` (the verdict's response lines) added, and framing
-    the client's HTTP version can read. ``request_id`` (None for classic traffic, which
-    goes back untouched) replaces any X-Request-Id of the upstream's."""
+    the client's HTTP version can read. ``request_id_line`` (the ``X-Request-Id`` line;
+    empty for classic traffic, which goes back untouched) replaces any X-Request-Id of the
+    upstream's."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     has_length = False
     upstream_chunked = False
@@ -171,15 +174,15 @@ def client_head(
                 continue
             if lname == b"content-length":  # never named by Connection (PROTECTED)
                 has_length = True
-            elif request_id is not None:
+            elif request_id_line:
                 continue  # the upstream's X-Request-Id: ours replaces it
         if drop and lname in drop:
             continue
         lines.append(b"%s: %s\r\n" % (name, value))
     if extra:
         lines.append(extra)
-    if request_id is not None:
-        lines.append(b"X-Request-Id: %s\r\n" % request_id)
+    if request_id_line:
+        lines.append(request_id_line)
     body_allowed = method != "HEAD" and status not in NO_BODY_STATUS and status != 101
     until_close = body_allowed and not has_length and not upstream_chunked
     chunked = False
