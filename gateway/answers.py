@@ -211,7 +211,7 @@ class Answers:
         code = decision.code
         kind = _EVENT_OF.get(code, code)
         feature = decision.feature if kind == "feature_block" else None
-        if not self.refusals.admit(kind, tenant, feature, decision.tier):
+        if not self.refusals.admit(kind, tenant, feature, decision.tier, now):
             return
         fields: dict[str, Any] = {}
         if kind == "feature_block":

@@ -171,11 +171,18 @@ class EventLog(Spool):
         return False
 
     def admit_block(
-        self, tenant: str | None, feature: str | None, app: str | None, tier: str | None
+        self,
+        tenant: str | None,
+        feature: str | None,
+        app: str | None,
+        tier: str | None,
+        now: float | None = None,
     ) -> bool:
         """Should this block be written as a ``feature_block`` event? False: it is counted
-        into the interval's ``feature_block_summary`` instead (never lost)."""
-        now = time.time()
+        into the interval's ``feature_block_summary`` instead (never lost). ``now``: the
+        caller's clock reading (wall-clock seconds), if it has one."""
+        if now is None:
+            now = time.time()
         if now >= self._interval_end:
             self._roll(now)
         key = (tenant, feature, tier)

@@ -127,12 +127,19 @@ class RefusalLog:
         if self.admit(kind, fields.get("tenant"), fields.get("feature"), fields.get("tier")):
             self.write(kind, head, rid, revision, **fields)
 
-    def admit(self, kind: str, tenant: str | None, feature: str | None, tier: str | None) -> bool:
+    def admit(
+        self,
+        kind: str,
+        tenant: str | None,
+        feature: str | None,
+        tier: str | None,
+        now: float | None = None,
+    ) -> bool:
         """Is this refusal to be written (``write``)? Sampled per kind; a ``feature_block``
         not written is counted into its summary. Asked before the event's fields are built:
         most blocks of a busy tenant are only counted."""
         if kind == "feature_block":
-            return self.events.admit_block(tenant, feature, self.app, tier)
+            return self.events.admit_block(tenant, feature, self.app, tier, now)
         return self.events.admit(kind)
 
     def write(
