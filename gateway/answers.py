@@ -11,6 +11,7 @@ metric, the problem body (encoded once per distinct refusal) and the refusal eve
 from __future__ import annotations
 
 import time
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -63,6 +64,7 @@ class Answers:
         # What a fast_refusal answers with, by error object and by (reason, detail)
         self._fast: dict[LicenseError | tuple[str, str], _FastAnswer] = {}
         self._admit_invalid = shared.events.admit
+        self._invalid_sampler = shared.events.sampler("license_invalid")
         self._cache_miss = shared.metrics.cache_miss
 
     def public(self, target: bytes, route: Route | None, strip: frozenset[bytes]) -> Verdict:
@@ -368,7 +370,10 @@ class Answers:
             self._cache_miss.n += 1
         rid = head.request_id or request_id()
         route = found.route
-        if self._admit_invalid("license_invalid"):
+        limit, dropped = self._invalid_sampler
+        if limit is not None and monotonic() < limit.empty_until:
+            dropped.n += 1  # sampled out, as admit counts it, without asking it
+        elif self._admit_invalid("license_invalid"):
             self.refusals.write(
                 "license_invalid", head, rid, rules.revision, code=error.reason, route=route,
                 tenant=None, license=None, policy=rules.policy, now=time.time(),

@@ -106,6 +106,9 @@ class LicenseCache:
         self._refused: dict[bytes, tuple[LicenseError, float]] = {}
         # Hash of a signing input -> the verified key's tag (see ``quick_refusal``).
         self._signed: dict[int, int] = {}
+        # The signing input and tag of the last forgery quick_refusal found: a flood of
+        # forgeries reuses one key's claims, and comparing bytes is cheaper than hashing.
+        self._forged: tuple[bytes, int] | None = None
         self._metrics = metrics
         self._budget = TokenBucket(verifications_per_second)
 
@@ -159,18 +162,27 @@ class LicenseCache:
         counted: the caller counts it (``count_refusal``) once it knows the key is not
         classic (a classic key has no dot either).
 
-        A signing input's entry holds a tag of the verified key (8 bits of Python's keyed
-        hash of its signature: a small int, a shared object, so tags cost no memory). Another tag
-        proves another key, refused as a forgery; the same tag (the verified key, or one
-        forgery in 256 by chance, unpredictably) is left to ``resolve``'s digest."""
+        A signing input's entry holds a tag of the verified key: 8 bits of Python's keyed
+        hash of its signature (a small int, a shared object, so tags cost no memory).
+        Another tag proves another key, a forgery; the same tag (the verified key, or one
+        forgery in 256, unpredictably) is left to ``resolve``, which tells them apart."""
         if len(token) > MAX_KEY_BYTES:
             return _TOO_LONG
         cut = token.rfind(b".")
         if cut < 0:
             return _NOT_A_JWS
-        tag = self._signed.get(hash(token[:cut]))
-        if tag is None:
-            return None
+        forged = self._forged
+        if forged is not None and cut == len(forged[0]) and token.startswith(forged[0]):
+            tag = forged[1]
+        else:
+            signing_input = token[:cut]
+            found = self._signed.get(hash(signing_input))
+            if found is None:
+                return None
+            if found == hash(token[cut:]) & _TAG_BITS:
+                return True
+            self._forged = (signing_input, found)
+            return _RESIGNED
         return True if tag == hash(token[cut:]) & _TAG_BITS else _RESIGNED
 
     def count_refusal(self, error: LicenseError) -> LicenseError:
@@ -192,6 +204,7 @@ class LicenseCache:
         self._valid.clear()
         self._refused.clear()
         self._signed.clear()
+        self._forged = None
 
     def __len__(self) -> int:
         return len(self._valid)

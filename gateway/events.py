@@ -170,6 +170,12 @@ class EventLog(Spool):
         self._dropped.n += 1  # Tally.inc, inlined: a flood's refusals are mostly dropped
         return False
 
+    def sampler(self, kind: str) -> tuple[TokenBucket | None, Tally]:
+        """A sampled kind's bucket and the drop counter, for a caller asking many times a
+        second: while ``monotonic() < bucket.empty_until`` its events are dropped (to be
+        counted, ``tally.n += 1``) without asking ``admit``."""
+        return self._limits.get(kind), self._dropped
+
     def admit_block(
         self,
         tenant: str | None,

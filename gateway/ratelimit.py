@@ -19,14 +19,15 @@ from cachetools import LRUCache
 
 
 class TokenBucket:
-    __slots__ = ("rate", "burst", "_tokens", "_refilled", "_empty_until")
+    __slots__ = ("rate", "burst", "_tokens", "_refilled", "empty_until")
 
     def __init__(self, rate: float, burst: float | None = None, now: float | None = None) -> None:
         self.rate = rate  # <= 0: unlimited
         self.burst = rate if burst is None else burst
         self._tokens = self.burst
         self._refilled = monotonic() if now is None else now
-        self._empty_until = -math.inf  # no token before then (take refused one)
+        # No token before then (monotonic seconds; take refused one): read-only outside.
+        self.empty_until = -math.inf
 
     def take(self, now: float | None = None) -> bool:
         """Take one token if there is one. ``now`` (monotonic seconds) is for tests.
@@ -34,7 +35,7 @@ class TokenBucket:
         bucket is empty it is one comparison.)"""
         if now is None:
             now = monotonic()
-        if now < self._empty_until:
+        if now < self.empty_until:
             return False
         if self.rate <= 0:
             return True
@@ -46,7 +47,7 @@ class TokenBucket:
             self._tokens = tokens - 1
             return True
         self._tokens = tokens
-        self._empty_until = now + (1 - tokens) / self.rate
+        self.empty_until = now + (1 - tokens) / self.rate
         return False
 
     def wait(self, now: float | None = None) -> float:

@@ -343,6 +343,52 @@ def test_a_forgery_whose_tag_matches_is_still_refused_without_a_signature_check(
         assert cache.quick_refusal(other).reason == "license_bad_signature"  # type: ignore[union-attr]
 
 
+def test_forgeries_on_several_verified_claims_each_meet_their_own_tag(
+    keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    """The flood path remembers the last forged signing input: forgeries alternating
+    between two tenants' claims, the verified keys between them, and a key whose only dot
+    comes first are each told apart as the long path would."""
+    cache = LicenseCache(keyring, Metrics(), verifications_per_second=1000)
+    valid = [issue_key(serial=n).encode() for n in (1, 2)]
+    for key in valid:
+        assert isinstance(cache.resolve(key), License)
+
+    def forged(key: bytes, n: int) -> bytes:
+        cut = key.rindex(b".")
+        while True:
+            other = key[:cut] + b"." + f"{n:086d}".encode()
+            if hash(other[cut:]) & 0xFF != hash(key[cut:]) & 0xFF:
+                return other
+            n += 1
+
+    for n in range(6):
+        for key in valid:
+            assert cache.quick_refusal(forged(key, n * 1000)).reason == "license_bad_signature"  # type: ignore[union-attr]
+            assert cache.quick_refusal(key) is True
+    assert cache.quick_refusal(b".abc") is None  # for resolve: malformed, not a forgery
+    assert cache.resolve(b".abc").reason == "license_malformed"  # type: ignore[union-attr]
+    cache.clear()  # a new key ring: nothing is known to be forged any more
+    assert cache.quick_refusal(forged(valid[0], 0)) is None
+
+
+async def test_a_flood_samples_its_events_and_counts_the_rest_as_dropped(
+    config: Config, make_world: WorldFactory
+) -> None:
+    """At the sampled rate, as the long path does: the rest counted in
+    ``gateway_events_dropped_total``, none lost from the count."""
+    world = make_world(config, per_second=5)
+    target = "/api/v1/shipments"
+    for n in range(40):
+        head = world.head("GET", target, key=f"not-a-key-{n}", request_id=f"r{n}")
+        assert (await world.decide("operations", head)).status == 401
+    assert world.shared.rules.refusals  # all but the first took the flood path
+    written = world.events("license_invalid")
+    assert 1 <= len(written) <= 6
+    dropped = world.sample("gateway_events_dropped_total", sink="file")
+    assert len(written) + dropped == 40
+
+
 def test_a_verified_key_dropped_from_a_full_cache_verifies_again(
     keyring: KeyRing, issue_key: IssueKey
 ) -> None:
