@@ -501,6 +501,24 @@ def test_a_header_or_payload_has_one_spelling(
             assert reason_of(keyring, token) == "license_malformed", spelling
 
 
+def test_verified_licenses_share_their_repeated_strings(
+    keyring: KeyRing, issue_key: IssueKey
+) -> None:
+    """Issuer, tier, add-ons and key id are one object across cached licenses (RSS with
+    100,000 of them in loadtests/RESULTS.md), and the claims are unchanged."""
+    keys = [issue_key(sub=f"tenant-{n}", tier="fleet", addons=("sms_messaging",)) for n in range(2)]
+    first, second = (keyring.verify(key) for key in keys)
+    assert first.claims.tier is second.claims.tier
+    assert first.claims.iss is second.claims.iss
+    assert first.claims.addons[0] is second.claims.addons[0]
+    assert first.kid is second.kid
+    _, raw = decode_unverified(keys[0])
+    assert msgspec.structs.asdict(first.claims) == {
+        **msgspec.structs.asdict(first.claims),
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()},
+    }
+
+
 # --------------------------------------------------------------------------- interoperability
 
 
