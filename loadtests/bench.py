@@ -1248,7 +1248,10 @@ def how_to_run(targets: list[Target]) -> list[str]:
         "started (by PID, also on Ctrl-C), runs `loadtests/micro.py`, and rewrites this file. "
         "Options: `--duration S` (per run, default 5), `--reps N` (default 3), `--quick` "
         "(1 repetition of 2 s, fewer micro rounds: a smoke test), `--only a,b` (target names "
-        "or prefixes, e.g. `--only gw`), `--connections 16,64`, `--skip-micro`, `--output PATH`.",
+        "or prefixes, e.g. `--only gw`), `--connections 16,64`, `--skip-micro`, `--output PATH`, "
+        "`--baseline COMMIT` (that commit's gateway too, for the before/after table). "
+        "`loadtests/relay_loop.py [--baseline COMMIT]` times the relay without sockets, for a "
+        "quick before/after of a request-path change (not part of this file).",
         "",
         "Method: `wrk -t1 -cN --latency` with a Lua script (method, headers, a `done()` hook "
         "that prints requests, errors and latency percentiles). Every target gets the same "
