@@ -3,8 +3,9 @@ on fake transports, driven through a real ``Runtime`` (its listener's protocol f
 the allowed, blocked and classic requests of ``bench.py``.
 
 No kernel and no load generator, so what is timed is the gateway's own Python per request:
-a before/after comparison of the request path takes a minute and moves by about 1 % from run
-to run, where the CPU column of ``make bench`` needs a quiet machine and nine minutes. It
+a before/after comparison of the request path takes a minute (a few per cent from run to
+run; the table gives each median's range), where the CPU column of ``make bench`` needs a
+quiet machine and nine minutes. It
 reproduces ``make bench``'s before/after gaps in user time (loadtests/ANALYSIS.md), which
 counting instructions (e.g. under cachegrind) does not: most of the gap is cache misses.
 
