@@ -633,7 +633,7 @@ def gateway_toml(
         f'sink = "file://events-{name}.jsonl"',
         "",
     ]
-    if source == REPO:  # the baseline tree's gateway may not know [access_log]
+    if (source / "gateway" / "accesslog.py").exists():  # older gateways do not know it
         # Off like nginx's (access_log off) for every row but gw-allowed-logged, the row
         # that measures what the access log costs.
         logged = name == "gateway-logged"
