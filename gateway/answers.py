@@ -391,12 +391,11 @@ class Answers:
         the error object when it is ``shared`` (a quick refusal's error is one object)."""
         fast = self._fast.get((error.reason, error.detail))
         if fast is None:
-            status = STATUS[error.reason]
+            status = STATUS[error.reason]  # 401, or 503 for license_check_busy
             decision = Decision(
                 allowed=False, status=status, code=error.reason, detail=error.detail
             )
             prefix = self._prefix(decision, rules, None, None)
-            status = 503 if error.reason == "license_check_busy" else 401
             outcome = "rejected" if status == 503 else "unlicensed"
             extra = b"Retry-After: 1\r\n" if status == 503 else b""
             results = self.shared.metrics.license_result

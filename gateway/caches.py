@@ -173,17 +173,18 @@ class LicenseCache:
             return _NOT_A_JWS
         forged = self._forged
         if forged is not None and cut == len(forged[0]) and token.startswith(forged[0]):
-            tag = forged[1]
+            signing_input, tag = None, forged[1]
         else:
             signing_input = token[:cut]
             found = self._signed.get(hash(signing_input))
             if found is None:
                 return None
-            if found == hash(token[cut:]) & _TAG_BITS:
-                return True
-            self._forged = (signing_input, found)
-            return _RESIGNED
-        return True if tag == hash(token[cut:]) & _TAG_BITS else _RESIGNED
+            tag = found
+        if tag == hash(token[cut:]) & _TAG_BITS:
+            return True
+        if signing_input is not None:
+            self._forged = (signing_input, tag)
+        return _RESIGNED
 
     def count_refusal(self, error: LicenseError) -> LicenseError:
         """Count a ``quick_refusal`` as ``resolve`` counts the same refusal."""
