@@ -4,6 +4,7 @@ budget, tenant records) and its answers for one ``RequestHead``."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,18 @@ def _forged(issue_key: IssueKey, n: int) -> bytes:
     header, payload, signature = issue_key(serial=n).split(".")
     other = issue_key(serial=n + 1000).split(".")[2]
     return f"{header}.{payload}.{other}".encode()
+
+
+def _resigned(key: bytes, *, same_tag: bool, start: int = 0) -> bytes:
+    """``key``'s claims with other signature bytes whose 8-bit tag (``LicenseCache``'s
+    keyed hash of the signature) is the key's own, or not."""
+    cut = key.rindex(b".")
+    tag = hash(key[cut:]) & 0xFF
+    for n in itertools.count(start):
+        other = key[:cut] + b"." + f"{n:086d}".encode()
+        if other != key and (hash(other[cut:]) & 0xFF == tag) is same_tag:
+            return other
+    raise AssertionError("unreachable")
 
 
 def test_signature_checks_of_new_keys_are_budgeted(keyring: KeyRing, issue_key: IssueKey) -> None:
@@ -332,15 +345,11 @@ def test_a_forgery_whose_tag_matches_is_still_refused_without_a_signature_check(
     valid = issue_key().encode()
     assert isinstance(cache.resolve(valid), License)  # the one check of the budget
     assert cache.quick_refusal(valid) is True
-    cut = valid.rindex(b".")
-    tag = hash(valid[cut:]) & 0xFF
-    candidates = (valid[:cut] + b"." + f"{n:086d}".encode() for n in range(100_000))
-    forged = next(c for c in candidates if hash(c[cut:]) & 0xFF == tag and c != valid)
+    forged = _resigned(valid, same_tag=True)
     assert cache.quick_refusal(forged) is True  # looks like the verified key to the flood path
     assert cache.resolve(forged).reason == "license_bad_signature"  # type: ignore[union-attr]
-    other = valid[:cut] + b"." + b"B" * 86
-    if hash(other[cut:]) & 0xFF != tag:
-        assert cache.quick_refusal(other).reason == "license_bad_signature"  # type: ignore[union-attr]
+    other = _resigned(valid, same_tag=False)
+    assert cache.quick_refusal(other).reason == "license_bad_signature"  # type: ignore[union-attr]
 
 
 def test_forgeries_on_several_verified_claims_each_meet_their_own_tag(
@@ -353,23 +362,15 @@ def test_forgeries_on_several_verified_claims_each_meet_their_own_tag(
     valid = [issue_key(serial=n).encode() for n in (1, 2)]
     for key in valid:
         assert isinstance(cache.resolve(key), License)
-
-    def forged(key: bytes, n: int) -> bytes:
-        cut = key.rindex(b".")
-        while True:
-            other = key[:cut] + b"." + f"{n:086d}".encode()
-            if hash(other[cut:]) & 0xFF != hash(key[cut:]) & 0xFF:
-                return other
-            n += 1
-
     for n in range(6):
         for key in valid:
-            assert cache.quick_refusal(forged(key, n * 1000)).reason == "license_bad_signature"  # type: ignore[union-attr]
+            forged = _resigned(key, same_tag=False, start=n * 1000)
+            assert cache.quick_refusal(forged).reason == "license_bad_signature"  # type: ignore[union-attr]
             assert cache.quick_refusal(key) is True
     assert cache.quick_refusal(b".abc") is None  # for resolve: malformed, not a forgery
     assert cache.resolve(b".abc").reason == "license_malformed"  # type: ignore[union-attr]
     cache.clear()  # a new key ring: nothing is known to be forged any more
-    assert cache.quick_refusal(forged(valid[0], 0)) is None
+    assert cache.quick_refusal(_resigned(valid[0], same_tag=False)) is None
 
 
 async def test_a_flood_samples_its_events_and_counts_the_rest_as_dropped(
