@@ -16,7 +16,7 @@ exactly what the proxy would do. Reasons come in the fixed order of docs/design.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -117,6 +117,7 @@ class Decision(msgspec.Struct, frozen=True):
 
 
 PUBLIC = Decision(allowed=True, status=200, code="public")
+_NOT_ENTITLED: Final = STATUS["feature_not_entitled"]
 
 
 def _deny(code: str, detail: str, **fields: object) -> Decision:
@@ -220,18 +221,12 @@ def decide(
     feature = route.feature if route is not None else None
     upsell = role != "dispatch_only"
     if feature is not None and feature not in entitlement.features:
-        required, addon = matrix.upgrade_path(tier, feature)
-        return _deny(
-            "feature_not_entitled",
-            f"{matrix.features[feature].title} is not in the {matrix.tiers[tier].title} plan",
-            feature=feature,
-            tier=tier,
-            required_tier=required.name if required else None,
-            addon=addon.name if addon else None,
-            upsell=upsell,
-            license=lic,
-            warning=warning,
-        )
+        detail, required_tier, addon = matrix.missing(tier, feature)
+        # Positional, every field up to the last set: the blocked path's cheapest Struct.
+        return Decision(
+            False, _NOT_ENTITLED, "feature_not_entitled", detail, feature, tier,
+            required_tier, addon, upsell, None, lic, warning,
+        )  # fmt: skip
     if route is not None and route.roles is not None and role not in route.roles:
         return _deny(
             "role_forbidden",

@@ -100,6 +100,7 @@ class TierMatrix:
         "sha",
         "_entitlements",
         "_usable",
+        "_missing",
         "_cheapest_tier",
         "_unlocking_addon",
     )
@@ -118,6 +119,7 @@ class TierMatrix:
         self.lowest_tier = next(iter(self.tiers.values()))
         self._entitlements: dict[tuple[str, tuple[str, ...]], Entitlement] = {}
         self._usable: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+        self._missing: dict[tuple[str, str], tuple[str, str | None, str | None]] = {}
         self._cheapest_tier: dict[str, Tier] = {}
         for tier in self.tiers.values():  # rank order: the first tier seen is the cheapest
             for feature in tier.features:
@@ -180,6 +182,22 @@ class TierMatrix:
     def addon_unlocking(self, tier: str, feature: str) -> Addon | None:
         """The add-on a ``tier`` customer can buy to get ``feature``, if any."""
         return self._unlocking_addon.get((tier, feature))
+
+    def missing(self, tier: str, feature: str) -> tuple[str, str | None, str | None]:
+        """Why ``tier`` lacks ``feature``, as ``decide`` answers it: the detail and the
+        names of ``upgrade_path`` (worked out once per pair: every blocked request asks)."""
+        key = (tier, feature)
+        found = self._missing.get(key)
+        if found is None:
+            required, addon = self.upgrade_path(tier, feature)
+            found = (
+                f"{self.features[feature].title} is not in the {self.tiers[tier].title} plan",
+                required.name if required else None,
+                addon.name if addon else None,
+            )
+            if len(self._missing) < 4096:  # (tier, feature) pairs: few; the cap guards memory
+                self._missing[key] = found
+        return found
 
     def upgrade_path(self, tier: str, feature: str) -> tuple[Tier | None, Addon | None]:
         """What would give a ``tier`` customer ``feature``: the cheapest higher tier that

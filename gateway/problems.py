@@ -83,22 +83,35 @@ def with_request_id(prefix: bytes, rid: str) -> bytes:
     return prefix + _json.encode(rid) + b"}"
 
 
-def with_upgrade(prefix: bytes, upgrade: str, rid: str, feature: str) -> bytes:
-    """A ``problem_prefix(..., last="upgrade")`` completed with the upgrade link of this
-    request (``<upgrade>?from=<request id>&feature=<feature>``, so the page can highlight
-    the feature and link the click to the block) and the request id."""
+# ``with_upgrade``'s parts around the request id, for the caller to cache: the prefix with
+# the link's start, the link's end up to the request id, and the prefix, upgrade URL and
+# feature (for an id that needs quoting).
+UpgradeParts = tuple[bytes, bytes, bytes, str, str]
+
+
+def upgrade_parts(prefix: bytes, upgrade: str, feature: str) -> UpgradeParts:
+    """For ``with_upgrade``: a ``problem_prefix(..., last="upgrade")`` and the upgrade
+    link's URL and feature, with the link's fixed parts encoded once."""
+    return (
+        prefix + _link_start(upgrade),
+        _link_end(feature) + b',"request_id":"',
+        prefix,
+        upgrade,
+        feature,
+    )
+
+
+def with_upgrade(parts: UpgradeParts, rid: str) -> bytes:
+    """An ``upgrade_parts`` body completed with the upgrade link of this request
+    (``<upgrade>?from=<request id>&feature=<feature>``, so the page can highlight the
+    feature and link the click to the block) and the request id."""
     if _URL_SAFE(rid):
         # The common case: an id of unreserved characters needs neither URL quoting nor
         # JSON escaping, so the body is bytes glued to parts encoded once (urlencode and
         # two JSON encodings per refusal were most of its cost).
         id_ = rid.encode()
-        return b'%s%s%s%s,"request_id":"%s"}' % (
-            prefix,
-            _link_start(upgrade),
-            id_,
-            _link_end(feature),
-            id_,
-        )
+        return parts[0] + id_ + parts[1] + id_ + b'"}'
+    _, _, prefix, upgrade, feature = parts
     link = f"{upgrade}?from={quote(rid, safe='')}&feature={_quoted(feature)}"
     return prefix + _json.encode(link) + b',"request_id":' + _json.encode(rid) + b"}"
 

@@ -185,8 +185,9 @@ def _is_status(node: ast.expr) -> bool:
 
 def answer_codes() -> dict[str, str]:
     """Every code the gateway's source can answer with, and one place it comes from: the
-    first argument of ``LicenseError``/``_deny``, and a code right after an HTTP status in a
-    call (``problem(status, code, ...)``, ``ProvisionError(401, code, ...)``) or a tuple."""
+    first argument of ``LicenseError``/``_deny``, the third of a positional ``Decision``,
+    and a code right after an HTTP status in a call (``problem(status, code, ...)``,
+    ``ProvisionError(401, code, ...)``) or a tuple."""
     found: dict[str, str] = {}
     for path in sorted((REPO / "gateway").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -197,6 +198,8 @@ def answer_codes() -> dict[str, str]:
                 name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
                 if name in _CODE_FIRST and node.args:
                     codes = _codes_of(node.args[0], where)
+                elif name == "Decision" and len(node.args) >= 3:  # (allowed, status, code, ...)
+                    codes = _codes_of(node.args[2], where)
                 elif len(node.args) >= 2 and _is_status(node.args[0]):
                     codes = _codes_of(node.args[1], where)
             elif isinstance(node, ast.Tuple) and len(node.elts) >= 2 and _is_status(node.elts[0]):
@@ -221,6 +224,7 @@ def test_the_code_scanner_finds_the_codes_it_must() -> None:
     codes = answer_codes()
     for known in (
         "license_missing",  # _deny
+        "feature_not_entitled",  # Decision(False, status, code, ...)
         "license_bad_signature",  # LicenseError
         "bad_request",  # a (status, code, title) tuple
         "upstream_timeout",  # f"upstream_{kind}"

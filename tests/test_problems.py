@@ -9,7 +9,7 @@ from urllib.parse import quote
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.problems import problem_prefix, with_upgrade
+from gateway.problems import problem_prefix, upgrade_parts, with_upgrade
 
 PREFIX = problem_prefix(
     403, "feature_not_entitled", "Feature not in plan", "no", last="upgrade", feature="f"
@@ -25,7 +25,7 @@ UNRESERVED = st.text("abcXYZ019._~-", min_size=1, max_size=20)
 def test_the_upgrade_link_names_the_request_and_the_feature_quoted(
     upgrade: str, rid: str, feature: str
 ) -> None:
-    body = json.loads(with_upgrade(PREFIX, upgrade, rid, feature))
+    body = json.loads(with_upgrade(upgrade_parts(PREFIX, upgrade, feature), rid))
     link = f"{upgrade}?from={quote(rid, safe='')}&feature={quote(feature, safe='')}"
     assert body["upgrade"] == link
     assert body["request_id"] == rid
