@@ -128,6 +128,7 @@ class Enforcer:
         self.shared = shared
         self.classic = ClassicRules.for_app(config, app)
         self._is_classic = self.classic.keys.matches
+        self._classic_from_store = self.classic.from_store
         self.metrics: AppMetrics = shared.metrics.for_app(app)
         self.answers = Answers(app, shared)
         self.candidates = CandidateLog(app, shared)
@@ -152,28 +153,34 @@ class Enforcer:
                 400, "bad_header", "Bad request header", head.bad_header, head
             )
         token = head.license_key
-        classify_key = token
-        if token is not None and rules.refusals:
-            # A flood of bad keys at one target: answered before the path is looked at.
-            found = rules.refusals.get((self.app, head.method, head.target))
-            if found is not None:
-                # Most flood keys are refused here without a digest; the key verified
-                # before (its signing input's tag matches) takes the usual path.
-                licenses = self.shared.licenses
-                quick = licenses.quick_refusal(token)
-                if quick is not True and not self._is_classic(token):
-                    unidentified = self.shared.identifier.mode == "unconfigured"
-                    if quick is not None:
-                        if unidentified or self._identity_passes(head):
-                            return self.answers.fast_refusal(head, quick, found, rules, True)
-                        head.presented = licenses.count_refusal(quick)
-                    else:
-                        refused = head.presented = licenses.resolve(token)
-                        if refused.__class__ is LicenseError and (
-                            unidentified or self._identity_passes(head)
-                        ):
-                            return self.answers.fast_refusal(head, refused, found, rules)
-                    classify_key = None  # known not to be classic: classify need not ask again
+        classify_key = None  # the key, for classify to ask about: one that looks classic
+        if token is not None:
+            if self._is_classic(token):
+                if not self._classic_from_store:
+                    # classify's first step, taken here: classic traffic pays for no more
+                    self.metrics.classic.inc()
+                    return _CLASSIC_VERDICT
+                classify_key = token  # classify says whether to ask the store
+            elif rules.refusals:
+                # A flood of bad keys at one target: answered before the path is looked at.
+                found = rules.refusals.get((self.app, head.method, head.target))
+                if found is not None:
+                    # Most flood keys are refused here without a digest; the key verified
+                    # before (its signing input's tag matches) takes the usual path.
+                    licenses = self.shared.licenses
+                    quick = licenses.quick_refusal(token)
+                    if quick is not True:
+                        unidentified = self.shared.identifier.mode == "unconfigured"
+                        if quick is not None:
+                            if unidentified or self._identity_passes(head):
+                                return self.answers.fast_refusal(head, quick, found, rules, True)
+                            head.presented = licenses.count_refusal(quick)
+                        else:
+                            refused = head.presented = licenses.resolve(token)
+                            if refused.__class__ is LicenseError and (
+                                unidentified or self._identity_passes(head)
+                            ):
+                                return self.answers.fast_refusal(head, refused, found, rules)
         app_routes = rules.routes.apps[self.app]
         step = classify(self.classic, app_routes, head.method, head.target, classify_key)
         if step.kind != ROUTED:
