@@ -102,20 +102,12 @@ class Answers:
         if decision.warning is not None:
             warning = b"X-License-Warning: %s\r\n" % decision.warning.encode()
         route = found.route
-        # Every field at once: a Struct sets them in C, an attribute store after costs more.
+        path, name = (None, None) if route is None else (route.path, route.name)
+        # Every field at once and in order: positional is the cheapest way to build a Struct.
         return Verdict(
-            FORWARD,
-            target=target,
-            upstream_headers=headers,
-            response_headers=warning,
-            strip=strip,
-            route=route.path if route is not None else None,
-            route_name=route.name if route is not None else None,
-            feature=decision.feature,
-            tenant=tenant,
-            tier=decision.tier,
-            code="allowed",
-        )
+            FORWARD, 0, b"", target, headers, warning, "allowed", PROBLEM_JSON, strip, False, 0,
+            path, name, decision.feature, tenant, decision.tier, "allowed",
+        )  # fmt: skip
 
     def seat_decision(
         self, admission: Admission, allowed: Decision, role: str | None, rules: Rules

@@ -9,6 +9,7 @@ the answers the gateway writes itself. No I/O, no state: each function is its in
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 from gateway.enforcer import CLASSIC, RequestHead, Verdict, problem
 
@@ -26,10 +27,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 NO_BODY_STATUS = frozenset({204, 304})
-# X-Entitlement-* and its spellings with '_' (one C-level startswith per header name)
+# X-Entitlement-* and its spellings with '_' (one C-level startswith per header name,
+# asked only of names beginning with an "x": the first byte is a cheaper test)
 ENTITLEMENT_PREFIXES = tuple(
     b"x%sentitlement%s" % (a, b) for a in (b"-", b"_") for b in (b"-", b"_")
 )
+_X: Final = ord("x")
 # What a WebSocket upgrade sends upstream in place of the client's Connection and Upgrade
 # headers, whose extra tokens could make a further hop drop the X-Entitlement-* headers.
 WEBSOCKET_UPGRADE = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -111,7 +114,7 @@ def upstream_head(
             if lname == b"transfer-encoding":
                 lines.append(b"%s: %s\r\n" % (name, value))  # we re-chunk: still true
             continue
-        if lname.startswith(ENTITLEMENT_PREFIXES) or (drop and lname in drop):
+        if (lname[0] == _X and lname.startswith(ENTITLEMENT_PREFIXES)) or (drop and lname in drop):
             continue
         if not classic:
             if lname in REPLACED or (strip and lname in strip):
