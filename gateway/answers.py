@@ -2,7 +2,8 @@
 the outcome — forward (licensed, public) or answer here (a denial by ``decide``, or a
 refusal before it: bad header, path, identity, tenant mismatch, store outage) — with the
 metric, the problem body (encoded once per distinct refusal) and the refusal event
-(``gateway.refusals``) that go with each.
+(``gateway.refusals``) that go with each. (Longer than ~500 lines: one method per kind of
+answer, each building its verdict, metric and event together, so no answer is half here.)
 
     answers = Answers("operations", shared)
     verdict = answers.deny(head, decision, rules, role, user, tenant, found, now)
