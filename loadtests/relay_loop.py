@@ -11,6 +11,12 @@ counting instructions (e.g. under cachegrind) does not: most of the gap is cache
 
     python loadtests/relay_loop.py                      # this tree
     python loadtests/relay_loop.py --baseline e9b96f6   # and that commit's, interleaved
+    python loadtests/relay_loop.py --bytecodes --baseline e9b96f6   # counted, not timed
+
+``--bytecodes`` counts the Python bytecodes each request executes (a tracer, after the
+warm-up), split into the relay (``gateway/proxy/``; a tree from before the package: its
+``proxy.py``), the rest of ``gateway/`` (the enforcer, answers, events, ...) and the
+harness: exact from run to run, so a change's cost is read in one run, without noise.
 
 Each (tree, request) runs in a fresh interpreter pinned to one CPU (``--cpu``), imports the
 tree's ``gateway`` (``PYTHONPATH``), warms up, then times ``--rounds`` rounds of
@@ -100,9 +106,15 @@ class _FakeServer:
 
 
 async def _child(
-    config: Path, request: bytes, expect: bytes, requests: int, rounds: int
-) -> list[float]:
-    """In the child: start the runtime on fake listeners; µs of CPU per request per round."""
+    config: Path,
+    request: bytes,
+    expect: bytes,
+    requests: int,
+    rounds: int,
+    count: bool = False,
+) -> Any:
+    """In the child: start the runtime on fake listeners; µs of CPU per request per round
+    (``count``: bytecodes per request instead, by side and by function)."""
     loop = asyncio.get_running_loop()
     factories: list[Any] = []
     upstreams: list[tuple[Any, FakeTransport]] = []
@@ -153,6 +165,8 @@ async def _child(
         reply = await one()
     if not reply.startswith(expect):
         raise SystemExit(f"relay_loop: expected {expect!r}, got {reply[:200]!r}")
+    if count:
+        return await _count_bytecodes(one, requests)
     results = []
     for _ in range(rounds):
         start = time.thread_time_ns()
@@ -160,6 +174,49 @@ async def _child(
             await one()
         results.append((time.thread_time_ns() - start) / requests / 1000)
     return results
+
+
+async def _count_bytecodes(one: Any, requests: int) -> dict[str, Any]:
+    """Bytecodes per request of ``requests`` calls of ``one``, by side (``SIDES``) and by
+    function (the gateway's own, ``file:function``)."""
+    root = str(Path(os.environ["PYTHONPATH"]).resolve()) + "/"
+    counts: dict[tuple[str, str], int] = {}
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        code = frame.f_code
+        key = (code.co_filename.removeprefix(root), code.co_name)
+
+        def opcode(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                counts[key] = counts.get(key, 0) + 1
+            return opcode
+
+        return opcode
+
+    sys.settrace(tracer)
+    try:
+        for _ in range(requests):
+            await one()
+    finally:
+        sys.settrace(None)
+    sides = dict.fromkeys(SIDES, 0.0)
+    functions: dict[str, float] = {}
+    for (filename, name), n in counts.items():
+        sides[_side(filename)] += n / requests
+        if filename.startswith("gateway/"):
+            functions[f"{filename}:{name}"] = n / requests
+    return {"sides": sides, "functions": functions}
+
+
+SIDES = ("relay", "gateway", "harness")
+
+
+def _side(filename: str) -> str:
+    if filename.startswith(("gateway/proxy/", "gateway/proxy.py")):
+        return "relay"
+    return "gateway" if filename.startswith("gateway/") else "harness"
 
 
 def _request(kind: str, keys: dict[str, str]) -> bytes:
@@ -178,17 +235,18 @@ def _configure(folder: Path, source: Path, keys_from: Path) -> Path:
     return bench.gateway_toml(folder, "gateway", ports, 5, "memory://", source)
 
 
-def _run_child(tree: Path, config: Path, kind: str, keys: dict[str, str], args: Any) -> list[float]:
+def _run_child(tree: Path, config: Path, kind: str, keys: dict[str, str], args: Any) -> Any:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(config), kind]
     argv += ["--requests", str(args.requests), "--rounds", str(args.rounds)]
+    if args.bytecodes:
+        argv.append("--bytecodes")
     if args.cpu is not None and shutil.which("taskset"):
         argv = ["taskset", "-c", str(args.cpu), *argv]
     env = {**os.environ, "PYTHONPATH": str(tree), "RELAY_LOOP_KEYS": json.dumps(keys)}
     done = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"relay_loop: {kind} in {tree} failed:\n{done.stderr[-2000:]}")
-    rounds: list[float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return rounds
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -199,6 +257,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000, help="per round (20,000)")
     parser.add_argument("--cpu", type=int, default=1, help="pin each run to this CPU (1)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="allowed,blocked,classic")
+    parser.add_argument(
+        "--bytecodes", action="store_true", help="count bytecodes per request instead of timing"
+    )
+    parser.add_argument("--top", type=int, default=0, help="with --bytecodes: list N functions")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -206,8 +268,10 @@ def main() -> None:
         config, kind = Path(args.child[0]), args.child[1]
         expect = b"HTTP/1.1 403" if kind == "blocked" else b"HTTP/1.1 200"
         request = _request(kind, keys)
-        rounds = asyncio.run(_child(config, request, expect, args.requests, args.rounds))
-        print(json.dumps(rounds))
+        measured = asyncio.run(
+            _child(config, request, expect, args.requests, args.rounds, args.bytecodes)
+        )
+        print(json.dumps(measured))
         return
     kinds = [kind for kind in args.kinds.split(",") if kind]
     if not kinds or set(kinds) - set(KINDS):
@@ -219,6 +283,14 @@ def main() -> None:
         if args.baseline:
             base, label = bench.export_tree(args.baseline, folder)
             trees[f"baseline {label}"] = (base, _configure(folder / "base", base, folder))
+        if args.bytecodes:
+            counted = {
+                (name, kind): _run_child(tree, config, kind, keys, args)
+                for kind in kinds
+                for name, (tree, config) in trees.items()
+            }
+            _print_bytecodes(counted, kinds, list(trees), args.top)
+            return
         runs: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.reps):
             for kind in kinds:
@@ -235,6 +307,24 @@ def main() -> None:
             values = runs[(name, kind)]
             cells.append(f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})")
         print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+def _print_bytecodes(
+    counted: dict[tuple[str, str], dict[str, Any]], kinds: list[str], names: list[str], top: int
+) -> None:
+    print("| request | tree | relay (gateway/proxy) | rest of gateway/ | harness | total |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kind in kinds:
+        for name in names:
+            sides = counted[(name, kind)]["sides"]
+            cells = [f"{sides[side]:,.0f}" for side in SIDES]
+            print(f"| {kind} | {name} | {' | '.join(cells)} | {sum(sides.values()):,.0f} |")
+    if top:
+        for (name, kind), found in counted.items():
+            print(f"\n{kind}, {name}: the {top} functions of gateway/ with the most bytecodes")
+            ranked = sorted(found["functions"].items(), key=lambda item: -item[1])
+            for function, n in ranked[:top]:
+                print(f"  {n:8.1f}  {function}")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,30 @@ def test_relay_loop_times_the_three_requests_of_this_tree() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["allowed", "blocked", "classic"]
+
+
+def test_relay_loop_counts_the_bytecodes_of_a_request_by_side() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "loadtests" / "relay_loop.py"),
+            "--bytecodes",
+            "--kinds",
+            "classic",
+            "--requests",
+            "20",
+            "--top",
+            "3",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| classic |"))
+    relay, rest, harness, total = (int(cell.replace(",", "")) for cell in row.split("|")[3:7])
+    # A classic request is relayed, not decided: the relay's bytecodes are most of it.
+    assert relay > rest and relay > 500
+    assert total == relay + rest + harness or abs(total - (relay + rest + harness)) <= 2
+    assert "gateway/proxy/" in done.stdout  # the functions listed are named by file
