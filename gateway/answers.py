@@ -44,8 +44,12 @@ if TYPE_CHECKING:
 
 _encode: Final = msgspec.json.encode
 _KEEP_ALL: Final[frozenset[bytes]] = frozenset()  # request headers not to forward: none
-# Body prefix, status, extra headers, outcome, and the outcome's and the key result's tallies
-_FastAnswer = tuple[bytes, int, bytes, str, "Tally", "Tally"]
+# Body prefix, status, extra headers, outcome, and the tally of what the answer counts (the
+# outcome; for a quick refusal also the key result and the cache miss, in one JointTally)
+_FastAnswer = tuple[bytes, int, bytes, str, "Tally"]
+# A target where every refused key gets the same answer (Rules.refusals): its route look-up,
+# and the route's pattern and name for the access log (None, None: no route matched).
+RefusalTarget = tuple[RouteMatch, str | None, str | None]
 
 # The event a decision's refusal code is reported as (the others: the code itself).
 _EVENT_OF: Final = {
@@ -65,11 +69,12 @@ class Answers:
         self.refusals = RefusalLog(shared.events, app)
         self._bodies: dict[tuple[Any, ...], bytes] = {}
         self._upgrades: dict[tuple[Any, ...], UpgradeParts] = {}  # feature blocks' bodies
-        # What a fast_refusal answers with, by error object and by (reason, detail)
-        self._fast: dict[LicenseError | tuple[str, str], _FastAnswer] = {}
+        # What a fast_refusal answers with, by (reason, detail); a quick refusal's (its
+        # error is one shared object), by the error
+        self._fast: dict[tuple[str, str], _FastAnswer] = {}
+        self._fast_quick: dict[LicenseError, _FastAnswer] = {}
         self._admit_invalid = shared.events.admit
-        self._invalid_sampler = shared.events.sampler("license_invalid")
-        self._cache_miss = shared.metrics.cache_miss
+        self._invalid_limit, self._invalid_dropped = shared.events.sampler("license_invalid")
 
     def public(self, target: bytes, route: Route | None, strip: frozenset[bytes]) -> Verdict:
         return Verdict(
@@ -374,7 +379,7 @@ class Answers:
         self,
         head: RequestHead,
         error: LicenseError,
-        found: RouteMatch,
+        target: RefusalTarget,
         rules: Rules,
         quick: bool = False,
     ) -> Verdict:
@@ -384,33 +389,30 @@ class Answers:
         answer. What does not change from one refusal to the next is looked up once per
         distinct refusal, and the verdict built with all its fields at once: a flood pays
         this for every key."""
-        fast = self._fast.get(error) or self._fast_answer(error, rules, quick)
-        prefix, status, extra, outcome, tally, result = fast
+        fast = (quick and self._fast_quick.get(error)) or self._fast_answer(error, rules, quick)
+        prefix, status, extra, outcome, tally = fast
         tally.n += 1  # Tally.inc, inlined
-        if quick:
-            result.n += 1
-            self._cache_miss.n += 1
         rid = head.request_id or request_id()
-        route = found.route
-        limit, dropped = self._invalid_sampler
+        found, path, name = target
+        limit = self._invalid_limit
         if limit is not None and monotonic() < limit.empty_until:
-            dropped.n += 1  # sampled out, as admit counts it, without asking it
+            self._invalid_dropped.n += 1  # sampled out, as admit counts it, without asking it
         elif self._admit_invalid("license_invalid"):
             self.refusals.write(
-                "license_invalid", head, rid, rules.revision, code=error.reason, route=route,
-                tenant=None, license=None, policy=rules.policy, now=time.time(),
-                reason=error.reason, detail=error.detail,
+                "license_invalid", head, rid, rules.revision, code=error.reason,
+                route=found.route, tenant=None, license=None, policy=rules.policy,
+                now=time.time(), reason=error.reason, detail=error.detail,
             )  # fmt: skip
-        path, name = (None, None) if route is None else (route.path, route.name)
         # Every field in order: positional is the cheapest way to build a Struct.
         return Verdict(
             RESPOND, status, prefix + _encode(rid) + b"}", b"", b"", extra, outcome,
             PROBLEM_JSON, _KEEP_ALL, False, 0, path, name, None, None, None, error.reason,
         )  # fmt: skip
 
-    def _fast_answer(self, error: LicenseError, rules: Rules, shared: bool) -> _FastAnswer:
-        """What every ``fast_refusal`` with this error shares, by reason and detail; and by
-        the error object when it is ``shared`` (a quick refusal's error is one object)."""
+    def _fast_answer(self, error: LicenseError, rules: Rules, quick: bool) -> _FastAnswer:
+        """What every ``fast_refusal`` with this error shares, by reason and detail; for a
+        ``quick`` refusal (whose key result and cache miss ``resolve`` did not count), with
+        all three counts in one tally, kept by the error object."""
         fast = self._fast.get((error.reason, error.detail))
         if fast is None:
             status = STATUS[error.reason]  # 401, or 503 for license_check_busy
@@ -420,12 +422,15 @@ class Answers:
             prefix = self._prefix(decision, rules, None, None)
             outcome = "rejected" if status == 503 else "unlicensed"
             extra = b"Retry-After: 1\r\n" if status == 503 else b""
-            results = self.shared.metrics.license_result
-            tallies = (self.metrics.outcome[outcome], results[error.reason])
-            fast = (prefix, status, extra, outcome, *tallies)
+            fast = (prefix, status, extra, outcome, self.metrics.outcome[outcome])
             bounded_put(self._fast, (error.reason, error.detail), fast, 1024)
-        if shared:
-            bounded_put(self._fast, error, fast, 1024)
+        if quick:
+            metrics = self.shared.metrics
+            counts = metrics.joint_tally(
+                fast[4], metrics.license_result[error.reason], metrics.cache_miss
+            )
+            fast = (*fast[:4], counts)
+            bounded_put(self._fast_quick, error, fast, 1024)
         return fast
 
     def identity_refusal(

@@ -108,7 +108,8 @@ class LicenseCache:
         self._signed: dict[int, int] = {}
         # The signing input and tag of the last forgery quick_refusal found: a flood of
         # forgeries reuses one key's claims, and comparing bytes is cheaper than hashing.
-        self._forged: tuple[bytes, int] | None = None
+        self._forged: bytes | None = None
+        self._forged_tag = 0
         self._metrics = metrics
         self._budget = TokenBucket(verifications_per_second)
 
@@ -175,8 +176,8 @@ class LicenseCache:
         if cut < 0:
             return _NOT_A_JWS
         forged = self._forged
-        if forged is not None and cut == len(forged[0]) and token.startswith(forged[0]):
-            signing_input, tag = None, forged[1]
+        if forged is not None and cut == len(forged) and token.startswith(forged):
+            signing_input, tag = None, self._forged_tag
         else:
             signing_input = token[:cut]
             found = self._signed.get(hash(signing_input))
@@ -186,7 +187,7 @@ class LicenseCache:
         if tag == hash(token[cut:]) & _TAG_BITS:
             return True
         if signing_input is not None:
-            self._forged = (signing_input, tag)
+            self._forged, self._forged_tag = signing_input, tag
         return _RESIGNED
 
     def count_refusal(self, error: LicenseError) -> LicenseError:

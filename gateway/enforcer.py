@@ -22,7 +22,7 @@ from typing import Final
 
 import msgspec
 
-from gateway.answers import Answers
+from gateway.answers import Answers, RefusalTarget
 from gateway.attribution import Attribution
 from gateway.caches import (
     NO_TENANT,
@@ -51,7 +51,7 @@ from gateway.problems import (
     request_id,
 )
 from gateway.rollout import PLAIN, Rollout, host_denial
-from gateway.routes import NO_MATCH, Match, RouteMatch, RouteTable
+from gateway.routes import NO_MATCH, Match, RouteTable
 from gateway.seats import KNOWN, SEAT_KINDS, SeatBook
 from gateway.store import TenantStore
 from gateway.usage import UsageMeter, client_id
@@ -114,10 +114,10 @@ class Rules:
         self.policy = policy
         self.rollout = rollout  # enforcement modes, cohort, candidate, host features
         self.revision = f"{routes.sha}/{matrix.sha}"
-        # (app, method, target) -> the route look-up, for targets where any refused license
-        # key is answered 401 with the key's reason (see Enforcer._fast_refusal). Per
-        # Rules: a reload starts it empty.
-        self.refusals: dict[tuple[str, str, bytes], RouteMatch] = {}
+        # (app, method, target) -> the route look-up (with its route's pattern and name, for
+        # the access log), for targets where any refused license key is answered 401 with
+        # the key's reason (see Answers.fast_refusal). Per Rules: a reload starts it empty.
+        self.refusals: dict[tuple[str, str, bytes], RefusalTarget] = {}
 
 
 class Enforcer:
@@ -140,6 +140,9 @@ class Enforcer:
         # jwt mode, public route: no identity needed, but clients' identity headers never
         # reach the upstream
         self._no_identity = Identity(None, None, None, "none", shared.identifier.identity_headers)
+        # No [identity] section: the flood path needs no identification ([identity] is read
+        # at start-up only).
+        self._unidentified = shared.identifier.mode == "unconfigured"
 
     # ------------------------------------------------------------------ the request path
     def check(self, head: RequestHead, fetched: bool = False) -> Verdict:
@@ -163,24 +166,24 @@ class Enforcer:
                 classify_key = token  # classify says whether to ask the store
             elif rules.refusals:
                 # A flood of bad keys at one target: answered before the path is looked at.
-                found = rules.refusals.get((self.app, head.method, head.target))
-                if found is not None:
+                target = rules.refusals.get((self.app, head.method, head.target))
+                if target is not None:
                     # Most flood keys are refused here without a digest; the key verified
                     # before (its signing input's tag matches) takes the usual path.
                     licenses = self.shared.licenses
                     quick = licenses.quick_refusal(token)
                     if quick is not True:
-                        unidentified = self.shared.identifier.mode == "unconfigured"
+                        unidentified = self._unidentified
                         if quick is not None:
                             if unidentified or self._identity_passes(head):
-                                return self.answers.fast_refusal(head, quick, found, rules, True)
+                                return self.answers.fast_refusal(head, quick, target, rules, True)
                             head.presented = licenses.count_refusal(quick)
                         else:
                             refused = head.presented = licenses.resolve(token)
                             if refused.__class__ is LicenseError and (
                                 unidentified or self._identity_passes(head)
                             ):
-                                return self.answers.fast_refusal(head, refused, found, rules)
+                                return self.answers.fast_refusal(head, refused, target, rules)
         app_routes = rules.routes.apps[self.app]
         step = classify(self.classic, app_routes, head.method, head.target, classify_key)
         if step.kind != ROUTED:
@@ -348,7 +351,8 @@ class Enforcer:
             and len(rules.refusals) < REFUSAL_TARGETS
         ):
             # Any other refused key would get the same answer here: remember the target.
-            rules.refusals[(self.app, head.method, head.target)] = found
+            path, name = (None, None) if route is None else (route.path, route.name)
+            rules.refusals[(self.app, head.method, head.target)] = (found, path, name)
         return self.answers.deny(head, decision, rules, role, user, tenant_id, found, now)
 
     def _identify(

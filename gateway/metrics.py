@@ -90,6 +90,24 @@ class Tally:
             self.n = 0
 
 
+class JointTally(Tally):
+    """A ``Tally`` whose count goes to several prometheus children: one add on the hot path
+    for counts that always move together (a flood key's outcome, key result and cache
+    miss)."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, children: tuple[Any, ...]) -> None:
+        super().__init__(children[0])
+        self._children = children
+
+    def flush(self) -> None:
+        if self.n:
+            for child in self._children:
+                child.inc(self.n)
+            self.n = 0
+
+
 class FastHistogram:
     """A histogram child for the hot path: a bisect and two adds per observation."""
 
@@ -186,6 +204,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self._fast: list[Tally | FastHistogram] = []
         self._by_child: dict[int, Tally | FastHistogram] = {}
+        self._joint: dict[tuple[int, ...], Tally] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -283,6 +302,17 @@ class Metrics:
         if not isinstance(found, Tally):
             found = Tally(child)
             self._by_child[id(child)] = found
+            self._fast.append(found)
+        return found
+
+    def joint_tally(self, *tallies: Tally) -> Tally:
+        """One hot-path counter that counts into the children of all ``tallies`` (one per
+        combination)."""
+        children = tuple(tally._child for tally in tallies)
+        key = tuple(id(child) for child in children)
+        found = self._joint.get(key)
+        if found is None:
+            found = self._joint[key] = JointTally(children)
             self._fast.append(found)
         return found
 
