@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.matrix import APP_NAMES
-from gateway.metrics import WorkerProcessesCollector
+from gateway.metrics import Metrics, WorkerProcessesCollector
 from tests.conftest import IssueKey
 from tests.harness import EchoUpstream, Gateway, free_port, running_gateway
 
@@ -390,3 +390,24 @@ async def test_readyz_is_503_when_an_upstream_goes_down(
     assert body["upstreams"]["operations"] is False
     async with client.get(gateway.admin_url("/healthz")) as response:
         assert response.status == 200
+
+
+def test_a_joint_tally_counts_into_every_child_it_joins() -> None:
+    """``Metrics.joint_tally``: one hot-path add for counts that always move together (the
+    flood path's outcome, key result and cache miss), each series counted at flush, next
+    to what the children's own tallies count."""
+    metrics = Metrics()
+    miss, forged = metrics.cache_miss, metrics.license_result["license_bad_signature"]
+    joint = metrics.joint_tally(miss, forged)
+    assert metrics.joint_tally(miss, forged) is joint  # one per combination
+    joint.n += 3
+    miss.inc()
+    metrics.flush()
+    registry = metrics.registry
+    assert registry.get_sample_value("gateway_license_cache_total", {"result": "miss"}) == 4
+    checks = registry.get_sample_value(
+        "gateway_license_checks_total", {"result": "license_bad_signature"}
+    )
+    assert checks == 3
+    metrics.flush()  # counted once: the tally is empty after a flush
+    assert registry.get_sample_value("gateway_license_cache_total", {"result": "miss"}) == 4
