@@ -161,7 +161,7 @@ class Enforcer:
             if self._is_classic(token):
                 if not self._classic_from_store:
                     # classify's first step, taken here: classic traffic pays for no more
-                    self.metrics.classic.inc()
+                    self.metrics.classic.n += 1  # Tally.inc, inlined
                     return _CLASSIC_VERDICT
                 classify_key = token  # classify says whether to ask the store
             elif rules.refusals:

@@ -19,6 +19,7 @@ import importlib
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from sys import intern
 from typing import Any, Literal
@@ -322,11 +323,14 @@ class ClassicKeys:
     no key with a dot (``dotless``, the default pattern's case: a signed key has two),
     and keys of ``lengths`` characters only (29 for the default pattern)."""
 
-    __slots__ = ("_match", "dotless", "lengths")
+    __slots__ = ("_match", "dotless", "lengths", "_sizes")
 
     def __init__(self, pattern: str = DEFAULT_CLASSIC_PATTERN) -> None:
         self._match = re.compile(pattern).fullmatch
         self.dotless, self.lengths = _pattern_shape(pattern)
+        low, high = self.lengths
+        # The same bounds as a range: ``in`` a range is one C-level test
+        self._sizes = range(low, sys.maxsize if high == math.inf else int(high) + 1)
 
     def is_classic(self, key: str) -> bool:
         return self._match(key) is not None
@@ -335,8 +339,7 @@ class ClassicKeys:
         """``is_classic`` for a header value as sent (bytes read as latin-1)."""
         if self.dotless and _DOT in key:
             return False
-        low, high = self.lengths
-        if not low <= len(key) <= high:
+        if len(key) not in self._sizes:
             return False
         return self._match(key.decode("latin-1")) is not None
 

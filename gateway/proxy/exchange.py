@@ -113,7 +113,7 @@ class Exchange:
         self.retried = False
         self.task: asyncio.Task[None] | None = None
         self.started = perf_counter()
-        self.last_activity = self.loop.time()
+        self.last_activity = 0.0  # (read only once attached: attach sets it)
         self.sent = 0  # response bytes written to the client
         self.status = 0  # of the final response, once known
         self.upstream_status: int | None = None  # None: answered here
@@ -453,7 +453,7 @@ class Exchange:
         """The response is fully written."""
         if not answered:
             assert outcome is not None
-            self.downstream.metrics.outcome[outcome].inc()
+            self.downstream.metrics.outcome[outcome].n += 1  # Tally.inc, inlined: per response
         self._finished(outcome)
         down = self.downstream
         if self.close_after or (not self.body_done and not answered):
