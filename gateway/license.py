@@ -16,7 +16,6 @@ import base64
 import binascii
 import hashlib
 import importlib
-import math
 import os
 import re
 import sys
@@ -321,16 +320,14 @@ class ClassicKeys:
     Every request with a key asks, so ``matches`` tells most signed and malformed keys
     apart without running the pattern, from what the parsed pattern says it can match:
     no key with a dot (``dotless``, the default pattern's case: a signed key has two),
-    and keys of ``lengths`` characters only (29 for the default pattern)."""
+    and keys whose length is in ``sizes`` only (29 for the default pattern; a range:
+    ``in`` it is one C-level test)."""
 
-    __slots__ = ("_match", "dotless", "lengths", "_sizes")
+    __slots__ = ("_match", "dotless", "sizes")
 
     def __init__(self, pattern: str = DEFAULT_CLASSIC_PATTERN) -> None:
         self._match = re.compile(pattern).fullmatch
-        self.dotless, self.lengths = _pattern_shape(pattern)
-        low, high = self.lengths
-        # The same bounds as a range: ``in`` a range is one C-level test
-        self._sizes = range(low, sys.maxsize if high == math.inf else int(high) + 1)
+        self.dotless, self.sizes = _pattern_shape(pattern)
 
     def is_classic(self, key: str) -> bool:
         return self._match(key) is not None
@@ -339,23 +336,23 @@ class ClassicKeys:
         """``is_classic`` for a header value as sent (bytes read as latin-1)."""
         if self.dotless and _DOT in key:
             return False
-        if len(key) not in self._sizes:
+        if len(key) not in self.sizes:
             return False
         return self._match(key.decode("latin-1")) is not None
 
 
-def _pattern_shape(pattern: str) -> tuple[bool, tuple[int, float]]:
-    """(no match can contain a dot, (shortest, longest) match) read from the parsed
-    pattern; (False, (0, inf)) — nothing known — if Python's parser is not what we
-    read."""
+def _pattern_shape(pattern: str) -> tuple[bool, range]:
+    """(no match can contain a dot, the lengths a match can have) read from the parsed
+    pattern (an unbounded length runs to ``sys.maxsize``); (False, every length) —
+    nothing known — if Python's parser is not what we read."""
     try:
         parser = importlib.import_module("re._parser")
         parsed = parser.parse(pattern)
         low, high = parsed.getwidth()
         dotless = not _may_match(ord("."), parsed.data)
     except Exception:  # another Python's internals: assume nothing
-        return False, (0, math.inf)
-    return dotless, (low, math.inf if high >= parser.MAXWIDTH else high)
+        return False, range(sys.maxsize)
+    return dotless, range(low, sys.maxsize if high >= parser.MAXWIDTH else high + 1)
 
 
 def _may_match(char: int, parsed: Any) -> bool:
